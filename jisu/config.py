@@ -1,0 +1,68 @@
+"""Engine settings, validated when built so a bad value fails before any model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jisu.errors import InvalidRequestError
+
+
+def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Sequences decoding together in one step."""
+    max_num_batched_tokens: int = 1024
+    """Token budget of one step; longer prompts are prefilled in chunks of at most this size."""
+
+    def __post_init__(self):
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory_bytes: int | None = None
+    """Memory for the KV cache; None sizes it automatically (see kv_cache.py)."""
+    num_blocks: int | None = None
+    """Exact block count; overrides kv_cache_memory_bytes (used by tests to force preemption)."""
+
+    def __post_init__(self):
+        _check_int("block_size", self.block_size, 1)
+        _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, allow_none=True)
+        _check_int("num_blocks", self.num_blocks, 1, allow_none=True)
+
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    """Path to a GGUF file or Hugging Face folder, a short name, or None for the default model."""
+    device: str = "cpu"
+    dtype: str = "auto"
+    """Compute dtype; auto = float32 on CPU (no fast half-precision matmul there), bfloat16 on CUDA."""
+    max_model_len: int | None = None
+    """Context window; None = the model's own (capped by the KV cache)."""
+    seed: int = 0
+    """Seed of the shared RNG used by requests that give no seed of their own."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self):
+        kind = self.device.split(":")[0]
+        if kind not in DEVICES:
+            raise InvalidRequestError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check_int("max_model_len", self.max_model_len, 1, allow_none=True)

@@ -1,0 +1,226 @@
+"""LLMEngine: add_request / step / abort. Wires tokenizer, scheduler, runner and sampler together.
+
+One prompt and a thousand take the same path: every request becomes one or more sequences in the
+scheduler, and every step runs whatever the scheduler picked in a single forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable
+
+import torch
+
+from jisu.config import EngineConfig
+from jisu.detokenizer import OutputText
+from jisu.errors import InvalidRequestError
+from jisu.loader.checkpoint import Checkpoint
+from jisu.models.registry import model_class
+from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
+from jisu.runner.kv_cache import KVCache, plan_num_blocks
+from jisu.runner.runner import ModelRunner
+from jisu.sampling import Sampler, SamplingRow, make_generator
+from jisu.sampling_params import SamplingParams
+from jisu.scheduler.blocks import BlockManager
+from jisu.scheduler.scheduler import Scheduler
+from jisu.tokenizer import Tokenizer
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        # NOTE: this CPU class has no fast half-precision matmul in torch (about 1 GFLOP/s), so float32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+class _Group:
+    """The sequences of one request (n of them) and what the caller has seen."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Request]):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.seqs = seqs
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, progress: Callable | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config, self.device)
+        if checkpoint is None:
+            from jisu.loader.resolve import load_checkpoint
+
+            checkpoint = load_checkpoint(config.model)
+        ckpt = checkpoint
+        self.model_config = ckpt.config
+        self.model_source = ckpt.source
+        self.tokenizer = Tokenizer(ckpt.tokenizer)
+        self.eos_token_ids = tuple(dict.fromkeys(ckpt.tokenizer.eos_token_ids + ckpt.config.eos_token_ids))
+
+        cache = config.cache
+        num_blocks = plan_num_blocks(self.model_config, cache, self.dtype, self.device)
+        kv_capacity = num_blocks * cache.block_size
+        self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, kv_capacity)
+        if self.max_model_len > kv_capacity:
+            raise InvalidRequestError(
+                f"max_model_len {self.max_model_len} does not fit the KV cache, which holds {kv_capacity} tokens"
+            )
+
+        model = model_class(self.model_config.architecture)(self.model_config, max_positions=self.max_model_len)
+        model.load_weights(ckpt.tensors, self.dtype, self.device)
+        model.eval()
+        del ckpt  # the model now owns its own copies; let the checkpoint's tensors go
+        self.model = model
+
+        self.blocks = BlockManager(num_blocks, cache.block_size)
+        self.kv_cache = KVCache(self.model_config, num_blocks, cache.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.runner = ModelRunner(model, self.model_config, self.kv_cache, self.blocks, self.device)
+        self.sampler = Sampler()
+        torch.manual_seed(config.seed)
+
+        self._groups: dict[str, _Group] = {}
+        self._texts: dict[str, OutputText] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        self._check_fits(len(ids), params)
+        request_id = request_id or str(next(self._ids))
+        if request_id in self._groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            generator = make_generator(params.seed, i) if params.seed is not None else None
+            seq = Request(seq_id, ids, params, self.eos_token_ids, self.max_model_len, generator, request_id, i)
+            seqs.append(seq)
+            self._texts[seq_id] = OutputText(self.tokenizer, seq)
+            self.scheduler.add(seq)
+        self._groups[request_id] = _Group(request_id, text, ids, seqs)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty; give at least one character")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise InvalidRequestError("prompt token ids are empty; give at least one token")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            return None, list(prompt)
+        raise InvalidRequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise InvalidRequestError(
+                f"prompt has {prompt_len} tokens but the context window is {limit} tokens "
+                f"(room is needed for at least one generated token)"
+            )
+        if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{prompt_len + params.max_tokens} exceeds the context window of {limit} tokens"
+            )
+
+    def abort(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+            self._texts.pop(seq.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batched forward pass; returns the updated state of every request that advanced."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        step = self.runner.prepare(out)
+        logits = self.runner.execute(step)
+        self.scheduler.update(out)
+        touched: dict[str, _Group] = {}
+        if step.sampled:
+            rows = [
+                SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids, s.request.generator)
+                for s in step.sampled
+            ]
+            sampled = self.sampler(logits, rows)
+            now = time.perf_counter()
+            for s, token, logprobs in zip(step.sampled, sampled.token_ids, sampled.logprobs):
+                self._advance(s.request, token, logprobs, now)
+                touched[s.request.parent_id] = self._groups[s.request.parent_id]
+        return [self._output(g) for g in touched.values()]
+
+    def _advance(self, req: Request, token: int, logprobs, now: float) -> None:
+        req.append_token(token, logprobs, now)
+        is_eos = token in req.eos_token_ids and not req.params.ignore_eos
+        if not is_eos:
+            self._texts[req.request_id].add_token(req, token)
+        if not req.is_finished:
+            req.check_token_stop()
+        if req.is_finished:
+            self.scheduler.finish(req)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        finished = group.finished
+        outputs = []
+        for seq in group.seqs:
+            text = self._texts[seq.request_id]
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text.visible(seq.is_finished),
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                    metrics=RequestMetrics.from_request(seq) if seq.is_finished else None,
+                )
+            )
+        if finished:
+            self._groups.pop(group.request_id, None)
+            for seq in group.seqs:
+                self._texts.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_ids,
+            outputs=outputs,
+            finished=finished,
+            metrics=outputs[0].metrics if finished else None,
+        )

@@ -1,0 +1,135 @@
+"""The Python API: LLM(model=...).generate / chat / stream."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+from jisu.config import CacheConfig, EngineConfig, SchedulerConfig
+from jisu.engine import LLMEngine
+from jisu.errors import InvalidRequestError
+from jisu.request import RequestOutput
+from jisu.sampling_params import SamplingParams
+
+
+class LLM:
+    """Loads a model once and serves batches of prompts through the continuous-batching engine.
+
+    >>> llm = LLM()                       # the default model, SmolLM2-135M-Instruct
+    >>> out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    >>> out[0].text, out[0].metrics.decode_tokens_per_s
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        seed: int = 0,
+        checkpoint=None,
+    ):
+        config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes),
+        )
+        self.engine = LLMEngine(config, checkpoint=checkpoint)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion, all batched together; returns outputs in prompt order."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        )
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list:
+            raise InvalidRequestError("prompts is empty; give at least one prompt")
+        param_list = _per_prompt(params, len(prompt_list))
+        return self._run(prompt_list, param_list)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation (or a list of them) and generates."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not convs:
+            raise InvalidRequestError("messages is empty; give at least one message")
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt) for c in convs]
+        return self._run(prompts, _per_prompt(params, len(prompts)))
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields text deltas of one request as they are decoded (n must be 1)."""
+        shown = 0
+        for out in self.stream_outputs(prompt, params):
+            text = out.outputs[0].text
+            if len(text) > shown:
+                yield text[shown:]
+                shown = len(text)
+
+    def stream_outputs(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields the growing RequestOutput of one request after each step that advanced it; the last one has
+        finished=True and metrics. The request is aborted if the caller stops iterating early."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise InvalidRequestError(f"n must be 1 for a stream, got {params.n}")
+        engine = self.engine
+        rid = engine.add_request(prompt, params)
+        done = False
+        try:
+            while not done and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                engine.abort(rid)
+
+    def _run(self, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(engine.add_request(p, sp))
+        except Exception:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        try:
+            while len(results) < len(ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        return [results[rid] for rid in ids]
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise InvalidRequestError(f"got {len(params)} SamplingParams for {count} prompts; give one or one each")
+    return params

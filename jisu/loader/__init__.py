@@ -1,0 +1,1 @@
+"""Checkpoint loading: GGUF files and Hugging Face folders into one Checkpoint type."""

@@ -1,0 +1,1 @@
+"""Model architectures, keeping Hugging Face parameter names."""

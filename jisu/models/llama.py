@@ -1,0 +1,129 @@
+"""The Llama family (Llama, SmolLM2, Mistral, Qwen2): one decoder, differences carried by ModelConfig."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from jisu.errors import ModelLoadError
+from jisu.models.config import ModelConfig
+from jisu.models.layers import MergedLinear, RMSNorm, SwiGLU
+from jisu.models.rotary import RotaryEmbedding
+from jisu.runner.attention import AttentionMetadata, paged_attention
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+            bias=config.attention_bias,
+        )
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False, device="meta")
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+        self.split_sizes = [q_size, kv_size, kv_size]
+
+    def forward(self, positions, x, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, positions, x, meta, kv_cache):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        rotary = RotaryEmbedding(config, max_positions)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """Flattened tokens of a step -> final hidden states [T, hidden] (logits are computed separately,
+        only for the rows that are sampled)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(positions, x, meta, kv)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        """Materialises every parameter from checkpoint tensors named as in Hugging Face."""
+        params = dict(self.named_parameters())
+        filled: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # older HF checkpoints store this buffer; it is recomputed from the config
+            target, rows = self._param_for(name)
+            if target not in params:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+            shape = params[target].shape
+            if target not in filled:
+                filled[target] = torch.empty(shape, dtype=dtype, device=device)
+            dest = filled[target] if rows is None else filled[target][rows]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+        if self.config.tie_word_embeddings or "lm_head.weight" not in filled:
+            if "model.embed_tokens.weight" in filled:
+                filled["lm_head.weight"] = filled["model.embed_tokens.weight"]
+        missing = sorted(set(params) - set(filled))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
+        for name, value in filled.items():
+            module_name, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+        rotary = self.model.layers[0].self_attn.rotary if len(self.model.layers) else None
+        if rotary is not None:
+            rotary.to(device)
+
+    def _param_for(self, name: str) -> tuple[str, slice | None]:
+        """Checkpoint name -> (parameter name, rows inside a merged projection or None)."""
+        module_name, _, attr = name.rpartition(".")
+        parent_name, _, leaf = module_name.rpartition(".")
+        if parent_name:
+            try:
+                parent = self.get_submodule(parent_name)
+            except AttributeError:
+                return name, None
+            for child_name, child in parent.named_children():
+                if isinstance(child, MergedLinear) and leaf in child.shards:
+                    return f"{parent_name}.{child_name}.{attr}", child.shard_rows(leaf)
+        return name, None

@@ -1,0 +1,111 @@
+"""Rotary position embeddings with the scaling kinds Llama-family configs use.
+
+Each kind only changes the inverse frequencies (and, for YaRN, a constant factor on cos/sin); the cos/sin
+table is then precomputed once for every position up to the context window and indexed per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jisu.models.config import ModelConfig
+
+
+def inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [head_dim/2], attention_factor) for the config's rope kind."""
+    dim = config.head_dim
+    base = config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = config.rope_type
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "dynamic":
+        # NOTE: dynamic NTK rescales the base once the sequence outgrows the original window. Engines with a
+        # KV cache cannot re-rotate cached keys, so (like vLLM) the base is fixed for the full scaled window.
+        # Within the original window this equals plain RoPE, as in transformers.
+        orig = config.max_position_embeddings
+        seq_len = orig * factor
+        new_base = base * ((factor * seq_len / orig) - (factor - 1)) ** (dim / (dim - 2))
+        if seq_len <= orig:
+            return inv_freq, 1.0
+        return 1.0 / (new_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return _yarn(config, scaling)
+    raise ValueError(f"unknown rope kind {kind!r}")
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Long wavelengths are divided by `factor`, short ones kept, the band between blended smoothly.
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    orig = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = orig / low, orig / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
+    dim, base = config.head_dim, config.rope_theta
+    factor = float(s["factor"])
+    orig = s.get("original_max_position_embeddings") or config.max_position_embeddings
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_weight = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos/sin tables for positions [0, max_positions); applies rotate-half RoPE (Hugging Face layout)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        inv_freq, attention_factor = inverse_frequencies(config)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * attention_factor, persistent=False)
+        self.register_buffer("sin", emb.sin() * attention_factor, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,188 @@
+"""A sequence as the scheduler and engine see it, and what the caller gets back."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from jisu.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jisu.sampling import TokenLogprobs
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"
+
+
+@dataclass
+class RequestTimes:
+    """Wall-clock instants (time.perf_counter) of one sequence's life."""
+
+    arrival: float = field(default_factory=time.perf_counter)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    num_preemptions: int = 0
+
+
+class Request:
+    """One sequence: a prompt and its growing output. A request with n > 1 becomes n of these."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        max_model_len: int | None = None,
+        generator: torch.Generator | None = None,
+        parent_id: str | None = None,
+        index: int = 0,
+    ):
+        self.request_id = request_id
+        self.parent_id = parent_id or request_id
+        self.index = index
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprobs | None] = []
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.generator = generator
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        """The stop string or stop token id that ended the sequence, if one did."""
+        self.num_computed_tokens = 0
+        """Tokens whose K/V are in the cache. The scheduler catches this up to len(all_token_ids)."""
+        self.times = RequestTimes()
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> None:
+        self.output_token_ids.append(token_id)
+        self.output_logprobs.append(logprobs)
+        if self.times.first_token is None:
+            self.times.first_token = now
+        self.times.last_token = now
+
+    def check_token_stop(self) -> None:
+        """Finishes the sequence if its last token is EOS / a stop id or a length limit is reached."""
+        token = self.output_token_ids[-1]
+        if not self.params.ignore_eos and token in self.eos_token_ids:
+            self.finish(FinishReason.STOP)
+        elif token in (self.params.stop_token_ids or ()):
+            self.finish(FinishReason.STOP, stop_reason=token)
+        elif self.params.max_tokens is not None and len(self.output_token_ids) >= self.params.max_tokens:
+            self.finish(FinishReason.LENGTH)
+        elif self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+            self.finish(FinishReason.LENGTH)
+
+    def finish(self, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if self.status is RequestStatus.FINISHED:
+            return
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.times.finished = time.perf_counter()
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request figures; times in seconds, rates in tokens per second."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None
+    e2e_time: float
+    queue_time: float | None
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_request(cls, req: Request) -> "RequestMetrics":
+        t = req.times
+        end = t.finished or time.perf_counter()
+        ttft = None if t.first_token is None else t.first_token - t.arrival
+        prefill_rate = None
+        if t.first_token is not None and t.first_scheduled is not None and t.first_token > t.first_scheduled:
+            prefill_rate = len(req.prompt_token_ids) / (t.first_token - t.first_scheduled)
+        n = len(req.output_token_ids)
+        decode_rate = None
+        if n > 1 and t.last_token is not None and t.first_token is not None and t.last_token > t.first_token:
+            decode_rate = (n - 1) / (t.last_token - t.first_token)
+        return cls(
+            prompt_tokens=len(req.prompt_token_ids),
+            completion_tokens=n,
+            time_to_first_token=ttft,
+            prefill_tokens_per_s=prefill_rate,
+            decode_tokens_per_s=decode_rate,
+            e2e_time=end - t.arrival,
+            queue_time=None if t.first_scheduled is None else t.first_scheduled - t.arrival,
+            num_preemptions=t.num_preemptions,
+        )
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What generate() returns per prompt, and what a stream yields (with `finished` False until the end)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+    # Convenience for the common n == 1 case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason

@@ -1,0 +1,47 @@
+"""The paged KV cache: one K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim]."""
+
+from __future__ import annotations
+
+import torch
+
+from jisu.config import CacheConfig
+from jisu.models.config import ModelConfig
+
+# NOTE: on CPU the cache shares RAM with everything else, so the default is a fixed, modest budget rather than
+# "all free memory"; on CUDA it is a share of what the weights leave free, as vLLM's gpu_memory_utilization.
+DEFAULT_CPU_KV_BYTES = 1 << 30
+CUDA_FREE_MEMORY_SHARE = 0.8
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * elem
+
+
+def plan_num_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    budget = cache.kv_cache_memory_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * CUDA_FREE_MEMORY_SHARE)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    return max(1, budget // (kv_bytes_per_token(config, dtype) * cache.block_size))
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype, device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        shape = (slots, config.num_key_value_heads, config.head_dim)
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size

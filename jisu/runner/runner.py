@@ -1,0 +1,119 @@
+"""SchedulerOutput -> input tensors -> forward -> logits of the rows that are sampled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jisu.models.config import ModelConfig
+from jisu.runner.attention import AttentionMetadata, PrefillChunk
+from jisu.runner.kv_cache import KVCache
+from jisu.scheduler.blocks import BlockManager
+from jisu.scheduler.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor
+    """Rows of the flattened tokens whose logits are needed (last token of each sampled sequence)."""
+    sampled: list[ScheduledRequest]
+    """The sequences that sample, in the order of sample_rows."""
+
+
+class ModelRunner:
+    def __init__(self, model, config: ModelConfig, kv_cache: KVCache, blocks: BlockManager, device):
+        self.model = model
+        self.config = config
+        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.device = torch.device(device)
+        self.block_size = kv_cache.block_size
+
+    def prepare(self, out: SchedulerOutput) -> StepInput:
+        # Single-token steps (decodes) first so attention can batch them; then prefill chunks.
+        ordered = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        decode_tables, decode_lens = [], []
+        prefills: list[PrefillChunk] = []
+        sample_rows, sampled = [], []
+        for s in ordered:
+            req, n = s.request, s.num_new_tokens
+            start_pos = req.num_computed_tokens
+            row = len(ids)
+            ids.extend(req.all_token_ids[start_pos : start_pos + n])
+            pos = torch.arange(start_pos, start_pos + n)
+            positions.extend(range(start_pos, start_pos + n))
+            table = torch.tensor(self.blocks.table(req.request_id), dtype=torch.long)
+            slots.append(self._slots(table, pos))
+            ctx = start_pos + n
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(ctx)
+            else:
+                prefills.append(self._prefill_chunk(row, n, start_pos, table))
+            if s.samples:
+                sample_rows.append(row + n - 1)
+                sampled.append(s)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(self.device),
+            num_decodes=len(decode_lens),
+            prefills=prefills,
+        )
+        if decode_lens:
+            meta.decode_gather, meta.decode_mask = self._decode_index(decode_tables, decode_lens)
+        return StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta=meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            sampled=sampled,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Returns float32 logits [len(step.sampled), vocab]."""
+        hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_cache.layers)
+        return self.model.compute_logits(hidden[step.sample_rows])
+
+    def _slots(self, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """[q, k] bool: causal, and within Mistral's sliding window when the model has one."""
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        window = self.config.sliding_window
+        if window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        return allowed
+
+    def _prefill_chunk(self, row: int, n: int, start_pos: int, table: torch.Tensor) -> PrefillChunk:
+        ctx = start_pos + n
+        window = self.config.sliding_window
+        if start_pos == 0 and (window is None or window >= n):
+            # The chunk is the whole context: attend over its fresh K/V, plain causal.
+            return PrefillChunk(row, n, ctx, gather=None, mask=None)
+        k_pos = torch.arange(ctx)
+        q_pos = torch.arange(start_pos, ctx)
+        gather = self._slots(table, k_pos) if start_pos > 0 else None
+        mask = self._visible(q_pos, k_pos)
+        return PrefillChunk(row, n, ctx, gather=_to(gather, self.device), mask=mask.to(self.device))
+
+    def _decode_index(self, tables: list[torch.Tensor], lens: list[int]):
+        max_ctx = max(lens)
+        k_pos = torch.arange(max_ctx)
+        gather = torch.zeros(len(lens), max_ctx, dtype=torch.long)
+        mask = torch.zeros(len(lens), max_ctx, dtype=torch.bool)
+        for i, (table, ctx) in enumerate(zip(tables, lens)):
+            gather[i, :ctx] = self._slots(table, k_pos[:ctx])
+            mask[i] = self._visible(torch.tensor([ctx - 1]), k_pos)[0]
+        return gather.to(self.device), mask[:, None, None, :].to(self.device)
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)

@@ -1,0 +1,1 @@
+"""Which sequences run in each step, and which KV-cache blocks they own."""
