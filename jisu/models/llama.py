@@ -12,6 +12,17 @@ from jisu.models.rotary import RotaryEmbedding
 from jisu.runner.attention import AttentionMetadata, paged_attention
 
 
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] matrix, stored in-major.
+
+    NOTE: measured on this project's CPUs (AVX2, 2 threads), F.linear with one input row runs 1.4x faster on
+    the 30 SmolLM2 layers and 2.2x faster on its 49152-row output layer when the weight's storage is
+    [in, out] (MKL's gemv walks it row by row), and about the same for larger batches. A tied output layer
+    therefore gets its own copy rather than sharing the embedding's row-major storage.
+    """
+    return weight.t().contiguous().t()
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
@@ -109,7 +120,10 @@ class LlamaForCausalLM(nn.Module):
             raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
         for name, value in filled.items():
             module_name, _, attr = name.rpartition(".")
-            setattr(self.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+            module = self.get_submodule(module_name)
+            if isinstance(module, nn.Linear) and attr == "weight" and value.device.type == "cpu":
+                value = column_major(value)
+            setattr(module, attr, nn.Parameter(value, requires_grad=False))
         rotary = self.model.layers[0].self_attn.rotary if len(self.model.layers) else None
         if rotary is not None:
             rotary.to(device)

@@ -1,0 +1,216 @@
+"""Load a Hugging Face model folder (config.json, *.safetensors, tokenizer files) into a Checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from jisu.errors import ModelLoadError, UnsupportedModelError
+from jisu.loader.checkpoint import Checkpoint, TokenizerSpec
+from jisu.loader.gguf import ProgressFn, check_complete, check_shape, expected_shapes
+from jisu.models.config import ModelConfig
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX = "model.safetensors.index.json"
+
+
+def load_hf_folder(path: str | Path, progress: ProgressFn | None = None) -> Checkpoint:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder not found: {folder}")
+    config_dict = _read_json(folder / "config.json", required=True)
+    quantization = config_dict.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise UnsupportedModelError(
+            f"{folder}: {method}-quantized checkpoints are not supported; use a float16/bfloat16/float32 "
+            "folder or a GGUF file"
+        )
+    ModelConfig.from_hf_dict(config_dict)  # an unsupported architecture is the first thing to report
+    tokenizer = load_hf_tokenizer(folder, config_dict)
+    config_dict = dict(config_dict)
+    config_dict["bos_token_id"] = tokenizer.bos_token_id
+    config_dict["eos_token_id"] = list(tokenizer.eos_token_ids)
+    config = ModelConfig.from_hf_dict(config_dict)
+    tensors = _load_safetensors(folder, progress)
+    _check_tensors(tensors, config, folder)
+    return Checkpoint(
+        config=config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        source=str(folder),
+        metadata={"format": "hf", "model_type": config_dict.get("model_type")},
+    )
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"{path.parent}: missing {path.name}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / _INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index} has no weight_map")
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder}: {index.name} lists shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        hint = f" (found {', '.join(other)}; only safetensors weights are supported)" if other else ""
+        raise ModelLoadError(f"{folder}: no *.safetensors weight files{hint}")
+    return files
+
+
+def _load_safetensors(folder: Path, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    files = _shard_files(folder)
+    for done, file in enumerate(files, 1):
+        if progress is not None:
+            progress(done, len(files), f"loading {file.name}")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # a buffer old checkpoints saved; the model recomputes it
+                    tensors[name] = f.get_tensor(name)
+        except OSError as e:
+            raise ModelLoadError(f"cannot read {file}: {e.strerror or e}") from None
+        except Exception as e:  # safetensors raises SafetensorError for a short or garbled file
+            raise ModelLoadError(f"{file} is truncated or corrupt: {e}") from None
+    for name, t in tensors.items():
+        if t.dtype not in _FLOAT_DTYPES:
+            raise UnsupportedModelError(
+                f"tensor {name} is {t.dtype}; jisu loads float32, float16 and bfloat16 safetensors"
+            )
+    return tensors
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, folder: Path) -> None:
+    shapes = expected_shapes(config)
+    check_complete(tensors, shapes, str(folder))
+    for name in shapes:
+        check_shape(name, tuple(tensors[name].shape), shapes, f"{folder}: tensor {name}")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_hf_tokenizer(folder: str | Path, config_dict: dict[str, Any] | None = None) -> TokenizerSpec:
+    """TokenizerSpec from tokenizer.json, tokenizer_config.json and the chat template files."""
+    folder = Path(folder)
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        found = [n for n in ("tokenizer.model", "vocab.json") if (folder / n).is_file()]
+        hint = f" (found {', '.join(found)}; jisu needs the fast-tokenizer file tokenizer.json)" if found else ""
+        raise ModelLoadError(f"{folder}: missing tokenizer.json{hint}")
+    try:
+        tok = Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable JSON
+        raise ModelLoadError(f"{tok_file} cannot be loaded: {e}") from None
+    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    config_dict = config_dict if config_dict is not None else _read_json(folder / "config.json")
+    gen_cfg = _read_json(folder / "generation_config.json")
+
+    special = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = _token_text(tok_cfg.get(name, special_map.get(name)))
+        if value is not None:
+            special[name] = value
+    bos_id = _id_of(tok, special.get("bos_token"))
+    if bos_id is None and "bos_token" not in tok_cfg:
+        bos_id = _first_int(config_dict.get("bos_token_id"))
+    eos_ids = [_id_of(tok, special.get("eos_token"))]
+    eos_ids += _int_list(config_dict.get("eos_token_id")) + _int_list(gen_cfg.get("eos_token_id"))
+    eos = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+
+    add_bos, add_eos = _added_specials(tok, tok_cfg, bos_id, eos[0] if eos else None)
+    tok.post_processor = None  # the engine adds BOS/EOS from add_bos_token; encode() must not do it again
+    return TokenizerSpec(
+        tokenizer=tok,
+        bos_token_id=bos_id,
+        eos_token_ids=eos,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        chat_template=_chat_template(folder, tok_cfg),
+        special_tokens=special,
+    )
+
+
+def _added_specials(tok: Tokenizer, tok_cfg: dict[str, Any], bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """Whether transformers' tokenizer(text) puts BOS first / EOS last.
+
+    transformers rebuilds the post-processor from add_bos_token/add_eos_token when tokenizer_config.json
+    names either; otherwise it uses tokenizer.json's post-processor as is (Llama's TemplateProcessing
+    adds <s>, GPT-2/Qwen's adds nothing). So: explicit flags win, else ask the post-processor.
+    """
+    if "add_bos_token" in tok_cfg or "add_eos_token" in tok_cfg:
+        add_bos = bool(tok_cfg.get("add_bos_token", False)) and bos is not None
+        add_eos = bool(tok_cfg.get("add_eos_token", False)) and eos is not None
+        return add_bos, add_eos
+    if tok.post_processor is None:
+        return False, False
+    probe = "a"
+    plain = tok.encode(probe, add_special_tokens=False).ids
+    full = tok.encode(probe, add_special_tokens=True).ids
+    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos and full[1:1 + len(plain)] == plain
+    add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos and full[-1 - len(plain):-1] == plain
+    return add_bos, add_eos
+
+
+def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
+    # transformers >= 4.43 saves the template beside tokenizer_config.json, and that file wins.
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = _read_json(folder / "chat_template.json").get("chat_template") or tok_cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # a serialized AddedToken
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _id_of(tok: Tokenizer, text: str | None) -> int | None:
+    return tok.token_to_id(text) if text is not None else None
+
+
+def _int_list(value: Any) -> list[int]:
+    if isinstance(value, list):
+        return [int(v) for v in value if isinstance(v, int)]
+    return [value] if isinstance(value, int) else []
+
+
+def _first_int(value: Any) -> int | None:
+    ints = _int_list(value)
+    return ints[0] if ints else None

