@@ -54,6 +54,8 @@ class EngineConfig:
     """Compute dtype; auto = float32 on CPU (no fast half-precision matmul there), bfloat16 on CUDA."""
     max_model_len: int | None = None
     """Context window; None = the model's own (capped by the KV cache)."""
+    cpu_kernels: bool = True
+    """Use jisu's C++ kernels for few-row float32 products on CPU (built on first use); False = torch's only."""
     seed: int = 0
     """Seed of the shared RNG used by requests that give no seed of their own."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

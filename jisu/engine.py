@@ -80,7 +80,7 @@ class LLMEngine:
             )
 
         model = model_class(self.model_config.architecture)(self.model_config, max_positions=self.max_model_len)
-        model.load_weights(ckpt.tensors, self.dtype, self.device)
+        model.load_weights(ckpt.tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels)
         model.eval()
         del ckpt  # the model now owns its own copies; let the checkpoint's tensors go
         self.model = model

@@ -31,6 +31,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
+        cpu_kernels: bool = True,
         checkpoint=None,
     ):
         config = EngineConfig(
@@ -39,6 +40,7 @@ class LLM:
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
+            cpu_kernels=cpu_kernels,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes),
         )

@@ -70,6 +70,8 @@ class Request:
         """The stop string or stop token id that ended the sequence, if one did."""
         self.num_computed_tokens = 0
         """Tokens whose K/V are in the cache. The scheduler catches this up to len(all_token_ids)."""
+        self.num_cached_tokens = 0
+        """Prompt tokens whose K/V were found in the prefix cache when the sequence was first scheduled."""
         self.times = RequestTimes()
 
     @property
@@ -123,6 +125,12 @@ class RequestMetrics:
     decode_tokens_per_s: float | None
     e2e_time: float
     queue_time: float | None
+    """Arrival to first scheduled."""
+    prefill_time: float | None = None
+    """First scheduled to first token."""
+    decode_time: float | None = None
+    """First token to last token."""
+    cached_prompt_tokens: int = 0
     num_preemptions: int = 0
 
     @classmethod
@@ -145,6 +153,9 @@ class RequestMetrics:
             decode_tokens_per_s=decode_rate,
             e2e_time=end - t.arrival,
             queue_time=None if t.first_scheduled is None else t.first_scheduled - t.arrival,
+            prefill_time=None if t.first_token is None or t.first_scheduled is None else t.first_token - t.first_scheduled,
+            decode_time=None if t.first_token is None or t.last_token is None else t.last_token - t.first_token,
+            cached_prompt_tokens=req.num_cached_tokens,
             num_preemptions=t.num_preemptions,
         )
 

@@ -7,24 +7,25 @@ from torch import nn
 
 from jisu.errors import ModelLoadError
 from jisu.models.config import ModelConfig
-from jisu.models.layers import MergedLinear, RMSNorm, SwiGLU
-from jisu.models.rotary import RotaryEmbedding
+from jisu.kernels.build import cpu_linear_kernels
+from jisu.models.layers import Linear, MergedLinear, RMSNorm, SwiGLU
+from jisu.models.rotary import RotaryEmbedding, pairs_adjacent
 from jisu.runner.attention import AttentionMetadata, paged_attention
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] matrix, stored in-major.
+    """The same [out, in] matrix, stored in-major: the layout for torch's kernels when jisu's are unavailable.
 
     NOTE: measured on this project's CPUs (AVX2, 2 threads), F.linear with one input row runs 1.4x faster on
     the 30 SmolLM2 layers and 2.2x faster on its 49152-row output layer when the weight's storage is
-    [in, out] (MKL's gemv walks it row by row), and about the same for larger batches. A tied output layer
-    therefore gets its own copy rather than sharing the embedding's row-major storage.
+    [in, out], and about the same for larger batches. A tied output layer then gets its own copy rather than
+    sharing the embedding's row-major storage.
     """
     return weight.t().contiguous().t()
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -36,32 +37,31 @@ class LlamaAttention(nn.Module):
             {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
             bias=config.attention_bias,
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False, device="meta")
-        self.rotary = rotary
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
-        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qk_size = q_size + kv_size
 
-    def forward(self, positions, x, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, x, rotation, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(x)
+        # q and k of every head rotate together (their rows are stored with rotary pairs adjacent).
+        qk = RotaryEmbedding.apply(qkv[:, : self.qk_size].view(t, -1, self.head_dim), rotation)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.qk_size :].view(t, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, positions, x, meta, kv_cache):
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta, kv_cache)
+    def forward(self, x, rotation, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), rotation, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -69,8 +69,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
-        rotary = RotaryEmbedding(config, max_positions)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.rotary = RotaryEmbedding(config, max_positions)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -79,21 +79,28 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """Flattened tokens of a step -> final hidden states [T, hidden] (logits are computed separately,
         only for the rows that are sampled)."""
         x = self.model.embed_tokens(input_ids)
+        rotation = self.model.rotary.for_positions(positions)
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(positions, x, meta, kv)
+            x = layer(x, rotation, meta, kv)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    def load_weights(
+        self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True
+    ) -> None:
         """Materialises every parameter from checkpoint tensors named as in Hugging Face."""
+        kernel = None
+        if cpu_kernels and device.type == "cpu" and dtype == torch.float32:
+            ext = cpu_linear_kernels()
+            kernel = ext.linear_small_batch if ext is not None else None
         params = dict(self.named_parameters())
         filled: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
@@ -110,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ModelLoadError(
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(dest.shape)}"
                 )
-            dest.copy_(tensor)
+            dest.copy_(self._stored_layout(name, tensor))
         if self.config.tie_word_embeddings or "lm_head.weight" not in filled:
             if "model.embed_tokens.weight" in filled:
                 filled["lm_head.weight"] = filled["model.embed_tokens.weight"]
@@ -121,12 +128,21 @@ class LlamaForCausalLM(nn.Module):
         for name, value in filled.items():
             module_name, _, attr = name.rpartition(".")
             module = self.get_submodule(module_name)
-            if isinstance(module, nn.Linear) and attr == "weight" and value.device.type == "cpu":
-                value = column_major(value)
+            if isinstance(module, Linear):
+                module.small_batch_kernel = kernel
+                if kernel is None and attr == "weight" and value.device.type == "cpu":
+                    value = column_major(value)
             setattr(module, attr, nn.Parameter(value, requires_grad=False))
-        rotary = self.model.layers[0].self_attn.rotary if len(self.model.layers) else None
-        if rotary is not None:
-            rotary.to(device)
+        self.model.rotary.to(device)
+
+    def _stored_layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """q/k projections are stored with rotary pairs adjacent (see RotaryEmbedding)."""
+        leaf = name.rsplit(".", 2)[-2]
+        if leaf == "q_proj":
+            return pairs_adjacent(tensor, self.config.num_attention_heads)
+        if leaf == "k_proj":
+            return pairs_adjacent(tensor, self.config.num_key_value_heads)
+        return tensor
 
     def _param_for(self, name: str) -> tuple[str, slice | None]:
         """Checkpoint name -> (parameter name, rows inside a merged projection or None)."""

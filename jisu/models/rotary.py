@@ -88,24 +88,35 @@ def _yarn(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin tables for positions [0, max_positions); applies rotate-half RoPE (Hugging Face layout)."""
+    """Rotations for positions [0, max_positions), applied as one complex multiply per step.
+
+    NOTE: Hugging Face checkpoints pair dimension i with i + head_dim/2 ("rotate half"). The model stores q/k
+    projection rows with each pair adjacent instead (see `pairs_adjacent`), so q and k of all heads rotate in
+    a single complex multiply: a handful of tensor ops per layer instead of about fifteen, which matters when
+    a decode step is bound by per-op dispatch. Dot products q.k are unchanged by the shared reordering.
+    """
 
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         inv_freq, attention_factor = inverse_frequencies(config)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * attention_factor, persistent=False)
-        self.register_buffer("sin", emb.sin() * attention_factor, persistent=False)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.register_buffer("table", torch.polar(torch.full_like(angles, attention_factor), angles), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def for_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T] positions -> [T, 1, head_dim/2] complex rotations, shared by every layer of a step."""
+        return self.table[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim] with rotary pairs adjacent; returns the rotated [T, heads, head_dim] float."""
+        t, h, d = x.shape
+        pairs = torch.view_as_complex(x.float().reshape(t, h, d // 2, 2))
+        return torch.view_as_real(pairs * rotation).reshape(t, h, d).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def pairs_adjacent(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorders q/k projection rows (weight [heads*head_dim, in] or bias [heads*head_dim]) of each head from
+    Hugging Face's (first halves, second halves) to (x0, x_half, x1, x_half+1, ...)."""
+    shape = rows.shape
+    per_head = rows.reshape(num_heads, 2, shape[0] // num_heads // 2, *shape[1:])
+    return per_head.transpose(1, 2).reshape(shape)
