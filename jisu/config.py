@@ -34,6 +34,8 @@ class CacheConfig:
     """Memory for the KV cache; None sizes it automatically (see kv_cache.py)."""
     num_blocks: int | None = None
     """Exact block count; overrides kv_cache_memory_bytes (used by tests to force preemption)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of token prefixes seen before (system prompts, multi-turn chats)."""
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, 1)

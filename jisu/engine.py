@@ -85,7 +85,7 @@ class LLMEngine:
         del ckpt  # the model now owns its own copies; let the checkpoint's tensors go
         self.model = model
 
-        self.blocks = BlockManager(num_blocks, cache.block_size)
+        self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.kv_cache = KVCache(self.model_config, num_blocks, cache.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(model, self.model_config, self.kv_cache, self.blocks, self.device)

@@ -30,6 +30,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
         seed: int = 0,
         cpu_kernels: bool = True,
         checkpoint=None,
@@ -42,7 +43,12 @@ class LLM:
             seed=seed,
             cpu_kernels=cpu_kernels,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes),
+            cache=CacheConfig(
+                block_size=block_size,
+                num_blocks=num_kv_blocks,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
         )
         self.engine = LLMEngine(config, checkpoint=checkpoint)
         self.tokenizer = self.engine.tokenizer

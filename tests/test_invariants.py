@@ -173,3 +173,17 @@ def test_prompt_longer_than_context_names_both_numbers(tiny_llama_dir):
     with pytest.raises(InvalidRequestError, match=r"10.*12.*16"):
         llm.generate([list(range(3, 13))], GREEDY)
     assert_no_leak(llm)
+
+
+def test_prefix_cache_hits_keep_greedy_output(tiny_llama_dir):
+    shared = [(11 * j) % 240 + 5 for j in range(40)]
+    ps = [shared + [3 + i, 9 + i] for i in range(4)]
+    cold = LLM(model=str(tiny_llama_dir), block_size=4, enable_prefix_caching=False)
+    expected = greedy_alone(cold, ps)
+    warm = LLM(model=str(tiny_llama_dir), block_size=4)
+    got = greedy_alone(warm, ps)  # one after another: each later prompt finds the shared blocks cached
+    assert got == expected
+    assert warm.engine.blocks.prefix_cache_hits >= 3 * 40 // 4 * 4
+    outs = warm.generate(ps, GREEDY)
+    assert [o.metrics.cached_prompt_tokens for o in outs] == [40] * 4
+    assert_no_leak(warm)

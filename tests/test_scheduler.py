@@ -7,8 +7,8 @@ from jisu.scheduler.blocks import BlockManager
 from jisu.scheduler.scheduler import Scheduler
 
 
-def make(num_blocks=64, block_size=4, max_seqs=8, budget=64):
-    bm = BlockManager(num_blocks, block_size)
+def make(num_blocks=64, block_size=4, max_seqs=8, budget=64, prefix_caching=False):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), bm), bm
 
 
@@ -120,3 +120,33 @@ def test_abort_of_a_waiting_request_frees_nothing_twice():
     assert not s.has_unfinished
     assert r.finish_reason is FinishReason.ABORT
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_preempted_sequence_reuses_its_cached_blocks_when_readmitted():
+    s, bm = make(num_blocks=6, block_size=2, prefix_caching=True)
+    a, b = req("a", 5), req("b", 5)
+    s.add(a)
+    s.add(b)
+    for _ in range(3):
+        run_step(s)  # the third step preempts b, as in the test above
+    assert b.status is RequestStatus.PREEMPTED
+    s.finish(a, FinishReason.STOP)
+    out = run_step(s)
+    # b's 7 tokens: its first 3 full blocks (6 tokens) are still cached, so only the last token is computed.
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("b", 1)]
+
+
+def test_shared_prompt_prefix_is_computed_once():
+    s, bm = make(block_size=4, prefix_caching=True)
+    system = list(range(100, 112))  # 12 tokens = 3 full blocks
+    first = Request("first", system + [1, 2], SamplingParams(max_tokens=5))
+    s.add(first)
+    run_step(s)
+    second = Request("second", system + [3, 4, 5], SamplingParams(max_tokens=5))
+    s.add(second)
+    out = run_step(s)
+    got = {x.request.request_id: x.num_new_tokens for x in out.scheduled}
+    assert got == {"first": 1, "second": 3}
+    assert second.num_cached_tokens == 12
+    assert bm.table("second")[:3] == bm.table("first")[:3]
+    assert bm.prefix_cache_hits == 12 and bm.prefix_cache_queries == 14 + 15

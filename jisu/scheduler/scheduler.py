@@ -72,13 +72,19 @@ class Scheduler:
         # New sequences join only when nothing had to be preempted: admitting one would just evict another.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            first_time = req.times.first_scheduled is None
+            if req.num_computed_tokens == 0:
+                req.num_computed_tokens = self.blocks.match_prefix(req.request_id, req.all_token_ids)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
+                self.blocks.free(req.request_id)  # give back any prefix hit; it is looked up again next time
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
-            if req.times.first_scheduled is None:
+            if first_time:
                 req.times.first_scheduled = time.perf_counter()
+                req.num_cached_tokens = req.num_computed_tokens
             self.running.append(req)
             out.scheduled.append(ScheduledRequest.of(req, n))
             budget -= n
@@ -106,7 +112,9 @@ class Scheduler:
     def update(self, out: SchedulerOutput) -> None:
         """Records that the scheduled tokens' K/V are now in the cache."""
         for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.blocks.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     def finish(self, req: Request, reason: FinishReason | None = None) -> None:
         """Removes a finished (or aborted) sequence and returns its blocks."""
