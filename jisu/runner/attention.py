@@ -50,7 +50,6 @@ def paged_attention(
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [slots, KVH, D]. Returns [T, H, D]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
         keys = k_cache[meta.decode_gather].transpose(1, 2)  # [D, KVH, ctx, Dh]
@@ -58,8 +57,13 @@ def paged_attention(
         query = q[:d].unsqueeze(2)  # [D, H, 1, Dh]
         o = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[:d] = o.squeeze(2)
+        ).squeeze(2)
+        if not meta.prefills:
+            return o  # a pure decode step needs no assembly (saves two ops per layer)
+        out = torch.empty_like(q)
+        out[:d] = o
+    else:
+        out = torch.empty_like(q)
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.length)
         if c.gather is None:
