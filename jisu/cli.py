@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from jisu.errors import JisuError
+from jisu.server.serve import add_serve_args, cmd_serve
 
 # NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
 # the Python API keeps vLLM's SamplingParams defaults.
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stats", action="store_true", help="print metrics after each answer")
     _add_model_args(c)
     _add_sampling_args(c)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
+    _add_model_args(s)
+    add_serve_args(s)
     return parser
 
 
@@ -200,7 +205,7 @@ def cmd_chat(args) -> int:
             _print_stats(final.metrics)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,11 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys(ckpt.tokenizer.eos_token_ids + ckpt.config.eos_token_ids))
 
         cache = config.cache
-        num_blocks = plan_num_blocks(self.model_config, cache, self.dtype, self.device)
+        # Every running sequence at full length is all the cache can ever hold at once.
+        longest = config.max_model_len or self.model_config.max_position_embeddings
+        num_blocks = plan_num_blocks(
+            self.model_config, cache, self.dtype, self.device, longest * config.scheduler.max_num_seqs
+        )
         kv_capacity = num_blocks * cache.block_size
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, kv_capacity)
         if self.max_model_len > kv_capacity:
@@ -103,7 +107,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
+        """Queues a prompt (text or token ids). `arrival_time` (time.perf_counter) lets a front end that
+        received the request earlier, e.g. on another thread, count its queue time from then."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -117,6 +124,8 @@ class LLMEngine:
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             generator = make_generator(params.seed, i) if params.seed is not None else None
             seq = Request(seq_id, ids, params, self.eos_token_ids, self.max_model_len, generator, request_id, i)
+            if arrival_time is not None:
+                seq.times.arrival = arrival_time
             seqs.append(seq)
             self._texts[seq_id] = OutputText(self.tokenizer, seq)
             self.scheduler.add(seq)

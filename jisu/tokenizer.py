@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers.decoders import DecodeStream
 
@@ -61,6 +62,8 @@ class Tokenizer:
             raise ChatTemplateError(f"the model's chat template was refused by the sandbox: {e}") from None
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the model's chat template failed: {e}") from None
+        except Exception as e:  # a template doing arithmetic on what the messages lack, e.g. None + str
+            raise ChatTemplateError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # The template writes BOS itself when the model wants one, as transformers' apply_chat_template.
@@ -105,10 +108,17 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, refusing (rather than silently rendering empty) any unsafe attribute."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
+
+
 def _compile_template(source: str) -> jinja2.Template:
     # NOTE: templates come from model files, i.e. from strangers. The immutable sandbox blocks attribute
     # access to Python internals (__class__, __globals__, ...) and mutation of the values passed in.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -46,6 +46,7 @@ def _with_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
 @pytest.mark.parametrize(
     "template",
     [
+        "{{ messages.__class__ }}",
         "{{ messages.__class__.__mro__[1].__subclasses__() }}",
         "{{ ''.__class__.__base__.__subclasses__() }}",
         "{{ raise_exception.__globals__['os'].system('echo pwned') }}",
@@ -66,6 +67,12 @@ def test_model_template_renders_and_raise_exception_is_a_clear_error(tokenizer):
     strict = _with_template(tokenizer, "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         strict.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_template_type_errors_become_clear_errors(tokenizer):
+    strict = _with_template(tokenizer, "{% for m in messages %}{{ 'x' + m['content'] }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="TypeError"):
+        strict.apply_chat_template([{"role": "user", "content": None}])
 
 
 @pytest.mark.parametrize("messages", [[], "hello", [{"content": "no role"}], [{"role": "user", "content": 5}]])

@@ -18,7 +18,10 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * elem
 
 
-def plan_num_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+def plan_num_blocks(
+    config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device, max_tokens_in_use: int
+) -> int:
+    """Blocks for the cache: the budget's worth, but no more than `max_tokens_in_use` tokens can fill."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     budget = cache.kv_cache_memory_bytes
@@ -28,7 +31,8 @@ def plan_num_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
             budget = int(free * CUDA_FREE_MEMORY_SHARE)
         else:
             budget = DEFAULT_CPU_KV_BYTES
-    return max(1, budget // (kv_bytes_per_token(config, dtype) * cache.block_size))
+    fits = budget // (kv_bytes_per_token(config, dtype) * cache.block_size)
+    return max(1, min(fits, -(-max_tokens_in_use // cache.block_size)))
 
 
 class KVCache:

@@ -1,0 +1,501 @@
+"""The FastAPI app: OpenAI routes, tokenize/detokenize, health and metrics over one AsyncEngine.
+
+Handlers only parse, validate, tokenize and turn engine outputs into OpenAI JSON; the engine thread does
+the rest. Every error leaves as an OpenAI error body with a 4xx status naming the field, except 503 when
+the server is full or stopping, and 500 only for a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import uuid
+from contextlib import asynccontextmanager
+from os import PathLike
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jisu.errors import InvalidRequestError, JisuError
+from jisu.server import protocol as p
+from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStream, QueueFullError
+from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from jisu.server.metrics import ServerMetrics
+
+logger = logging.getLogger("jisu.server")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+RETRY_AFTER_S = 1
+_LONG_TEXT = 16384  # characters; longer prompts are tokenized in a worker thread
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def default_model_name(model: str | PathLike | None) -> str:
+    """The id /v1/models lists: the short name, or the file / folder name without .gguf."""
+    from jisu.loader.resolve import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name or str(model)
+
+
+def create_app(
+    engine,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_queue: int = 256,
+) -> FastAPI:
+    """An app serving `engine` (an LLMEngine). Its engine thread starts and stops with the app's lifespan;
+    app.state.async_engine.begin_drain(grace) starts a graceful shutdown."""
+    name = model_name or default_model_name(engine.config.model)
+    metrics = ServerMetrics(name)
+    async_engine = AsyncEngine(engine, metrics, max_queue)
+    server = _Handlers(engine, async_engine, metrics, name, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        yield
+        await async_engine.shutdown()
+
+    app = FastAPI(title="jisu", version="0.1.0", lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    app.state.model_name = name
+    _add_error_handlers(app)
+
+    body_models = {}
+
+    def post(path: str, model: type[BaseModel], handler: Callable):
+        body_models[path] = model
+        app.add_api_route(path, handler, methods=["POST"], response_model=None, openapi_extra=_body_schema(model))
+
+    post("/v1/completions", p.CompletionRequest, server.completions)
+    post("/v1/chat/completions", p.ChatCompletionRequest, server.chat_completions)
+    post("/tokenize", p.TokenizeRequest, server.tokenize)
+    post("/detokenize", p.DetokenizeRequest, server.detokenize)
+    app.add_api_route("/v1/models", server.models, methods=["GET"], response_model=None)
+    app.add_api_route("/health", server.health, methods=["GET"], response_model=None)
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"], response_model=None)
+    _register_schemas(app, body_models.values())
+    return app
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+class _Handlers:
+    def __init__(self, engine, async_engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_key: str | None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.async_engine = async_engine
+        self.metrics = metrics
+        self.model_name = model_name
+        # Clients may also name the model as the server was started with it (a path or short name).
+        given = engine.config.model
+        self.model_names = {model_name} | ({str(given)} if given is not None else set())
+        self.api_key = api_key
+        self.token_text = p.TokenText(self.tokenizer)
+
+    # ---- shared steps --------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise p.APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                             "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise p.APIError(401, "invalid API key", "authentication_error", code="invalid_api_key",
+                             headers={"WWW-Authenticate": "Bearer"})
+
+    async def parse(self, request: Request, model: type[BaseModel]):
+        self.authorize(request)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise p.APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", param="body")
+            chunks.append(chunk)
+        try:
+            return model.model_validate_json(b"".join(chunks))
+        except ValidationError as e:
+            raise p.from_validation_error(e) from None
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise p.bad_request(
+                f"model: {model!r} is not served here; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        if len(prompt) > _LONG_TEXT:  # would stall every stream on the event loop
+            return await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens)
+        return self.tokenizer.encode(prompt, add_special_tokens)
+
+    async def submit(self, prompts: list[list[int]], params, prefix: str, prompt_param: str):
+        """Hands the prompts to the engine thread; returns (request id, its OutputStream)."""
+        if len(prompts) > self.async_engine.max_queue:
+            raise p.bad_request(
+                f"prompt: {len(prompts)} prompts in one request, but this server queues at most "
+                f"{self.async_engine.max_queue}", param="prompt")
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            return request_id, await self.async_engine.submit(prompts, params, request_id)
+        except QueueFullError as e:
+            raise p.APIError(503, str(e), "server_overloaded", code="queue_full",
+                             headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except NotAcceptingError as e:
+            self.metrics.request_rejected("shutting_down")
+            raise p.APIError(503, str(e), "server_unavailable", code="shutting_down",
+                             headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except InvalidRequestError as e:
+            raise p.bad_request(str(e), param=_param_of(str(e), prompt_param)) from None
+
+    async def collect(self, request: Request, stream: OutputStream) -> dict | None:
+        """Waits for the final outputs; None if the client went away first (its requests are aborted)."""
+        result = asyncio.ensure_future(stream.final())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return result.result() if result.done() else None
+        finally:
+            gone.cancel()
+            if not result.done():
+                result.cancel()
+                self.async_engine.abort(stream)
+
+    # ---- /v1/completions -----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        req = await self.parse(request, p.CompletionRequest)
+        self.check_model(req.model)
+        params = _params(req)
+        prompts = [await self.encode(x) for x in req.prompt]
+        request_id, stream = await self.submit(prompts, params, "cmpl", "prompt")
+        if req.stream:
+            return _EventStream(self._completion_events(req, request_id, stream), self.async_engine, stream)
+        finals = await self.collect(request, stream)
+        if finals is None:
+            return Response(status_code=499)
+        outs = [finals[rid] for rid in stream.request_ids]
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                lp = None
+                if req.logprobs is not None and c.logprobs is not None:
+                    lp = p.completion_logprobs(self.token_text, c.logprobs, 0)
+                choices.append({"index": i * req.n + c.index, "text": c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return JSONResponse({
+            "id": request_id, "object": "text_completion", "created": p.now(), "model": self.model_name,
+            "choices": choices, **_usage_and_timings(outs, stream),
+        })
+
+    async def _completion_events(self, req, request_id: str, stream: OutputStream) -> AsyncIterator[dict]:
+        created = p.now()
+        track = _Deltas()
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        finals = {}
+        offsets: dict[int, int] = {}  # per choice: where its next token's text starts, as text_offset counts
+        async for outs in stream.updates():
+            chunks = []
+            for out in outs:
+                i = stream.request_ids.index(out.request_id)
+                for c in out.outputs:
+                    d = track.advance(i * req.n + c.index, c)
+                    if d is None:
+                        continue
+                    lp = None
+                    if req.logprobs is not None and c.logprobs is not None:
+                        lp = p.completion_logprobs(self.token_text, c.logprobs[d.tokens_from:d.tokens_to],
+                                                   offsets.get(d.index, 0))
+                        if lp["tokens"]:
+                            offsets[d.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                    chunks.append({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
+                                                        "finish_reason": d.finish_reason,
+                                                        "stop_reason": c.stop_reason if d.finish_reason else None}]})
+                if out.finished:
+                    finals[out.request_id] = out
+            for chunk in _with_summary(chunks, stream, finals, base, req.stream_options):
+                yield chunk
+
+    # ---- /v1/chat/completions ------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = await self.parse(request, p.ChatCompletionRequest)
+        self.check_model(req.model)
+        params = _params(req)
+        prompt = await self.encode_chat(req.message_dicts())
+        request_id, stream = await self.submit([prompt], params, "chatcmpl", "messages")
+        if req.stream:
+            return _EventStream(self._chat_events(req, request_id, stream), self.async_engine, stream)
+        finals = await self.collect(request, stream)
+        if finals is None:
+            return Response(status_code=499)
+        out = finals[request_id]
+        choices = []
+        for c in out.outputs:
+            lp = p.chat_logprobs(self.token_text, c.logprobs) if req.logprobs and c.logprobs is not None else None
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": p.now(), "model": self.model_name,
+            "choices": choices, **_usage_and_timings([out], stream),
+        })
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            if sum(len(m["content"] or "") for m in messages) > _LONG_TEXT:
+                return await asyncio.to_thread(self.tokenizer.encode_chat, messages, add_generation_prompt)
+            return self.tokenizer.encode_chat(messages, add_generation_prompt)
+        except InvalidRequestError as e:
+            raise p.bad_request(f"messages: {e}", param="messages") from None
+        except JisuError as e:  # ChatTemplateError: the model's template failed or the sandbox refused it
+            raise p.bad_request(str(e), param="messages", code="chat_template_error") from None
+        except Exception as e:
+            # The template is code from the model file; on messages it did not expect (content null, say)
+            # it can raise anything, e.g. TypeError from '+' on None. That is the request meeting the template.
+            raise p.bad_request(f"the model's chat template failed on these messages: {type(e).__name__}: {e}",
+                                param="messages", code="chat_template_error") from None
+
+    async def _chat_events(self, req, request_id: str, stream: OutputStream) -> AsyncIterator[dict]:
+        base = {"id": request_id, "object": "chat.completion.chunk", "created": p.now(), "model": self.model_name}
+        # The role comes first, before any token, as OpenAI sends it.
+        yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None} for i in range(req.n)]}
+        track = _Deltas()
+        finals = {}
+        async for outs in stream.updates():
+            chunks = []
+            for out in outs:
+                for c in out.outputs:
+                    d = track.advance(c.index, c)
+                    if d is None:
+                        continue
+                    lp = None
+                    if req.logprobs and c.logprobs is not None:
+                        lp = p.chat_logprobs(self.token_text, c.logprobs[d.tokens_from:d.tokens_to])
+                    delta = {"content": d.text} if d.text else {}
+                    chunks.append({**base, "choices": [{"index": d.index, "delta": delta, "logprobs": lp,
+                                                        "finish_reason": d.finish_reason,
+                                                        "stop_reason": c.stop_reason if d.finish_reason else None}]})
+                if out.finished:
+                    finals[out.request_id] = out
+            for chunk in _with_summary(chunks, stream, finals, base, req.stream_options):
+                yield chunk
+
+    # ---- other routes ----------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": p.now(), "owned_by": "jisu",
+            "max_model_len": self.engine.max_model_len,
+        }]})
+
+    async def tokenize(self, request: Request) -> Response:
+        req = await self.parse(request, p.TokenizeRequest)
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise p.bad_request("give exactly one of prompt and messages", param="prompt")
+        if req.prompt is not None:
+            tokens = await self.encode(req.prompt, req.add_special_tokens)
+        else:
+            chat = p.ChatCompletionRequest(messages=req.messages)
+            tokens = await self.encode_chat(chat.message_dicts(), req.add_generation_prompt)
+        return JSONResponse({"count": len(tokens), "max_model_len": self.engine.max_model_len, "tokens": tokens})
+
+    async def detokenize(self, request: Request) -> Response:
+        req = await self.parse(request, p.DetokenizeRequest)
+        self.check_model(req.model)
+        vocab = self.tokenizer.vocab_size
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < vocab:
+                raise p.bad_request(f"tokens[{i}]: token id {t} is outside the vocabulary [0, {vocab})",
+                                    param=f"tokens[{i}]")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
+
+    async def health(self) -> Response:
+        if self.async_engine.healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(p.error_body("the server is shutting down", "server_unavailable"), status_code=503)
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+class _Delta:
+    __slots__ = ("index", "text", "tokens_from", "tokens_to", "finish_reason")
+
+
+class _Deltas:
+    """What each choice has been sent so far, and what is new in its latest cumulative output."""
+
+    def __init__(self):
+        self.chars: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
+        self.done: set[int] = set()
+
+    def advance(self, index: int, c) -> _Delta | None:
+        if index in self.done:
+            return None
+        sent_chars, sent_tokens = self.chars.get(index, 0), self.tokens.get(index, 0)
+        text = c.text[sent_chars:]
+        if not text and len(c.token_ids) == sent_tokens and c.finish_reason is None:
+            return None
+        d = _Delta()
+        d.index, d.text, d.finish_reason = index, text, c.finish_reason
+        d.tokens_from, d.tokens_to = sent_tokens, len(c.token_ids)
+        self.chars[index] = len(c.text)
+        self.tokens[index] = len(c.token_ids)
+        if c.finish_reason is not None:
+            self.done.add(index)
+        return d
+
+
+def _with_summary(chunks: list[dict], stream: OutputStream, finals: dict, base: dict, options) -> list[dict]:
+    """Adds the request's timings (and usage, if asked) to the stream's last chunk once all have finished."""
+    if not stream.finished:
+        return chunks
+    summary = _usage_and_timings([finals[rid] for rid in stream.request_ids], stream)
+    if options is not None and options.include_usage:
+        return chunks + [{**base, "choices": [], **summary}]
+    if chunks:
+        chunks[-1]["timings"] = summary["timings"]
+    else:
+        chunks.append({**base, "choices": [], "timings": summary["timings"]})
+    return chunks
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that aborts its engine requests however it ends: finished (a no-op), client gone
+    (starlette cancels the response), or cancelled before the first event was even produced."""
+
+    def __init__(self, events: AsyncIterator[dict], async_engine: AsyncEngine, stream: OutputStream):
+        super().__init__(_sse_lines(events), media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._abort = lambda: async_engine.abort(stream)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._abort()
+
+
+async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except Exception as e:  # the status line is already out: the error goes in the stream
+        logger.exception("stream failed")
+        yield f"data: {json.dumps(p.error_body(str(e), 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _usage_and_timings(outs: list, stream: OutputStream) -> dict:
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    completion_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    t = p.timings(outs, stream.handoff_s)
+    return {"usage": p.usage(prompt_tokens, completion_tokens, t["cached_prompt_tokens"]), "timings": t}
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# ----------------------------------------------------------------------------- errors and schema
+
+
+def _params(req):
+    try:
+        return req.to_params()
+    except InvalidRequestError as e:
+        raise p.bad_request(str(e), param=_param_of(str(e), None)) from None
+
+
+_FIELD_AT_START = re.compile(r"^([a-z_]+)(\[\d+\])?\b")
+
+
+def _param_of(message: str, prompt_param: str | None) -> str | None:
+    """The request field an engine message is about (its messages name the field first)."""
+    if "max_tokens" in message:
+        return "max_tokens"
+    m = _FIELD_AT_START.match(message)
+    if m is None:
+        return None
+    if m.group(1) == "prompt":
+        return prompt_param
+    return m.group(0)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(p.APIError)
+    async def api_error(request: Request, e: p.APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        loc = errors[0].get("loc", ()) if errors else ()
+        param = ".".join(str(x) for x in loc[1:]) or None
+        message = f"{param}: {errors[0].get('msg')}" if errors else "invalid request"
+        return JSONResponse(p.error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(p.error_body(message, kind), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(p.error_body("internal server error", "server_error"), status_code=500)
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    # Bodies are parsed by hand (strictly, with a size cap), so FastAPI cannot see them; describe them.
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _register_schemas(app: FastAPI, models) -> None:
+    """Puts the request models (and the models they use) into the OpenAPI document's components."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(s.pop("$defs", {}))
+                components[model.__name__] = s
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

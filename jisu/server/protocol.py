@@ -1,0 +1,430 @@
+"""OpenAI wire format: request models, error bodies, and the JSON pieces of responses.
+
+Requests are parsed strictly (no "1" -> 1, no true -> 1, no NaN) so a client bug is reported, not guessed at.
+Every failure becomes an APIError whose body is OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jisu.request import RequestOutput
+from jisu.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# Most sequences (prompts x n) one request may start: each one holds KV blocks.
+MAX_N = 64
+MAX_PROMPTS = 64
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error the client gets back as an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def from_validation_error(e: ValidationError) -> APIError:
+    """The first problem pydantic found, with the field it is in as `param`."""
+    err = e.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+    param = _loc_to_param(err["loc"])
+    if param is None:
+        return bad_request(f"the request body must be a JSON object: {err['msg']}", param="body")
+    msg = err["msg"]
+    if err["type"] == "value_error" and msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = "" if err["type"] == "missing" else f" (got {_short(err.get('input'))})"
+    return bad_request(f"{param}: {msg}{got}", param=param)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored: OpenAI SDKs and agents send fields of newer API versions.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) and s for s in value):
+        return value
+    raise ValueError("must be a non-empty string or a list of non-empty strings")
+
+
+class _SamplingFields(_Strict):
+    """Fields completions and chat completions share (OpenAI's, plus vLLM's extras)."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    seed: int | None = None
+    stop: Any = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, Any] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        return _check_stop(v)
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v):
+        if v is not None and any(t < 0 for t in v):
+            raise ValueError("token ids must be >= 0")
+        return v
+
+    def check_common(self) -> None:
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        given = {
+            k: getattr(self, k)
+            for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty")
+            if getattr(self, k) is not None
+        }
+        return SamplingParams(
+            n=self.n,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            **given,
+        )
+
+
+def _check_prompt(value: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes -> a list of prompts, each a string or a list of token ids."""
+    def is_ids(v):
+        return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if isinstance(value, str):
+        prompts = [value]
+    elif is_ids(value) and value:
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, str) or (is_ids(p)) for p in value):
+        prompts = list(value)
+    else:
+        raise ValueError("must be a non-empty string, a list of token ids, or a list of strings or of token-id lists")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+    return prompts
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return _check_prompt(v)
+
+    def to_params(self) -> SamplingParams:
+        self.check_common()
+        if self.echo:
+            raise bad_request("echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise bad_request("suffix is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of other than n is not supported by this server", param="best_of")
+        if len(self.prompt) * self.n > MAX_N:
+            raise bad_request(
+                f"n: {len(self.prompt)} prompts x n={self.n} is {len(self.prompt) * self.n} sequences; "
+                f"at most {MAX_N} per request", param="n")
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    """A string, a list of content parts ({"type": "text", "text": ...}), or null."""
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        # Checked by hand: as a pydantic union its errors would name each alternative, not the field.
+        if v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, dict) for x in v)):
+            return v
+        raise ValueError("must be a string, a list of content parts, or null")
+
+    def text(self, where: str) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        parts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(
+                    f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are supported, "
+                    f"got type {part.get('type')!r}",
+                    param=f"{where}.content[{j}]",
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    def to_params(self) -> SamplingParams:
+        self.check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise bad_request(
+                f"response_format type {self.response_format.type!r} is not supported; only 'text'",
+                param="response_format.type",
+            )
+        if self.tools:
+            raise bad_request("tools are not supported by this server", param="tools")
+        # max_completion_tokens replaced max_tokens in OpenAI's API; None runs to the end of the context.
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs)
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        out = []
+        for i, m in enumerate(self.messages):
+            d: dict[str, Any] = {"role": m.role, "content": m.text(f"messages[{i}]")}
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        return out
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def timings(outputs: list[RequestOutput], handoff_s: float) -> dict:
+    """The request's timings from its engine requests' final outputs (one per prompt).
+
+    For a single sequence these are exactly the engine's figures; with n > 1 or several prompts the
+    windows span all sequences (first scheduled, first token anywhere, last token anywhere).
+    `handoff_s` is the time the request spent between the HTTP handler and the engine thread, which the
+    engine's own clock starts after; it belongs to queueing, and so to the time to first token.
+    Requests the server aborted have no engine metrics; their times are null, their counts still real.
+    """
+    seqs = [c for o in outputs for c in o.outputs]
+    ms = [c.metrics for c in seqs if c.metrics is not None]
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(c.token_ids) for c in seqs)
+    cached = sum(max((c.metrics.cached_prompt_tokens for c in o.outputs if c.metrics), default=0) for o in outputs)
+    queue = min((m.queue_time for m in ms if m.queue_time is not None), default=None)
+    ttft = min((m.time_to_first_token for m in ms if m.time_to_first_token is not None), default=None)
+    prefill = None if queue is None or ttft is None else ttft - queue
+    ends = [m.time_to_first_token + m.decode_time for m in ms
+            if m.time_to_first_token is not None and m.decode_time is not None]
+    decode = max(ends) - ttft if ends and ttft is not None else None
+    timed_tokens = sum(m.completion_tokens for m in ms)
+    started = sum(1 for m in ms if m.completion_tokens > 0)
+    return {
+        "queue_ms": _ms(None if queue is None else queue + handoff_s),
+        "prefill_ms": _ms(prefill),
+        "time_to_first_token_ms": _ms(None if ttft is None else ttft + handoff_s),
+        "decode_ms": _ms(decode),
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_per_second": prompt_tokens / prefill if prefill else None,
+        "generated_tokens": generated,
+        # Tokens after each sequence's first, over the window they were decoded in.
+        "generation_tokens_per_second": (timed_tokens - started) / decode if decode else None,
+        "cached_prompt_tokens": cached,
+    }
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE (GPT-2 style) writes each byte as one printable character; this maps them back.
+    Printable Latin-1 bytes stand for themselves, the other bytes take the characters from U+0100 on."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(0x100 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenText:
+    """Token id -> its text and its exact bytes for logprobs, cached (the same ids come back often).
+
+    The bytes matter because one token can hold part of a UTF-8 character, whose text alone is U+FFFD;
+    clients join the bytes of consecutive tokens to rebuild the text.
+    """
+
+    def __init__(self, tokenizer):
+        from tokenizers import decoders
+
+        self._tok = tokenizer
+        self._hf = tokenizer.spec.tokenizer
+        self._byte_level = isinstance(self._hf.decoder, decoders.ByteLevel)
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self._tok.decode([token_id], skip_special_tokens=False)
+            hit = (text, self._bytes(token_id, text))
+            if len(self._cache) > 65536:
+                self._cache.clear()
+            self._cache[token_id] = hit
+        return hit
+
+    def _bytes(self, token_id: int, text: str) -> list[int]:
+        piece = self._hf.id_to_token(token_id)
+        if piece is not None:
+            m = _BYTE_FALLBACK.fullmatch(piece)  # SentencePiece's byte-fallback tokens
+            if m:
+                return [int(m.group(1), 16)]
+            if self._byte_level and all(ch in _BYTE_LEVEL_CHARS for ch in piece):
+                return [_BYTE_LEVEL_CHARS[ch] for ch in piece]
+        return list(text.encode("utf-8"))
+
+
+def completion_logprobs(token_text: TokenText, entries: list, text_offset: int) -> dict:
+    """The legacy completions shape: parallel lists of tokens, their logprobs, top alternatives, offsets."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in entries:
+        text = token_text(e.token_id)[0]
+        tokens.append(text)
+        token_logprobs.append(e.logprob)
+        alternatives: dict[str, float] = {}
+        for tid, lp in e.top:
+            alternatives.setdefault(token_text(tid)[0], lp)
+        top.append(alternatives)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(token_text: TokenText, entries: list) -> dict:
+    """The chat shape: one object per token with its top alternatives."""
+    content = []
+    for e in entries:
+        text, raw = token_text(e.token_id)
+        alternatives = []
+        for tid, lp in e.top:
+            t, b = token_text(tid)
+            alternatives.append({"token": t, "logprob": lp, "bytes": b})
+        content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": alternatives})
+    return {"content": content}
