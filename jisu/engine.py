@@ -17,6 +17,7 @@ from jisu.detokenizer import OutputText
 from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.models.registry import model_class
+from jisu.profile.timeline import StepLog, StepRecord
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from jisu.runner.kv_cache import KVCache, plan_num_blocks
 from jisu.runner.runner import ModelRunner
@@ -96,6 +97,7 @@ class LLMEngine:
         self.sampler = Sampler()
         torch.manual_seed(config.seed)
 
+        self.step_log = StepLog()
         self._groups: dict[str, _Group] = {}
         self._texts: dict[str, OutputText] = {}
         self._ids = itertools.count()
@@ -176,24 +178,53 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batched forward pass; returns the updated state of every request that advanced."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        t1 = time.perf_counter()
         step = self.runner.prepare(out)
+        t2 = time.perf_counter()
         logits = self.runner.execute(step)
+        t3 = time.perf_counter()
+        prefill_tokens = self._record_prefill_chunks(out, t2, t3)
         self.scheduler.update(out)
         touched: dict[str, _Group] = {}
+        sampled = None
         if step.sampled:
             rows = [
                 SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids, s.request.generator)
                 for s in step.sampled
             ]
             sampled = self.sampler(logits, rows)
-            now = time.perf_counter()
+        t4 = time.perf_counter()
+        if sampled is not None:
             for s, token, logprobs in zip(step.sampled, sampled.token_ids, sampled.logprobs):
-                self._advance(s.request, token, logprobs, now)
+                self._advance(s.request, token, logprobs, t4)
                 touched[s.request.parent_id] = self._groups[s.request.parent_id]
-        return [self._output(g) for g in touched.values()]
+        outputs = [self._output(g) for g in touched.values()]
+        t5 = time.perf_counter()
+        self.step_log.add(
+            StepRecord(
+                index=self.step_log.count, start=t0, schedule=t1 - t0, prepare=t2 - t1, forward=t3 - t2,
+                sample=t4 - t3, detokenize=t5 - t4, num_seqs=len(out.scheduled), num_tokens=out.num_tokens,
+                num_prefill_tokens=prefill_tokens, num_decodes=out.num_tokens - prefill_tokens,
+                num_preempted=len(out.preempted), forward_device=self.runner.last_forward_device_time(),
+            )
+        )
+        return outputs
+
+    @staticmethod
+    def _record_prefill_chunks(out, start: float, end: float) -> int:
+        """Adds a 'prefill' event to each sequence that computed prompt (or recomputed) tokens this step."""
+        total = 0
+        for s in out.scheduled:
+            req = s.request
+            # A decode computes exactly the one token sampled last step; anything else is (re)filling.
+            if s.num_new_tokens > 1 or req.num_computed_tokens < len(req.prompt_token_ids) or not s.samples:
+                req.times.events.append(("prefill", start, end, s.num_new_tokens))
+                total += s.num_new_tokens
+        return total
 
     def _advance(self, req: Request, token: int, logprobs, now: float) -> None:
         req.append_token(token, logprobs, now)
@@ -219,6 +250,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
                     metrics=RequestMetrics.from_request(seq) if seq.is_finished else None,
+                    timeline=seq.times,
                 )
             )
         if finished:

@@ -38,6 +38,18 @@ class RequestTimes:
     last_token: float | None = None
     finished: float | None = None
     num_preemptions: int = 0
+    token_times: list[float] = field(default_factory=list)
+    """When each output token was produced."""
+    events: list[tuple[str, float, float, int]] = field(default_factory=list)
+    """(kind, start, end, tokens) for 'scheduled', 'prefill' (one per chunk) and 'preempted'."""
+
+    def to_dict(self) -> dict:
+        return {
+            "arrival": self.arrival, "first_scheduled": self.first_scheduled, "first_token": self.first_token,
+            "last_token": self.last_token, "finished": self.finished, "num_preemptions": self.num_preemptions,
+            "token_times": list(self.token_times),
+            "events": [{"kind": k, "start": a, "end": b, "tokens": n} for k, a, b, n in self.events],
+        }
 
 
 class Request:
@@ -89,6 +101,7 @@ class Request:
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> None:
         self.output_token_ids.append(token_id)
         self.output_logprobs.append(logprobs)
+        self.times.token_times.append(now)
         if self.times.first_token is None:
             self.times.first_token = now
         self.times.last_token = now
@@ -130,6 +143,10 @@ class RequestMetrics:
     """First scheduled to first token."""
     decode_time: float | None = None
     """First token to last token."""
+    tpot: float | None = None
+    """Time per output token after the first: (e2e - ttft) / (completion_tokens - 1), as vllm bench serve."""
+    inter_token_latencies: list[float] = field(default_factory=list)
+    """Gap before each output token after the first."""
     cached_prompt_tokens: int = 0
     num_preemptions: int = 0
 
@@ -157,10 +174,12 @@ class RequestMetrics:
             decode_time=None if t.first_token is None or t.last_token is None else t.last_token - t.first_token,
             cached_prompt_tokens=req.num_cached_tokens,
             num_preemptions=t.num_preemptions,
+            tpot=(end - t.arrival - ttft) / (n - 1) if n > 1 and ttft is not None else None,
+            inter_token_latencies=[b - a for a, b in zip(t.token_times, t.token_times[1:])],
         )
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "inter_token_latencies": list(self.inter_token_latencies)}
 
 
 @dataclass
@@ -172,6 +191,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
+    timeline: RequestTimes | None = None
+    """The sequence's events: arrival, scheduling, prefill chunks, each token, preemptions, finish."""
 
 
 @dataclass

@@ -58,6 +58,18 @@ class MergedLinear(Linear):
         raise KeyError(name)
 
 
+class SiluAndMul(nn.Module):
+    """silu(gate) * up. A module (not an inline expression) so the profiler can time activations apart."""
+
+    def __init__(self, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -65,8 +77,8 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = MergedLinear(
             hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias=False
         )
+        self.act_fn = SiluAndMul(intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))

@@ -9,8 +9,8 @@ from jisu.errors import ModelLoadError
 from jisu.models.config import ModelConfig
 from jisu.kernels.build import cpu_linear_kernels
 from jisu.models.layers import Linear, MergedLinear, RMSNorm, SwiGLU
-from jisu.models.rotary import RotaryEmbedding, pairs_adjacent
-from jisu.runner.attention import AttentionMetadata, paged_attention
+from jisu.models.rotary import ApplyRotary, RotaryEmbedding, pairs_adjacent
+from jisu.runner.attention import AttentionMetadata, PagedAttention
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:
@@ -38,17 +38,18 @@ class LlamaAttention(nn.Module):
             bias=config.attention_bias,
         )
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
-        self.scale = self.head_dim**-0.5
+        self.rotary = ApplyRotary()
+        self.attn = PagedAttention(self.head_dim**-0.5)
         self.qk_size = q_size + kv_size
 
     def forward(self, x, rotation, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k of every head rotate together (their rows are stored with rotary pairs adjacent).
-        qk = RotaryEmbedding.apply(qkv[:, : self.qk_size].view(t, -1, self.head_dim), rotation)
+        qk = self.rotary(qkv[:, : self.qk_size].view(t, -1, self.head_dim), rotation)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.qk_size :].view(t, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        o = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(o.reshape(t, -1))
 
 

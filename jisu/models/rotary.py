@@ -114,6 +114,13 @@ class RotaryEmbedding(torch.nn.Module):
         return torch.view_as_real(pairs * rotation).reshape(t, h, d).to(x.dtype)
 
 
+class ApplyRotary(torch.nn.Module):
+    """RotaryEmbedding.apply as a module, so the profiler can time rotary work apart."""
+
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        return RotaryEmbedding.apply(x, rotation)
+
+
 def pairs_adjacent(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Reorders q/k projection rows (weight [heads*head_dim, in] or bias [heads*head_dim]) of each head from
     Hugging Face's (first halves, second halves) to (x0, x_half, x1, x_half+1, ...)."""

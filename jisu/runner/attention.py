@@ -81,3 +81,14 @@ def paged_attention(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+class PagedAttention(torch.nn.Module):
+    """paged_attention as a module: writes this step's K/V into the layer's cache and attends."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)

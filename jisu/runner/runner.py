@@ -78,8 +78,24 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Returns float32 logits [len(step.sampled), vocab]."""
+        if self.device.type == "cuda":
+            # Device events time the forward on the GPU itself; host clocks would only see the launches.
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
         hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_cache.layers)
-        return self.model.compute_logits(hidden[step.sample_rows])
+        logits = self.model.compute_logits(hidden[step.sample_rows])
+        if self.device.type == "cuda":
+            self._events[1].record()
+        return logits
+
+    def last_forward_device_time(self) -> float | None:
+        """Seconds the last forward took on the device (CUDA only); waits for it to finish."""
+        events = getattr(self, "_events", None)
+        if events is None:
+            return None
+        events[1].synchronize()
+        self._events = None
+        return events[0].elapsed_time(events[1]) / 1000.0
 
     def _slots(self, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size

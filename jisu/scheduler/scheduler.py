@@ -82,8 +82,10 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            now = time.perf_counter()
+            req.times.events.append(("scheduled", now, now, req.num_computed_tokens))
             if first_time:
-                req.times.first_scheduled = time.perf_counter()
+                req.times.first_scheduled = now
                 req.num_cached_tokens = req.num_computed_tokens
             self.running.append(req)
             out.scheduled.append(ScheduledRequest.of(req, n))
@@ -105,6 +107,8 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.times.num_preemptions += 1
+        now = time.perf_counter()
+        req.times.events.append(("preempted", now, now, 0))
         self.total_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted.append(req.request_id)
