@@ -57,6 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
 
+    prof = sub.add_parser("profile", help="run a workload and report time by request, step, layer and operator, "
+                          "with a roofline verdict")
+    _add_model_args(prof)
+    prof.add_argument("--prompts", type=int, default=1, help="prompts submitted together (default 1)")
+    prof.add_argument("--input-len", type=int, default=128, help="prompt tokens each (default 128)")
+    prof.add_argument("--output-len", type=int, default=64, help="generated tokens each (default 64)")
+    prof.add_argument("--json", action="store_true", help="print every figure as one JSON object")
+    prof.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace (ui.perfetto.dev)")
+    prof.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts here")
+    prof.add_argument("--estimate", action="store_true", help="only print the memory estimate, without loading")
+    prof.add_argument("--memory-budget", default=None, help="with --estimate: memory for weights + KV cache, e.g. 8GiB")
+
+    cal = sub.add_parser("calibrate", help="measure this machine's memory bandwidth and matmul rates (cached)")
+    cal.add_argument("--force", action="store_true", help="measure again even if figures are cached")
+    cal.add_argument("--quick", action="store_true", help="rough figures in under a second")
+    cal.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    cal.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    est = sub.add_parser("estimate", help="memory for weights and KV cache, and what fits in a budget, without loading")
+    est.add_argument("--model", "-m", default=None, help="GGUF file, Hugging Face folder or short name")
+    est.add_argument("--memory-budget", default=None,
+                     help="memory for weights + KV cache, e.g. 8GiB (default: weights + jisu's 1 GiB CPU KV cache)")
+    est.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, float16, bfloat16")
+    est.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    est.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs --memory-budget)")
+    est.add_argument("--json", action="store_true", help="print every figure as JSON")
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
     add_serve_args(s)
@@ -118,8 +145,9 @@ def _print_stats(metrics, stream=sys.stderr) -> None:
         return "-" if v is None else (f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}")
 
     print(
-        f"\n[{m['prompt_tokens']} prompt + {m['completion_tokens']} generated tokens | "
-        f"TTFT {fmt(m['time_to_first_token'], ' s')} | prefill {fmt(m['prefill_tokens_per_s'], ' tok/s')} | "
+        f"\n[{m['prompt_tokens']} prompt ({m['cached_prompt_tokens']} cached) + {m['completion_tokens']} generated "
+        f"tokens | queue {fmt(m['queue_time'], ' s')} | TTFT {fmt(m['time_to_first_token'], ' s')} | "
+        f"TPOT {fmt(m['tpot'], ' s')} | prefill {fmt(m['prefill_tokens_per_s'], ' tok/s')} | "
         f"decode {fmt(m['decode_tokens_per_s'], ' tok/s')} | e2e {fmt(m['e2e_time'], ' s')}]",
         file=stream,
     )
@@ -205,7 +233,54 @@ def cmd_chat(args) -> int:
             _print_stats(final.metrics)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+def cmd_profile(args) -> int:
+    if args.estimate:
+        from jisu.profile.estimate import cmd_estimate
+
+        return cmd_estimate(args)
+    from rich.console import Console
+
+    from jisu.profile.calibrate import load_calibration
+    from jisu.profile.cycles import count_cycles
+    from jisu.profile.report import print_report, report_dict, write_plots
+    from jisu.profile.run import Workload, run_profile
+    from jisu.profile.trace import write_trace
+
+    workload = Workload(args.prompts, args.input_len, args.output_len)
+    llm = load_llm(args, quiet=args.json)
+    calibration = load_calibration(args.device)
+    clock = calibration.clock_hz if calibration is not None else None
+    result = run_profile(llm, workload, calibration, count_cycles_fn=lambda fn: count_cycles(fn, clock_hz=clock))
+    console = Console(stderr=args.json)
+    if args.json:
+        print(json.dumps(report_dict(result, calibration)))
+    else:
+        print_report(result, calibration, console)
+    if args.trace:
+        path = write_trace(args.trace, result.steps, [(o.request_id, o.outputs[0].timeline) for o in result.outputs])
+        console.print(f"trace: {path} (open in ui.perfetto.dev)")
+    if args.plot:
+        for path in write_plots(result, args.plot, calibration):
+            console.print(f"plot: {path}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from jisu.profile.calibrate import cmd_calibrate as run
+
+    return run(args)
+
+
+def cmd_estimate(args) -> int:
+    from jisu.profile.estimate import cmd_estimate as run
+
+    return run(args)
+
+
+COMMANDS = {
+    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "profile": cmd_profile,
+    "calibrate": cmd_calibrate, "estimate": cmd_estimate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except JisuError as e:
         print(f"jisu: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a path given on the command line that cannot be written or read
+        print(f"jisu: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -210,6 +210,7 @@ class LLMEngine:
                 sample=t4 - t3, detokenize=t5 - t4, num_seqs=len(out.scheduled), num_tokens=out.num_tokens,
                 num_prefill_tokens=prefill_tokens, num_decodes=out.num_tokens - prefill_tokens,
                 num_preempted=len(out.preempted), forward_device=self.runner.last_forward_device_time(),
+                batch=tuple((s.num_new_tokens, s.request.num_computed_tokens, s.samples) for s in out.scheduled),
             )
         )
         return outputs

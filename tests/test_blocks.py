@@ -81,3 +81,13 @@ def test_prefix_caching_can_be_turned_off():
     bm.cache_full_blocks("a", [1, 2, 3, 4], 4)
     bm.free("a")
     assert bm.match_prefix("b", [1, 2, 3, 4, 5]) == 0
+
+
+def test_reset_prefix_cache_forgets_every_prefix():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    bm.allocate("a", 4)
+    bm.cache_full_blocks("a", [1, 2, 3, 4], 4)
+    bm.free("a")
+    bm.reset_prefix_cache()
+    assert bm.match_prefix("b", [1, 2, 3, 4, 5]) == 0
+    assert bm.num_free_blocks == 4

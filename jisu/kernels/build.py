@@ -21,13 +21,27 @@ def cpu_linear_kernels():
         return _state["module"]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        # -march=native: the extension is compiled on the machine that runs it, so use all of its vector units.
-        return load(name="jisu_linear_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
-                    verbose=False)
+        # NOTE: named instruction sets rather than -march=native, and the set is part of the extension's name:
+        # a build cached on disk must never be loaded on a CPU that lacks its instructions (VMs move).
+        vector = {"avx2", "fma"} <= _cpu_flags()
+        flags = ["-O3", "-mavx2", "-mfma"] if vector else ["-O3"]
+        name = "jisu_linear_cpu_avx2" if vector else "jisu_linear_cpu_portable"
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
     except Exception as e:  # no compiler, no headers, a sandbox without /tmp...: fall back, loudly
         log.warning("jisu: C++ kernels unavailable (%s); using torch's CPU kernels", str(e).splitlines()[0])
         return None

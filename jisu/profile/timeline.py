@@ -29,6 +29,9 @@ class StepRecord:
     num_prefill_tokens: int
     num_decodes: int
     num_preempted: int = 0
+    batch: tuple[tuple[int, int, bool], ...] = ()
+    """Per sequence: (new tokens, context length after the step, whether it sampled) — what the roofline
+    model needs to cost the step."""
     forward_device: float | None = None
     """Forward time measured with device events (CUDA), when on a GPU."""
 

@@ -105,6 +105,12 @@ class BlockManager:
                 self.cached[h] = block
                 self.block_hash[block] = h
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (blocks in use keep their contents, but are no longer shared)."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        self._seq_hashes = {k: [] for k in self._seq_hashes}
+
     @staticmethod
     def _hash(parent: bytes, tokens: list[int]) -> bytes:
         return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
