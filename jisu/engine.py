@@ -98,6 +98,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
 
         self.step_log = StepLog()
+        self.record_steps = True
+        """Keep a StepRecord per step (cheap; off only to measure what recording costs)."""
         self._groups: dict[str, _Group] = {}
         self._texts: dict[str, OutputText] = {}
         self._ids = itertools.count()
@@ -204,6 +206,8 @@ class LLMEngine:
                 touched[s.request.parent_id] = self._groups[s.request.parent_id]
         outputs = [self._output(g) for g in touched.values()]
         t5 = time.perf_counter()
+        if not self.record_steps:
+            return outputs
         self.step_log.add(
             StepRecord(
                 index=self.step_log.count, start=t0, schedule=t1 - t0, prepare=t2 - t1, forward=t3 - t2,
