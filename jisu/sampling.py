@@ -267,7 +267,6 @@ class Sampler:
 
     def _draw(self, x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """One token per row by the exponential race over the (already truncated) logits."""
-        n = x.shape[0]
         u = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:

@@ -23,7 +23,7 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None) -> Chec
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model folder not found: {folder}")
-    config_dict = _read_json(folder / "config.json", required=True)
+    config_dict = read_json(folder / "config.json", required=True)
     quantization = config_dict.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
@@ -51,7 +51,7 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None) -> Chec
 # ----------------------------------------------------------------------------- files
 
 
-def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
     if not path.is_file():
         if required:
             raise ModelLoadError(f"{path.parent}: missing {path.name}")
@@ -70,7 +70,7 @@ def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / _INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index} has no weight_map")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
@@ -132,10 +132,10 @@ def load_hf_tokenizer(folder: str | Path, config_dict: dict[str, Any] | None = N
         tok = Tokenizer.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises a bare Exception for unreadable JSON
         raise ModelLoadError(f"{tok_file} cannot be loaded: {e}") from None
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
-    special_map = _read_json(folder / "special_tokens_map.json")
-    config_dict = config_dict if config_dict is not None else _read_json(folder / "config.json")
-    gen_cfg = _read_json(folder / "generation_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json")
+    special_map = read_json(folder / "special_tokens_map.json")
+    config_dict = config_dict if config_dict is not None else read_json(folder / "config.json")
+    gen_cfg = read_json(folder / "generation_config.json")
 
     special = {}
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -188,7 +188,7 @@ def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    template = _read_json(folder / "chat_template.json").get("chat_template") or tok_cfg.get("chat_template")
+    template = read_json(folder / "chat_template.json").get("chat_template") or tok_cfg.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)

@@ -80,15 +80,9 @@ def _read_gguf(path: Path) -> StoredModel:
 
 
 def _read_hf_folder(folder: Path) -> StoredModel:
-    config_file = folder / "config.json"
-    try:
-        d = json.loads(config_file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {config_file}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{config_file} should hold a JSON object")
+    from jisu.loader.hf_folder import read_json
+
+    d = read_json(folder / "config.json", required=True)
     if d.get("quantization_config"):
         raise UnsupportedModelError(f"{folder}: quantized Hugging Face checkpoints are not supported")
     config = ModelConfig.from_hf_dict(d)
