@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from jisu.errors import JisuError
+from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.server.serve import add_serve_args, cmd_serve
 
 # NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     est.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs --memory-budget)")
     est.add_argument("--json", action="store_true", help="print every figure as JSON")
+
+    add_eval_parser(sub)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
@@ -279,7 +282,7 @@ def cmd_estimate(args) -> int:
 
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "profile": cmd_profile,
-    "calibrate": cmd_calibrate, "estimate": cmd_estimate,
+    "calibrate": cmd_calibrate, "estimate": cmd_estimate, "eval": cmd_eval,
 }
 
 

@@ -79,6 +79,11 @@ class LLMEngine:
         )
         kv_capacity = num_blocks * cache.block_size
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, kv_capacity)
+        if self.max_model_len > self.model_config.max_context:
+            raise InvalidRequestError(
+                f"max_model_len {self.max_model_len} exceeds the {self.model_config.max_context} positions this "
+                f"model supports"
+            )
         if self.max_model_len > kv_capacity:
             raise InvalidRequestError(
                 f"max_model_len {self.max_model_len} does not fit the KV cache, which holds {kv_capacity} tokens"

@@ -187,3 +187,10 @@ def test_prefix_cache_hits_keep_greedy_output(tiny_llama_dir):
     outs = warm.generate(ps, GREEDY)
     assert [o.metrics.cached_prompt_tokens for o in outs] == [40] * 4
     assert_no_leak(warm)
+
+
+def test_context_window_beyond_the_models_positions_is_refused(tiny_llama_dir):
+    from jisu.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="256 positions"):
+        LLM(model=str(tiny_llama_dir), max_model_len=1024)

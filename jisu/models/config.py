@@ -44,6 +44,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     @property
+    def max_context(self) -> int:
+        """The longest context the positions support: max_position_embeddings, extended by YaRN / dynamic NTK
+        scaling (whose configs may keep the pre-scaling window there)."""
+        s = self.rope_scaling or {}
+        if self.rope_type in ("yarn", "dynamic") and s.get("factor"):
+            base = s.get("original_max_position_embeddings") or self.max_position_embeddings
+            return max(self.max_position_embeddings, int(base * float(s["factor"])))
+        return self.max_position_embeddings
+
+    @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
 
