@@ -39,9 +39,11 @@ def _build():
         # NOTE: named instruction sets rather than -march=native, and the set is part of the extension's name:
         # a build cached on disk must never be loaded on a CPU that lacks its instructions (VMs move).
         vector = {"avx2", "fma"} <= _cpu_flags()
-        flags = ["-O3", "-mavx2", "-mfma"] if vector else ["-O3"]
-        name = "jisu_linear_cpu_avx2" if vector else "jisu_linear_cpu_portable"
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
+        # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; compiled without it the "parallel"
+        # loop silently runs on one thread (measured: 20.5 -> 15.4 ms over SmolLM2's layers at batch 1).
+        flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if vector else [])
+        name = "jisu_linear_cpu_avx2_omp" if vector else "jisu_linear_cpu_portable_omp"
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, a sandbox without /tmp...: fall back, loudly
         log.warning("jisu: C++ kernels unavailable (%s); using torch's CPU kernels", str(e).splitlines()[0])
         return None

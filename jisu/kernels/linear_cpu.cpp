@@ -1,7 +1,7 @@
 // Matrix-vector products for small batches on CPU: y[m, n] = x[m, :] . w[n, :] (+ b[n]).
 //
 // Why: at decode time each weight row is read once per token, so speed is memory bandwidth. torch's CPU
-// gemv runs on one thread (~13-18 GB/s here); splitting output rows across all intra-op threads and
+// gemv runs on one thread here; splitting output rows across all intra-op threads (OpenMP) and
 // streaming each row once for every input row reaches the machine's bandwidth. Each (m, n) dot product is
 // summed in the same order whatever m and M are, so a sequence gets the same numbers alone or in a batch.
 #include <torch/extension.h>
