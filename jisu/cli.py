@@ -7,6 +7,7 @@ import json
 import sys
 from contextlib import contextmanager
 
+from jisu.bench.cli import add_bench_parser, cmd_bench
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.server.serve import add_serve_args, cmd_serve
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print every figure as JSON")
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
@@ -283,6 +285,7 @@ def cmd_estimate(args) -> int:
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "profile": cmd_profile,
     "calibrate": cmd_calibrate, "estimate": cmd_estimate, "eval": cmd_eval,
+    "bench": cmd_bench,
 }
 
 

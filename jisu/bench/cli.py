@@ -1,0 +1,115 @@
+"""`jisu bench latency | serve | compare`: the argument parsers and the dispatch.
+
+Only argparse is imported here, so `jisu --help` stays fast; each subcommand imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jisu.errors import JisuError
+
+_DEFAULT_MODEL_HELP = "GGUF file, Hugging Face folder or short name (default: smollm2-135m, jisu's default model)"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=_DEFAULT_MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds `bench` with its three subcommands to a `jisu` subparsers object."""
+    b = subparsers.add_parser("bench", help="benchmarks: latency, serving load, side-by-side with other engines",
+                              description="Reproducible benchmarks with the field's metric definitions.")
+    sub = b.add_subparsers(dest="bench_command", required=True)
+
+    lat = sub.add_parser("latency", help="prefill / decode speed, TTFT and peak memory of one fixed workload")
+    _add_model_args(lat)
+    lat.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
+    lat.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
+    lat.add_argument("--batch", type=int, default=1, help="prompts run together (default 1)")
+    lat.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default 5)")
+    lat.add_argument("--depth", type=int, default=0,
+                     help="tokens already in the KV cache before the prompt, like llama-bench -d (default 0)")
+    lat.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
+
+    srv = sub.add_parser("serve", help="load-test an OpenAI-compatible server (vllm bench serve's metrics)")
+    srv.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    srv.add_argument("--model", default=None, help="model name sent in requests (default: the first of /v1/models)")
+    srv.add_argument("--tokenizer", default=None,
+                     help="model whose tokenizer builds synthetic prompts and counts tokens when the server sends "
+                          "no usage (default: jisu's default model)")
+    srv.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels, one run each (default 1,4,16,64)")
+    srv.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: 4 x the largest level, >= 8)")
+    srv.add_argument("--request-rate", default="inf", help="requests/s as a Poisson process, or inf: all at once (default)")
+    srv.add_argument("--dataset", default="synthetic",
+                     help="synthetic (default), builtin (jisu's real-prompt set) or a JSONL file with prompt / messages")
+    srv.add_argument("--input-len", type=int, default=512, help="synthetic prompt tokens (default 512)")
+    srv.add_argument("--output-len", type=int, default=None,
+                     help="max tokens per request (default: a record's output_len, else 128)")
+    srv.add_argument("--endpoint", choices=["auto", "completions", "chat"], default="auto",
+                     help="auto: chat for messages, completions for prompts (default)")
+    srv.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0: greedy)")
+    srv.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                     help="ask the server to generate every requested token (default on)")
+    srv.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                     help="SLOs for goodput, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
+    srv.add_argument("--percentiles", default="99", help="comma-separated percentiles reported (default 99)")
+    srv.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--label", default=None, help="name of this server in plots (default: the model name)")
+    srv.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
+    srv.add_argument("--plot", default=None, metavar="DIR", help="write throughput and latency charts here")
+    srv.add_argument("--plot-with", nargs="+", default=None, metavar="FILE",
+                     help="earlier `bench serve --json` results drawn as more lines (e.g. another server)")
+
+    cmp = sub.add_parser("compare", help="the latency workload on jisu, transformers and llama.cpp side by side")
+    cmp.add_argument("--model", "-m", default=None, help=_DEFAULT_MODEL_HELP)
+    cmp.add_argument("--engines", default="jisu,transformers,llama.cpp",
+                     help="comma-separated: jisu, transformers, llama.cpp (default all three)")
+    cmp.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
+    cmp.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
+    cmp.add_argument("--runs", type=int, default=3, help="timed runs per engine after a warm-up (default 3)")
+    cmp.add_argument("--concurrency", default="1,16", help="comma-separated levels (default 1,16)")
+    cmp.add_argument("--calibration", choices=["full", "quick", "fresh", "none"], default="full",
+                     help="machine limits for %% of roofline: full / quick = the cached figures, else measured now; "
+                          "fresh = measured now even if cached; none = no roofline (default full)")
+    cmp.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
+    cmp.add_argument("--plot", default=None, metavar="DIR", help="write a bar chart here")
+    return b
+
+
+def cmd_bench(args) -> int:
+    if args.bench_command == "latency":
+        from jisu.bench.latency import cmd_latency
+
+        return cmd_latency(args)
+    if args.bench_command == "serve":
+        from jisu.bench.serve import cmd_serve_bench
+
+        return cmd_serve_bench(args)
+    from jisu.bench.compare import cmd_compare
+
+    return cmd_compare(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jisu.bench.cli ...`: the same subcommands without going through `jisu`."""
+    parser = argparse.ArgumentParser(prog="jisu")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except JisuError as e:
+        print(f"jisu: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

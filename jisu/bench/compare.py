@@ -1,0 +1,410 @@
+"""`jisu bench compare`: the latency workload on jisu and the engines users would pick instead, in one
+process, on the same weights and the same prompt token ids.
+
+Per run and engine: one batch-1 request of --input-len prompt tokens and --output-len greedy tokens
+(prefill tok/s = prompt / TTFT, decode tok/s = (n - 1) / (t_n - t_1)), then for each --concurrency
+level above 1, that many such requests at once (output tokens/s over the wall time). Engines alternate
+run by run (their order rotates, so none always runs first); medians over --runs runs after a warm-up.
+
+Each figure is also given as % of its roofline bound: the time the analytical model
+(jisu.profile.roofline) says the work needs at this machine's calibrated bandwidth and matmul rate,
+over the time it took, with the weight format that engine actually reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from jisu.bench.latency import TimedRun, check_workload, fmt_num, machine_info, phase_figures, timed_generate
+from jisu.errors import InvalidRequestError, JisuError
+
+ENGINE_ALIASES = {"jisu": "jisu", "transformers": "transformers", "hf": "transformers",
+                  "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp",
+                  "llama_cpp": "llama.cpp"}
+INSTALL = {"transformers": "pip install transformers accelerate", "llama.cpp": "pip install llama-cpp-python"}
+
+
+def parse_engines(text: str) -> list[str]:
+    out = []
+    for part in text.split(","):
+        name = ENGINE_ALIASES.get(part.strip().lower())
+        if name is None:
+            raise InvalidRequestError(f"--engines: unknown engine {part.strip()!r}; use jisu, transformers, llama.cpp")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class JisuEngine:
+    name = "jisu"
+    kv_dtype = "float32"
+    note = ""
+
+    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int):
+        from jisu.llm import LLM
+
+        self.llm = LLM(model=str(path), checkpoint=checkpoint, max_model_len=max_len, max_num_seqs=max_seqs)
+        self.kv_dtype = str(self.llm.engine.dtype).removeprefix("torch.")
+        self.version = _version("jisu")
+
+    def _run(self, prompts: list[list[int]], output_len: int) -> TimedRun:
+        run = timed_generate(self.llm.engine, prompts, output_len)
+        if run.cached_tokens:  # prompts are unique per run; a hit would make jisu's prefill look free
+            raise JisuError(f"jisu reused {run.cached_tokens} cached prompt tokens in a compare run")
+        return run
+
+    def latency(self, prompt: list[int], output_len: int) -> TimedRun:
+        return self._run([prompt], output_len)
+
+    def batch(self, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+        run = self._run(prompts, output_len)
+        return max(t[-1] for t in run.token_times) - run.start, sum(len(t) for t in run.token_times)
+
+    def weight_format(self):
+        from jisu.profile.roofline import WeightFormat
+
+        return WeightFormat.from_model(self.llm.engine.model)
+
+
+class TransformersEngine:
+    name = "transformers"
+    kv_dtype = "float32"
+    note = "weights dequantized to float32 by transformers' GGUF loader"
+
+    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int):
+        import torch
+        import transformers
+
+        kw = {"gguf_file": path.name} if path.is_file() else {}
+        folder = str(path.parent) if kw else str(path)
+        if not kw:
+            self.note = "Hugging Face folder, float32"
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+        eos = self.model.generation_config.eos_token_id
+        pad = self.model.generation_config.pad_token_id
+        self.pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos) or 0
+        self.version = transformers.__version__
+
+    def _generate(self, prompts: list[list[int]], output_len: int, streamer=None):
+        import torch
+
+        ids = torch.tensor(prompts)  # compare prompts are all the same length: no padding needed
+        with torch.no_grad():
+            return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                                       min_new_tokens=output_len, do_sample=False, pad_token_id=self.pad,
+                                       streamer=streamer)
+
+    def latency(self, prompt: list[int], output_len: int) -> TimedRun:
+        times: list[float] = []
+
+        class Clock:  # generate() calls put() once with the prompt, then once per generated token
+            def put(self, value):
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        start = time.perf_counter()
+        self._generate([prompt], output_len, Clock())
+        return TimedRun(start, [times[1:]], len(prompt))
+
+    def batch(self, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        out = self._generate(prompts, output_len)  # a streamer takes batch 1 only
+        wall = time.perf_counter() - start
+        return wall, int(out.shape[0] * (out.shape[1] - len(prompts[0])))
+
+    def weight_format(self):
+        from jisu.profile.roofline import WeightFormat
+
+        return WeightFormat.from_model(self.model)
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+    kv_dtype = "float16"  # llama.cpp's default KV cache type
+    note = ""
+
+    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int):
+        import llama_cpp
+        import torch
+
+        if not path.is_file():
+            raise _Skip("llama.cpp needs a GGUF file; the model is a Hugging Face folder")
+        threads = torch.get_num_threads()  # the same threads as the torch engines
+        self.path = path
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max_len, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=512, verbose=False)
+        self.version = llama_cpp.__version__
+        if max_seqs > 1:
+            self.note = "llama-cpp-python's Llama runs one sequence at a time: concurrent prompts ran back to back"
+
+    def _one(self, prompt: list[int], output_len: int) -> list[float]:
+        self.llm.reset()  # forget the previous run's tokens so nothing of the prompt is reused
+        times = []
+        for _ in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == output_len:
+                break
+        return times
+
+    def latency(self, prompt: list[int], output_len: int) -> TimedRun:
+        start = time.perf_counter()
+        return TimedRun(start, [self._one(prompt, output_len)], len(prompt))
+
+    def batch(self, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        tokens = sum(len(self._one(p, output_len)) for p in prompts)
+        return time.perf_counter() - start, tokens
+
+    def weight_format(self):
+        from jisu.loader.gguf import hf_tensor_name, open_gguf
+        from jisu.profile.roofline import WeightFormat
+
+        reader = open_gguf(self.path)
+        rows = [(hf_tensor_name(t.name), int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+        tied = not any(name == "lm_head.weight" for name, _, _ in rows)
+        return WeightFormat.from_tensors([r for r in rows if r[0]], tied, name="GGUF as stored")
+
+
+class _Skip(Exception):
+    """An engine that is installed but cannot run this model."""
+
+
+ENGINES = {"jisu": JisuEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
+_MODULES = {"jisu": "jisu", "transformers": "transformers", "llama.cpp": "llama_cpp"}
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seqs: int, log) -> tuple[list, dict]:
+    """The engines that load, and {name: {reason, install}} for those skipped."""
+    loaded, skipped = [], {}
+    for name in names:
+        if importlib.util.find_spec(_MODULES[name]) is None:
+            skipped[name] = {"reason": f"{_MODULES[name]} is not installed", "install": INSTALL[name]}
+            log(f"{name}: skipped ({_MODULES[name]} is not installed; {INSTALL[name]})")
+            continue
+        t = time.perf_counter()
+        try:
+            loaded.append(ENGINES[name](path, checkpoint, max_len, max_seqs))
+        except _Skip as e:
+            skipped[name] = {"reason": str(e), "install": None}
+            log(f"{name}: skipped ({e})")
+            continue
+        log(f"{name}: loaded in {time.perf_counter() - t:.1f} s")
+    return loaded, skipped
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def get_calibration(mode: str, device: str = "cpu"):
+    """(calibration or None, how it was obtained)."""
+    if mode == "none":
+        return None, "skipped (--calibration none)"
+    from jisu.profile import calibrate as cal_mod
+
+    cached = None if mode == "fresh" else cal_mod.load_calibration(device)
+    if cached is not None and (mode == "quick" or not cached.quick):
+        return cached, f"cached ({cached.path}, measured {cached.measured_at})"
+    cal = cal_mod.calibrate(device=device, quick=mode == "quick", force=mode == "fresh")
+    return cal, f"measured now{' (quick)' if cal.quick else ''}, cached in {cal.path}"
+
+
+def roofline_percents(config, engine, cal, input_len: int, output_len: int, medians: dict,
+                      concurrencies: list[int]) -> dict:
+    """% of the roofline bound of each median figure, for the weight format this engine reads."""
+    from jisu.profile.roofline import decode_cost, prefill_cost, roofline_verdict
+
+    wf = engine.weight_format()
+    kw = {"weights": wf, "dtype": "float32", "kv_dtype": engine.kv_dtype}
+    decode_steps = [decode_cost(config, input_len + k, 1, **kw) for k in range(1, output_len)]
+    out = {"weights": wf.name,
+           "weight_bytes_per_decode_token": decode_steps[0].bytes.weights_total if decode_steps else None}
+    if medians.get("prefill_tokens_per_s") is not None:
+        pre = roofline_verdict(medians["prefill_tokens_per_s"], prefill_cost(config, input_len, 1, **kw), cal)
+        out["prefill"] = {"percent": pre.percent_of_bound, "bound_tokens_per_s": pre.bound_tokens_per_s,
+                          "binding": pre.binding}
+    if decode_steps and medians.get("decode_tokens_per_s") is not None:
+        dec = roofline_verdict(medians["decode_tokens_per_s"], decode_steps, cal)
+        out["decode"] = {"percent": dec.percent_of_bound, "bound_tokens_per_s": dec.bound_tokens_per_s,
+                         "binding": dec.binding}
+    for c in concurrencies:
+        key = f"concurrent_{c}_output_tokens_per_s"
+        if c == 1 or medians.get(key) is None:
+            continue
+        # The whole workload: c prompts prefilled, then output_len - 1 decode steps of c sequences.
+        steps = [prefill_cost(config, input_len, c, **kw)] + [decode_cost(config, input_len + k, c, **kw)
+                                                              for k in range(1, output_len)]
+        tokens = sum(s.tokens for s in steps)
+        wall = c * output_len / medians[key]  # the median rate's wall time
+        v = roofline_verdict(tokens / wall, steps, cal)
+        out[f"concurrent_{c}"] = {"percent": v.percent_of_bound, "binding": v.binding,
+                                  "bound_output_tokens_per_s": c * output_len * v.bound_tokens_per_s / tokens}
+    return out
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_compare(engines: list, tokenizer, input_len: int, output_len: int, runs: int, concurrencies: list[int],
+                log=None) -> dict:
+    """Per engine: every run's figures and their medians."""
+    from jisu.bench.prompts import synthetic_prompt
+
+    log = log or (lambda s: None)
+    batch = [c for c in concurrencies if c > 1]
+
+    def prompts(seed: int, n: int) -> list[list[int]]:
+        return [synthetic_prompt(tokenizer, input_len, seed=seed * 7919 + i).token_ids for i in range(n)]
+
+    for e in engines:  # warm-up: every shape once
+        e.latency(prompts(90_001, 1)[0], min(output_len, 8))
+        for c in batch:
+            e.batch(prompts(90_002 + c, c), 2)
+    per = {e.name: {} for e in engines}
+    for r in range(runs):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        single = prompts(r, 1)  # the same token ids for every engine in this run
+        for e in order:
+            f = phase_figures(e.latency(single[0], output_len))
+            _add(per[e.name], f)
+            log(f"run {r + 1}/{runs} {e.name:12s} prefill {fmt_num(f['prefill_tokens_per_s']):>8s} tok/s  decode "
+                f"{fmt_num(f['decode_tokens_per_s']):>7s} tok/s  TTFT {fmt_num(f['ttft_s'], 1000):>7s} ms")
+        for c in batch:
+            many = prompts(1000 + r * 100 + c, c)
+            for e in order:
+                wall, tokens = e.batch(many, output_len)
+                _add(per[e.name], {f"concurrent_{c}_wall_s": wall, f"concurrent_{c}_output_tokens_per_s": tokens / wall})
+                log(f"run {r + 1}/{runs} {e.name:12s} {c} concurrent: {tokens / wall:8.1f} output tok/s")
+    return {name: {"runs": figs, "medians": {k: _median(v) for k, v in figs.items()}} for name, figs in per.items()}
+
+
+def _median(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _add(into: dict, figures: dict) -> None:
+    for k, v in figures.items():
+        into.setdefault(k, []).append(v)
+
+
+RATIO_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s")
+
+
+def ratios_vs_jisu(results: dict) -> dict:
+    """engine -> figure -> engine / jisu (above 1: faster than jisu), for rate figures."""
+    if "jisu" not in results:
+        return {}
+    base = results["jisu"]["medians"]
+    out = {}
+    for name, r in results.items():
+        if name == "jisu":
+            continue
+        keys = [k for k in r["medians"] if k in RATIO_KEYS or k.endswith("output_tokens_per_s")]
+        out[name] = {k: r["medians"][k] / base[k] for k in keys if base.get(k)}
+    return out
+
+
+def format_compare(result: dict) -> str:
+    engines = result["engines"]
+    # (median key, roofline key, column title)
+    cols = [("prefill_tokens_per_s", "prefill", f"prefill {result['input_len']}"),
+            ("decode_tokens_per_s", "decode", "decode b1")]
+    cols += [(f"concurrent_{c}_output_tokens_per_s", f"concurrent_{c}", f"{c} concurrent")
+             for c in result["concurrency"] if c > 1]
+    lines = [f"medians of {result['runs']} runs, tokens/s (% of roofline bound); model {result['model']}",
+             f"{'engine':14s}" + "".join(f"{label:>22s}" for _, _, label in cols)]
+    for name, e in engines.items():
+        roof = e.get("roofline") or {}
+        cells = []
+        for key, roof_key, _ in cols:
+            v = e["medians"].get(key)
+            pct = (roof.get(roof_key) or {}).get("percent")
+            cells.append("-" if v is None else f"{v:.1f}" + (f" ({pct:.0f}%)" if pct is not None else ""))
+        lines.append(f"{name:14s}" + "".join(f"{c:>22s}" for c in cells))
+    for name, r in result.get("ratios_vs_jisu", {}).items():
+        lines.append(f"{name} / jisu: " + ", ".join(f"{k.replace('_tokens_per_s', '')} {v:.2f}x" for k, v in r.items()))
+    for name, e in engines.items():
+        if e.get("note"):
+            lines.append(f"note: {name}: {e['note']}")
+    for name, s in result["skipped"].items():
+        lines.append(f"skipped: {name}: {s['reason']}" + (f" (install: {s['install']})" if s.get("install") else ""))
+    cal = result.get("calibration")
+    if cal:
+        lines.append(f"roofline: {cal['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, float32 matmul "
+                     f"{cal['peak_flops_per_s'].get('float32', 0) / 1e9:.0f} GFLOP/s; {result['calibration_source']}")
+        if any((part or {}).get("percent", 0) > 100 for e in engines.values()
+               for part in (e.get("roofline") or {}).values() if isinstance(part, dict)):
+            lines.append("note: above 100% means the calibration understates this machine (measured while it "
+                         "was busy?) or the work stayed in cache: re-run with --calibration fresh on a quiet machine")
+    else:
+        lines.append(f"roofline: {result['calibration_source']}")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    from jisu.loader.resolve import load_checkpoint, resolve_model
+    from jisu.tokenizer import Tokenizer
+
+    from jisu.bench.serve import parse_concurrency
+
+    check_workload(args.input_len, args.output_len, args.runs)
+    concurrencies = parse_concurrency(args.concurrency)
+    names = parse_engines(args.engines)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    path = resolve_model(args.model)
+    checkpoint = load_checkpoint(path)
+    max_len = args.input_len + args.output_len + 16
+    if max_len > checkpoint.config.max_position_embeddings:
+        raise InvalidRequestError(f"--input-len + --output-len ({max_len - 16}) exceeds the model's context of "
+                                  f"{checkpoint.config.max_position_embeddings} tokens")
+    tokenizer = Tokenizer(checkpoint.tokenizer)
+    engines, skipped = load_engines(names, path, checkpoint, max_len, max(concurrencies), log)
+    if not engines:
+        raise JisuError("no engine could run: " + "; ".join(f"{n}: {s['reason']}" for n, s in skipped.items()))
+    results = run_compare(engines, tokenizer, args.input_len, args.output_len, args.runs, concurrencies, log)
+
+    cal, cal_source = get_calibration(args.calibration)
+    for e in engines:
+        r = results[e.name]
+        r |= {"version": e.version, "note": e.note, "kv_cache_dtype": e.kv_dtype}
+        if cal is not None:
+            try:
+                r["roofline"] = roofline_percents(checkpoint.config, e, cal, args.input_len, args.output_len,
+                                                  r["medians"], concurrencies)
+            except JisuError as err:
+                r["roofline"] = None
+                r["note"] = (r["note"] + "; " if r["note"] else "") + f"no roofline figure: {err}"
+    result = {"command": "compare", "model": str(path), "machine": machine_info(), "input_len": args.input_len,
+              "output_len": args.output_len, "runs": args.runs, "concurrency": concurrencies,
+              "calibration_source": cal_source,
+              "calibration": None if cal is None else {"bandwidth_bytes_per_s": cal.bandwidth_bytes_per_s,
+                                                       "peak_flops_per_s": cal.peak_flops_per_s, "quick": cal.quick},
+              "engines": results, "skipped": skipped, "ratios_vs_jisu": ratios_vs_jisu(results)}
+    print(format_compare(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        log(f"wrote {args.json}")
+    if args.plot:
+        from jisu.bench.plots import compare_plot
+
+        log(f"wrote {compare_plot(result, args.plot)}")
+    return 0
