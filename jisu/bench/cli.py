@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jisu.errors import JisuError
 
 _DEFAULT_MODEL_HELP = "GGUF file, Hugging Face folder or short name (default: smollm2-135m, jisu's default model)"
 
@@ -97,18 +96,11 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jisu.bench.cli ...`: the same subcommands without going through `jisu`."""
-    parser = argparse.ArgumentParser(prog="jisu")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return cmd_bench(args)
-    except JisuError as e:
-        print(f"jisu: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    """`python -m jisu.bench.cli ...`: the same as `jisu bench ...`."""
+    from jisu.cli import main as jisu_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return jisu_main(args if args[:1] == ["bench"] else ["bench", *args])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import sys
 from contextlib import contextmanager
 
-from jisu.errors import JisuError
 from jisu.eval import WEIGHT_FORMATS, check_weights, open_llm
 
 
@@ -138,15 +137,12 @@ def _cmd_greedy(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jisu")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return cmd_eval(args)
-    except JisuError as e:
-        print(f"jisu: error: {e}", file=sys.stderr)
-        return 1
+    """`python -m jisu.eval.cli ...`: the same as `jisu eval ...`."""
+    from jisu.cli import main as jisu_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return jisu_main(args if args[:1] == ["eval"] else ["eval", *args])
 
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]) if sys.argv[1:2] != ["eval"] else main())
+    sys.exit(main())
