@@ -39,6 +39,19 @@ def synthetic_prompt(tokenizer_encode, length: int, salt: int = 0) -> list[int]:
     return ids
 
 
+class Clock:
+    """A transformers streamer that only records when each put() (prompt, then each token step) happens."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 class JisuEngine:
     name = "jisu"
 
@@ -91,19 +104,11 @@ class TransformersEngine:
 
     @torch.no_grad()
     def decode(self, ids) -> float:
-        times = []
-
-        class Clock:
-            def put(self, value):
-                times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
+        clock = Clock()
         self.model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                            do_sample=False, streamer=Clock(), pad_token_id=self.tok.pad_token_id)
+                            do_sample=False, streamer=clock, pad_token_id=self.tok.pad_token_id)
         # The first put() is the prompt; then one per generated token.
-        return (NEW_TOKENS - 1) / (times[NEW_TOKENS] - times[1])
+        return (NEW_TOKENS - 1) / (clock.times[NEW_TOKENS] - clock.times[1])
 
     @torch.no_grad()
     def concurrent(self, prompts) -> float:
@@ -111,19 +116,11 @@ class TransformersEngine:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[self.tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        times = []
-
-        class Clock:
-            def put(self, value):
-                times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
+        clock = Clock()
         # The batch decodes in lockstep: put() #1 is the prompt, #2 the first token of all, the last the last.
         self.model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                            do_sample=False, pad_token_id=self.tok.pad_token_id, streamer=Clock())
-        return len(prompts) * (NEW_TOKENS - 1) / (times[-1] - times[1])
+                            do_sample=False, pad_token_id=self.tok.pad_token_id, streamer=clock)
+        return len(prompts) * (NEW_TOKENS - 1) / (clock.times[-1] - clock.times[1])
 
 
 def main() -> int:

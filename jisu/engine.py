@@ -92,7 +92,6 @@ class LLMEngine:
         model = model_class(self.model_config.architecture)(self.model_config, max_positions=self.max_model_len)
         model.load_weights(ckpt.tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels)
         model.eval()
-        del ckpt  # the model now owns its own copies; let the checkpoint's tensors go
         self.model = model
 
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
