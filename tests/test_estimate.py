@@ -23,7 +23,7 @@ def _allocated(llm: LLM) -> tuple[int, int]:
 
 
 def _has_kernel(llm: LLM) -> bool:
-    return llm.engine.model.lm_head.small_batch_kernel is not None
+    return llm.engine.model.lm_head.kernel_weight is not None
 
 
 def _check_against(e, llm: LLM) -> None:

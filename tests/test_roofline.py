@@ -64,15 +64,15 @@ def _torch_kernels_only(llm: LLM):
     saved = {}
     for name, m in llm.engine.model.named_modules():
         if isinstance(m, Linear):
-            saved[name] = m.small_batch_kernel
-            m.small_batch_kernel = None
+            saved[name] = m.kernel_weight
+            m.kernel_weight = None
     return saved
 
 
 def _restore_kernels(llm: LLM, saved) -> None:
     for name, m in llm.engine.model.named_modules():
         if name in saved:
-            m.small_batch_kernel = saved[name]
+            m.kernel_weight = saved[name]
 
 
 def _check_steps(steps, phases):

@@ -18,22 +18,33 @@ class RMSNorm(nn.Module):
 
 
 SMALL_BATCH_ROWS = 16
-"""Up to this many rows (decoding sequences) go to jisu's CPU kernel; more (prefill chunks) go to torch's GEMM.
-Measured over SmolLM2's 30 layers, 2 threads, kernel vs torch: 1 row 15.4 vs 36.5 ms, 8 rows 31 vs 41,
-12 rows 44 vs 71, 16 rows 52 vs 72; its 49152-row output layer at 16 rows 14 vs 21 ms."""
+"""Up to this many rows (decoding sequences) take the kernels' matrix-vector path; more rows (prefill chunks)
+take a GEMM. Measured over SmolLM2's 30 layers, 2 threads, float32 kernel vs torch: 1 row 15.4 vs 36.5 ms,
+8 rows 31 vs 41, 12 rows 44 vs 71, 16 rows 52 vs 72; its 49152-row output layer at 16 rows 14 vs 21 ms."""
 
 
 class Linear(nn.Linear):
-    """nn.Linear (built on the meta device, filled by the loader) whose few-row products can run on jisu's
-    bandwidth-bound CPU kernel."""
+    """nn.Linear (built on the meta device, filled by the loader) that runs on jisu's CPU kernels when they are
+    available.
+
+    `kernel_weight` is the matrix as the C++ kernels hold it (a `QWeight`: float32, int8 or int4, see
+    jisu/kernels/qlinear.h); when it is set, `weight` may be None (a quantized matrix has no float copy) and
+    every product goes through the kernels. Without it this is plain F.linear over `weight`.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__(in_features, out_features, bias=bias, device="meta")
-        self.small_batch_kernel = None
+        self.kernel_weight = None
+        self.kernels = None
+        self.weight_format = "float"
+        """'float' or the low-bit format's name (int8, int4); set by the loader."""
+
+    def use_kernels(self, kernels, kernel_weight) -> None:
+        self.kernels, self.kernel_weight = kernels, kernel_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small_batch_kernel is not None and x.shape[0] <= SMALL_BATCH_ROWS:
-            return self.small_batch_kernel(x, self.weight, self.bias)
+        if self.kernel_weight is not None:
+            return self.kernels.qlinear(x, self.kernel_weight)
         return F.linear(x, self.weight, self.bias)
 
 

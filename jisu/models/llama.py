@@ -98,10 +98,9 @@ class LlamaForCausalLM(nn.Module):
         self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True
     ) -> None:
         """Materialises every parameter from checkpoint tensors named as in Hugging Face."""
-        kernel = None
+        kernels = None
         if cpu_kernels and device.type == "cpu" and dtype == torch.float32:
-            ext = cpu_linear_kernels()
-            kernel = ext.linear_small_batch if ext is not None else None
+            kernels = cpu_linear_kernels()
         params = dict(self.named_parameters())
         filled: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
@@ -129,11 +128,14 @@ class LlamaForCausalLM(nn.Module):
         for name, value in filled.items():
             module_name, _, attr = name.rpartition(".")
             module = self.get_submodule(module_name)
-            if isinstance(module, Linear):
-                module.small_batch_kernel = kernel
-                if kernel is None and attr == "weight" and value.device.type == "cpu":
-                    value = column_major(value)
+            if isinstance(module, Linear) and kernels is None and attr == "weight" and value.device.type == "cpu":
+                value = column_major(value)
             setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        if kernels is not None:
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    bias = None if module.bias is None else module.bias.data
+                    module.use_kernels(kernels, kernels.QWeight(32, module.weight.data, bias=bias))
         self.model.rotary.to(device)
 
     def _stored_layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,37 @@
+// jisu's CPU weight formats as the C++ kernels see them.
+//
+// A QWeight is one [N, K] matrix (N output rows, K inputs) in one of three formats:
+//   bits 32: data float32 [N, K]                      w[n, k] = data[n, k]
+//   bits 8 : data int8    [N, K], scales f16 [N, K/G] w[n, k] = scale[n, k/G] * data[n, k]
+//   bits 4 : data uint8   [N, K/2], scales and zeros f16 [N, K/G]
+//            w[n, k] = scale[n, k/G] * q[n, k] + zero[n, k/G],  q in 0..15
+//            Nibbles are packed per 32 consecutive inputs, as GGUF's Q4_0/Q4_1 blocks are: byte j (0..15) of a
+//            32-input block holds input j in its low nibble and input j + 16 in its high nibble.
+// G (group) divides K; for bits 4 it is a multiple of 32; for bits 8 it is 32 (Q8_0) or K (per output channel).
+// bias is float32 [N] or undefined.
+#pragma once
+#include <torch/extension.h>
+
+struct QWeight {
+  int64_t bits = 32;
+  int64_t N = 0, K = 0, group = 0;
+  at::Tensor data, scales, zeros, bias;
+
+  QWeight(int64_t bits, at::Tensor data, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
+          int64_t group, c10::optional<at::Tensor> bias);
+  int64_t nbytes() const;
+};
+
+// y[M, N] = x[M, K] . W^T (+ bias), for few rows (decode: M <= 16). Parallel over output rows; each (m, n)
+// is summed in the same order whatever M is, so a sequence gets the same numbers alone or in a batch.
+void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
+
+// Any number of rows: few rows -> qweight_matvec; many rows (prefill) -> a float32 GEMM over tiles of W
+// dequantized one at a time (the whole matrix is never dequantized at once).
+at::Tensor qlinear(const at::Tensor& x, const QWeight& w);
+
+// The float32 [N, K] matrix (tests, and exporting to other formats).
+at::Tensor qweight_dequantize(const QWeight& w);
+
+namespace pybind11 { class module_; }
+void register_qlinear(pybind11::module_& m);
