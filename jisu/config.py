@@ -56,6 +56,11 @@ class EngineConfig:
     """Compute dtype; auto = float32 on CPU (no fast half-precision matmul there), bfloat16 on CUDA."""
     max_model_len: int | None = None
     """Context window; None = the model's own (capped by the KV cache)."""
+    weights: str = "auto"
+    """Weight format (see jisu/quant/plan.py): auto (the file's own precision, low-bit blocks kept), float32,
+    float16, bfloat16, int8, int4."""
+    group_size: int | None = None
+    """int4: 32/64/128 (default 32); int8: None = one scale per output channel."""
     cpu_kernels: bool = True
     """Use jisu's C++ kernels for few-row float32 products on CPU (built on first use); False = torch's only."""
     seed: int = 0
@@ -70,3 +75,16 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
+        from jisu.quant.plan import FLOAT_WEIGHTS, parse_weights
+
+        spec = parse_weights(self.weights, self.group_size)
+        self.weights, self.group_size = spec.name, spec.group_size
+        if spec.name in FLOAT_WEIGHTS:
+            if self.dtype not in ("auto", spec.name):
+                raise InvalidRequestError(f"weights={spec.name} contradicts dtype={self.dtype}; give one of them")
+            self.dtype = spec.name
+        elif spec.quantized:
+            if kind != "cpu":
+                raise InvalidRequestError(f"{spec.name} weights run on jisu's CPU kernels; use device cpu")
+            if self.dtype not in ("auto", "float32"):
+                raise InvalidRequestError(f"{spec.name} weights compute in float32, not {self.dtype}")

@@ -18,6 +18,7 @@ from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.models.registry import model_class
 from jisu.profile.timeline import StepLog, StepRecord
+from jisu.quant.plan import WeightsSpec, convert_tensors
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from jisu.runner.kv_cache import KVCache, plan_num_blocks
 from jisu.runner.runner import ModelRunner
@@ -26,6 +27,10 @@ from jisu.sampling_params import SamplingParams
 from jisu.scheduler.blocks import BlockManager
 from jisu.scheduler.scheduler import Scheduler
 from jisu.tokenizer import Tokenizer
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
@@ -57,15 +62,35 @@ class _Group:
 
 
 class LLMEngine:
+    @staticmethod
+    def _low_bit_kernels(config: EngineConfig, spec: WeightsSpec) -> bool:
+        """Whether int8/int4 matrices can run here; asking for int8/int4 where they cannot is an error, auto
+        then just loads floats."""
+        ok = config.device.startswith("cpu") and config.dtype in ("auto", "float32") and config.cpu_kernels
+        if ok:
+            from jisu.kernels.build import cpu_linear_kernels
+
+            ok = cpu_linear_kernels() is not None
+        if spec.quantized and not ok:
+            raise InvalidRequestError(
+                f"{spec.name} weights need jisu's C++ CPU kernels (device cpu, cpu_kernels on, a C++ toolchain)"
+            )
+        return ok
+
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, progress: Callable | None = None):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config, self.device)
+        spec = WeightsSpec(config.weights, config.group_size)
+        keep_blocks = spec.keeps_blocks and self._low_bit_kernels(config, spec)
         if checkpoint is None:
             from jisu.loader.resolve import load_checkpoint
 
-            checkpoint = load_checkpoint(config.model)
+            checkpoint = load_checkpoint(config.model, keep_blocks=keep_blocks)
         ckpt = checkpoint
+        tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
+        tensors = convert_tensors(ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied)
+        self.weights = spec.label()
         self.model_config = ckpt.config
         self.model_source = ckpt.source
         self.tokenizer = Tokenizer(ckpt.tokenizer)
@@ -90,7 +115,7 @@ class LLMEngine:
             )
 
         model = model_class(self.model_config.architecture)(self.model_config, max_positions=self.max_model_len)
-        model.load_weights(ckpt.tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels)
+        model.load_weights(tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels)
         model.eval()
         self.model = model
 

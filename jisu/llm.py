@@ -34,11 +34,15 @@ class LLM:
         seed: int = 0,
         cpu_kernels: bool = True,
         checkpoint=None,
+        weights: str = "auto",
+        group_size: int | None = None,
     ):
         config = EngineConfig(
             model=model,
             device=device,
             dtype=dtype,
+            weights=weights,
+            group_size=group_size,
             max_model_len=max_model_len,
             seed=seed,
             cpu_kernels=cpu_kernels,

@@ -19,6 +19,10 @@ def _allocated(llm: LLM) -> tuple[int, int]:
     """(bytes of distinct parameter storage, bytes of buffers) of a loaded model."""
     model = llm.engine.model
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    for m in model.modules():  # int8/int4 matrices (jisu/quant) are not parameters
+        q = getattr(m, "quantized", None)
+        parts = [] if q is None else [q.qweight, q.scales] + ([q.zeros] if q.zeros is not None else [])
+        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts})
     return sum(storages.values()), sum(b.numel() * b.element_size() for b in model.buffers())
 
 
@@ -175,4 +179,5 @@ def test_default_model_matches_what_jisu_allocates(real_llm, real_model_path):
     # SmolLM2-135M Q4_1: 30 layers x 3 KV heads x 64 dims x K,V x 4 bytes = 46,080 bytes per token.
     assert e.kv_bytes_per_token == 46080
     assert e.weights_stored_bytes == 96_576_768
-    assert e.dtype == "float32" and e.weights_loaded_bytes == pytest.approx(538e6, rel=1e-3)
+    # weights=auto keeps the Q4_1 / Q8_0 blocks: loaded as stored, not 538 MB of float32
+    assert e.dtype == "float32" and e.weights_loaded_bytes == e.weights_stored_bytes

@@ -162,7 +162,7 @@ def test_prompt_file(tmp_path):
 
 
 def test_bad_weights_name(tiny_llama_dir):
-    with pytest.raises(InvalidRequestError, match="int3.*allowed: float32, float16, bfloat16"):
+    with pytest.raises(InvalidRequestError, match="int3.*allowed: auto, float32, float16, bfloat16, int8"):
         open_llm(str(tiny_llama_dir), "int3", 128)
 
 

@@ -17,6 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--weights", default="auto", help="weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:

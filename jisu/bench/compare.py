@@ -51,7 +51,12 @@ class JisuEngine:
     def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int):
         from jisu.llm import LLM
 
-        self.llm = LLM(model=str(path), checkpoint=checkpoint, max_model_len=max_len, max_num_seqs=max_seqs)
+        from jisu.loader.resolve import load_checkpoint
+
+        # Its own load, keeping GGUF's Q4_1/Q8_0 blocks (the checkpoint shared with the others is float).
+        del checkpoint
+        self.llm = LLM(model=str(path), checkpoint=load_checkpoint(path, keep_blocks=True), max_model_len=max_len,
+                       max_num_seqs=max_seqs)
         self.kv_dtype = str(self.llm.engine.dtype).removeprefix("torch.")
         self.version = _version("jisu")
 

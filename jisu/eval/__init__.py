@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 from jisu.errors import InvalidRequestError
 
-# --weights name -> loader(model, max_model_len, num_seqs, device) -> jisu.LLM. Today every format is an
-# engine dtype; quantized formats (int8, int4, ...) plug in through register_weight_format.
+# --weights name -> loader(model, max_model_len, num_seqs, device) -> jisu.LLM.
 WEIGHT_FORMATS: dict[str, Callable[..., object]] = {}
 
 
@@ -37,13 +36,13 @@ def open_llm(model: str | None, weights: str, max_model_len: int, num_seqs: int 
     return WEIGHT_FORMATS[weights](model, max_model_len, num_seqs, device)
 
 
-def _float_loader(dtype: str) -> Callable[..., object]:
+def _engine_loader(weights: str) -> Callable[..., object]:
     def load(model: str | None, max_model_len: int, num_seqs: int, device: str = "cpu"):
         from jisu.llm import LLM
 
         block_size = 16
         return LLM(
-            model=model, device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=num_seqs,
+            model=model, device=device, weights=weights, max_model_len=max_model_len, max_num_seqs=num_seqs,
             max_num_batched_tokens=max(max_model_len, 1024), block_size=block_size,
             num_kv_blocks=num_seqs * -(-max_model_len // block_size), enable_prefix_caching=False,
         )
@@ -51,8 +50,9 @@ def _float_loader(dtype: str) -> Callable[..., object]:
     return load
 
 
-for _dtype in ("float32", "float16", "bfloat16"):
-    register_weight_format(_dtype, _float_loader(_dtype))
+# Every --weights format the engine loads (see jisu/quant/plan.py): auto keeps a GGUF's Q4_1/Q8_0 blocks.
+for _name in ("auto", "float32", "float16", "bfloat16", "int8", "int8-g32", "int4", "int4-g64", "int4-g128"):
+    register_weight_format(_name, _engine_loader(_name))
 
 _LAZY = {
     "GreedyResult": "greedy", "greedy_agreement": "greedy", "load_prompts": "greedy",

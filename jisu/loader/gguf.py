@@ -23,12 +23,14 @@ from jisu.errors import JisuError, ModelLoadError, UnsupportedModelError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.loader.gguf_tokenizer import build_gguf_tokenizer
 from jisu.models.config import ModelConfig
+from jisu.quant.formats import QuantizedTensor
 
 # GGUF `general.architecture` -> config.json architecture. Mistral GGUFs are written as "llama".
 GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 Q = GGMLQuantizationType
-# F16/BF16 stay in their dtype; the block formats are dequantized to float32. Q5_0/Q5_1 are here too
+# F16/BF16 stay in their dtype; the block formats are dequantized to float32 unless kept as blocks
+# (KEPT_BLOCK_FORMATS below). Q5_0/Q5_1 are here too
 # because llama.cpp's K-quant mixes fall back to them for rows not divisible by 256 (SmolLM2's 576).
 SUPPORTED_TENSOR_TYPES = (
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K,
@@ -64,7 +66,9 @@ ProgressFn = Callable[[int, int, str], None]
 """progress(done, total, what): called as tensors load, e.g. to drive a progress bar."""
 
 
-def load_gguf(path: str | Path, progress: ProgressFn | None = None) -> Checkpoint:
+def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks: bool = False) -> Checkpoint:
+    """keep_blocks: Q8_0/Q4_0/Q4_1 matrices come as QuantizedTensor (their numbers untouched) instead of
+    being dequantized to float32."""
     path = Path(path)
     arch = _check_header(path)
     if arch is not None:  # fail fast, before parsing a vocabulary of maybe 250k tokens
@@ -102,7 +106,10 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None) -> Checkpoin
         shape = _torch_shape(t.shape)
         check_shape(hf_name, shape, shapes, f"{path}: tensor {gguf_name} ({hf_name})")
         try:
-            w = tensor_to_torch(t.data, t.tensor_type, shape, gguf_name)
+            if keep_blocks and t.tensor_type in KEPT_BLOCK_FORMATS and len(shape) == 2:
+                w = block_tensor(t.data, t.tensor_type, shape, gguf_name)
+            else:
+                w = tensor_to_torch(t.data, t.tensor_type, shape, gguf_name)
         except JisuError as e:
             raise type(e)(f"{path}: {e}") from None
         if arch_name == "llama":
@@ -416,6 +423,36 @@ def _torch_shape(gguf_shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(list(gguf_shape)))
 
 
+# Block formats whose numbers jisu's int8/int4 kernels use as they are (see jisu/quant/formats.py):
+# bytes per 32-weight block.
+KEPT_BLOCK_FORMATS = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
+
+
+def block_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], name: str) -> QuantizedTensor:
+    """A Q8_0 / Q4_0 / Q4_1 matrix as jisu's int8 / int4 blocks, without dequantizing.
+
+    Q8_0 blocks are (d f16, 32 x int8): w = d * q, exactly int8 with group 32. Q4_1 blocks are (d f16, m f16,
+    16 bytes of nibbles): w = d * q + m, exactly int4 with group 32, scale d and zero m. Q4_0 blocks are
+    (d f16, 16 bytes): w = d * (q - 8), which is int4 with zero -8d (exact: a power-of-two multiple).
+    """
+    block_bytes = KEPT_BLOCK_FORMATS[qtype]
+    rows, cols = shape
+    raw = np.ascontiguousarray(data).reshape(rows, cols // 32, block_bytes)
+    try:
+        d = torch.from_numpy(raw[:, :, :2].copy().view(np.float16)).reshape(rows, cols // 32)
+        if qtype == Q.Q8_0:
+            q = torch.from_numpy(raw[:, :, 2:].copy().view(np.int8)).reshape(rows, cols)
+            return QuantizedTensor(8, q, d, None, 32, qtype.name)
+        if qtype == Q.Q4_1:
+            m = torch.from_numpy(raw[:, :, 2:4].copy().view(np.float16)).reshape(rows, cols // 32)
+            q = torch.from_numpy(raw[:, :, 4:].copy()).reshape(rows, cols // 2)
+            return QuantizedTensor(4, q, d, m, 32, qtype.name)
+        q = torch.from_numpy(raw[:, :, 2:].copy()).reshape(rows, cols // 2)
+        return QuantizedTensor(4, q, d, d * -8, 32, qtype.name)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"tensor {name!r} ({qtype.name}, shape {shape}) is corrupt: {e}") from None
+
+
 def tensor_to_torch(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], name: str) -> torch.Tensor:
     """One GGUF tensor as a torch tensor: F32/F16/BF16 as they are, block formats dequantized to float32."""
     if qtype not in SUPPORTED_TENSOR_TYPES:
@@ -451,12 +488,16 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def _unpermute_qk(w: torch.Tensor, gguf_name: str, config: ModelConfig) -> torch.Tensor:
+def _unpermute_qk(w, gguf_name: str, config: ModelConfig):
     if ".attn_q." in gguf_name:
-        return unpermute_rows(w, config.num_attention_heads)
-    if ".attn_k." in gguf_name:
-        return unpermute_rows(w, config.num_key_value_heads)
-    return w
+        heads = config.num_attention_heads
+    elif ".attn_k." in gguf_name:
+        heads = config.num_key_value_heads
+    else:
+        return w
+    if isinstance(w, QuantizedTensor):
+        return w.map_rows(lambda rows: unpermute_rows(rows, heads))
+    return unpermute_rows(w, heads)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

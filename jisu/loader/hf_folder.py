@@ -14,18 +14,22 @@ from jisu.errors import ModelLoadError, UnsupportedModelError
 from jisu.loader.checkpoint import Checkpoint, TokenizerSpec
 from jisu.loader.gguf import ProgressFn, check_complete, check_shape, expected_shapes
 from jisu.models.config import ModelConfig
+from jisu.quant.formats import QuantizedTensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX = "model.safetensors.index.json"
 
 
-def load_hf_folder(path: str | Path, progress: ProgressFn | None = None) -> Checkpoint:
+def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_blocks: bool = False) -> Checkpoint:
+    """keep_blocks: matrices jisu saved quantized (`jisu quantize`) come as QuantizedTensor; otherwise they
+    are dequantized to float32 like any float checkpoint."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model folder not found: {folder}")
     config_dict = read_json(folder / "config.json", required=True)
     quantization = config_dict.get("quantization_config")
-    if quantization:
+    jisu_quantized = isinstance(quantization, dict) and quantization.get("quant_method") == "jisu"
+    if quantization and not jisu_quantized:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
         raise UnsupportedModelError(
             f"{folder}: {method}-quantized checkpoints are not supported; use a float16/bfloat16/float32 "
@@ -38,14 +42,40 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None) -> Chec
     config_dict["eos_token_id"] = list(tokenizer.eos_token_ids)
     config = ModelConfig.from_hf_dict(config_dict)
     tensors = _load_safetensors(folder, progress)
+    if jisu_quantized:
+        tensors = _assemble_quantized(tensors, keep_blocks, folder)
     _check_tensors(tensors, config, folder)
-    return Checkpoint(
-        config=config,
-        tensors=tensors,
-        tokenizer=tokenizer,
-        source=str(folder),
-        metadata={"format": "hf", "model_type": config_dict.get("model_type")},
-    )
+    metadata = {"format": "hf", "model_type": config_dict.get("model_type")}
+    if jisu_quantized:
+        metadata["quantization"] = quantization
+    return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(folder), metadata=metadata)
+
+
+_QUANT_PARTS = (".qweight", ".scales", ".zeros")
+
+
+def _assemble_quantized(tensors: dict[str, torch.Tensor], keep_blocks: bool, folder: Path) -> dict:
+    """`X.qweight` (+ `X.scales`, `X.zeros`) -> one QuantizedTensor under `X.weight` (or its float32 matrix).
+    Bits and group size follow from the stored shapes and dtypes (see jisu/quant/formats.py)."""
+    out: dict = {}
+    for name, t in tensors.items():
+        if not name.endswith(_QUANT_PARTS):
+            out[name] = t
+            continue
+        if not name.endswith(".qweight"):
+            continue
+        prefix = name.removesuffix(".qweight")
+        scales, zeros = tensors.get(prefix + ".scales"), tensors.get(prefix + ".zeros")
+        bits = {torch.int8: 8, torch.uint8: 4}.get(t.dtype)
+        if bits is None or scales is None or t.dim() != 2 or scales.dim() != 2 or (bits == 4) != (zeros is not None):
+            raise ModelLoadError(f"{folder}: quantized tensor {prefix} is incomplete or malformed")
+        cols = t.shape[1] * (2 if bits == 4 else 1)
+        if scales.shape[0] != t.shape[0] or scales.shape[1] == 0 or cols % scales.shape[1]:
+            raise ModelLoadError(f"{folder}: {prefix}.scales {tuple(scales.shape)} does not fit {tuple(t.shape)}")
+        q = QuantizedTensor(bits, t, scales.to(torch.float16), None if zeros is None else zeros.to(torch.float16),
+                            cols // scales.shape[1], f"int{bits}")
+        out[prefix + ".weight"] = q if keep_blocks else q.dequantize()
+    return out
 
 
 # ----------------------------------------------------------------------------- files
@@ -103,7 +133,7 @@ def _load_safetensors(folder: Path, progress: ProgressFn | None = None) -> dict[
         except Exception as e:  # safetensors raises SafetensorError for a short or garbled file
             raise ModelLoadError(f"{file} is truncated or corrupt: {e}") from None
     for name, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in _FLOAT_DTYPES and not name.endswith(".qweight"):
             raise UnsupportedModelError(
                 f"tensor {name} is {t.dtype}; jisu loads float32, float16 and bfloat16 safetensors"
             )

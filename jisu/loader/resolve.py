@@ -41,20 +41,23 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
 
 
 def load_checkpoint(
-    name_or_path: str | os.PathLike[str] | None, progress: Callable[[int, int, str], None] | None = None
+    name_or_path: str | os.PathLike[str] | None,
+    progress: Callable[[int, int, str], None] | None = None,
+    keep_blocks: bool = False,
 ) -> Checkpoint:
     """Resolve and load: a GGUF file through load_gguf, a folder with config.json through load_hf_folder.
 
-    progress(done, total, what), if given, is called as the weights load.
+    progress(done, total, what), if given, is called as the weights load. keep_blocks: quantized matrices
+    that jisu's kernels run as they are (GGUF Q8_0/Q4_0/Q4_1, `jisu quantize` output) stay QuantizedTensor.
     """
     from jisu.loader.gguf import load_gguf
     from jisu.loader.hf_folder import load_hf_folder
 
     path = resolve_model(name_or_path)
     if path.is_dir():
-        return load_hf_folder(path, progress)
+        return load_hf_folder(path, progress, keep_blocks)
     if path.suffix.lower() == ".gguf" or _starts_with_gguf_magic(path):
-        return load_gguf(path, progress)
+        return load_gguf(path, progress, keep_blocks)
     raise ModelLoadError(
         f"{path} is neither a GGUF file nor a Hugging Face model folder (a directory with config.json)"
     )

@@ -36,8 +36,10 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device="meta")
         self.kernel_weight = None
         self.kernels = None
+        self.quantized = None
+        """The matrix as a QuantizedTensor when it is int8/int4 (then `weight` is None)."""
         self.weight_format = "float"
-        """'float' or the low-bit format's name (int8, int4); set by the loader."""
+        """'float' or the low-bit format's description, e.g. 'int4 (group 32)'; set by the loader."""
 
     def use_kernels(self, kernels, kernel_weight) -> None:
         self.kernels, self.kernel_weight = kernels, kernel_weight
@@ -46,6 +48,19 @@ class Linear(nn.Linear):
         if self.kernel_weight is not None:
             return self.kernels.qlinear(x, self.kernel_weight)
         return F.linear(x, self.weight, self.bias)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding over an int8/int4 matrix (usually the one a tied output layer multiplies by): only the
+    rows looked up are dequantized."""
+
+    def __init__(self, quantized):
+        super().__init__()
+        self.quantized = quantized
+        self.num_embeddings, self.embedding_dim = quantized.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.quantized.select_rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, self.embedding_dim)
 
 
 class MergedLinear(Linear):

@@ -8,7 +8,9 @@ from torch import nn
 from jisu.errors import ModelLoadError
 from jisu.models.config import ModelConfig
 from jisu.kernels.build import cpu_linear_kernels
-from jisu.models.layers import Linear, MergedLinear, RMSNorm, SwiGLU
+from jisu.models.layers import Linear, MergedLinear, QuantizedEmbedding, RMSNorm, SwiGLU
+from jisu.quant.formats import QuantizedTensor, concat_rows
+from jisu.quant.plan import unify
 from jisu.models.rotary import ApplyRotary, RotaryEmbedding, pairs_adjacent
 from jisu.runner.attention import AttentionMetadata, PagedAttention
 
@@ -95,33 +97,53 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(
-        self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True
+        self, tensors: dict, dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True
     ) -> None:
-        """Materialises every parameter from checkpoint tensors named as in Hugging Face."""
+        """Materialises every parameter from checkpoint tensors named as in Hugging Face. Tensors may be
+        QuantizedTensor (see jisu/quant/plan.py): those matrices run on the int8/int4 kernels as they are."""
         kernels = None
         if cpu_kernels and device.type == "cpu" and dtype == torch.float32:
             kernels = cpu_linear_kernels()
+        blocks = {n: t for n, t in tensors.items() if isinstance(t, QuantizedTensor)}
+        if blocks and kernels is None:
+            kinds = ", ".join(sorted({t.describe() for t in blocks.values()}))
+            raise ModelLoadError(
+                f"{kinds} weights run on jisu's C++ CPU kernels, which are not in use here (they need a CPU "
+                f"device, float32 compute and a C++ toolchain); load with weights=float32 instead"
+            )
         params = dict(self.named_parameters())
         filled: dict[str, torch.Tensor] = {}
+        shards: dict[str, list] = {}
+        # A fused matrix with any quantized shard is assembled quantized (float shards are converted).
+        quantized_targets = {self._param_for(n)[0] for n in blocks}
         for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # older HF checkpoints store this buffer; it is recomputed from the config
             target, rows = self._param_for(name)
             if target not in params:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
-            shape = params[target].shape
-            if target not in filled:
-                filled[target] = torch.empty(shape, dtype=dtype, device=device)
-            dest = filled[target] if rows is None else filled[target][rows]
-            if tuple(dest.shape) != tuple(tensor.shape):
+            want = params[target].shape if rows is None else (rows.stop - rows.start, *params[target].shape[1:])
+            if tuple(want) != tuple(tensor.shape):
                 raise ModelLoadError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(dest.shape)}"
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(want)}"
                 )
-            dest.copy_(self._stored_layout(name, tensor))
-        if self.config.tie_word_embeddings or "lm_head.weight" not in filled:
-            if "model.embed_tokens.weight" in filled:
-                filled["lm_head.weight"] = filled["model.embed_tokens.weight"]
-        missing = sorted(set(params) - set(filled))
+            tensor = self._stored_layout(name, tensor)
+            if target in quantized_targets:
+                shards.setdefault(target, []).append((0 if rows is None else rows.start, tensor))
+                continue
+            if target not in filled:
+                filled[target] = torch.empty(params[target].shape, dtype=dtype, device=device)
+            dest = filled[target] if rows is None else filled[target][rows]
+            dest.copy_(tensor)
+        quantized = {t: concat_rows(unify([p for _, p in sorted(parts, key=lambda x: x[0])], t))
+                     for t, parts in shards.items()}
+        tied = self.config.tie_word_embeddings or "lm_head.weight" not in tensors
+        for src, dst in (("model.embed_tokens.weight", "lm_head.weight"),):
+            if tied and src in filled:
+                filled[dst] = filled[src]
+            if tied and src in quantized:
+                quantized[dst] = quantized[src]
+        missing = sorted(set(params) - set(filled) - set(quantized))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
@@ -131,21 +153,33 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear) and kernels is None and attr == "weight" and value.device.type == "cpu":
                 value = column_major(value)
             setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        for name, value in quantized.items():
+            module_name = name.rpartition(".")[0]
+            module = self.get_submodule(module_name)
+            if isinstance(module, nn.Embedding):
+                self.model.embed_tokens = QuantizedEmbedding(value)
+            else:
+                module.weight = None
+                module.quantized = value
+                module.weight_format = value.describe()
         if kernels is not None:
             for module in self.modules():
                 if isinstance(module, Linear):
                     bias = None if module.bias is None else module.bias.data
-                    module.use_kernels(kernels, kernels.QWeight(32, module.weight.data, bias=bias))
+                    q = module.quantized
+                    kw = q.to_kernel(kernels, bias) if q is not None else kernels.QWeight(32, module.weight.data, bias=bias)
+                    module.use_kernels(kernels, kw)
         self.model.rotary.to(device)
 
     def _stored_layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """q/k projections are stored with rotary pairs adjacent (see RotaryEmbedding)."""
         leaf = name.rsplit(".", 2)[-2]
-        if leaf == "q_proj":
-            return pairs_adjacent(tensor, self.config.num_attention_heads)
-        if leaf == "k_proj":
-            return pairs_adjacent(tensor, self.config.num_key_value_heads)
-        return tensor
+        heads = {"q_proj": self.config.num_attention_heads, "k_proj": self.config.num_key_value_heads}.get(leaf)
+        if heads is None:
+            return tensor
+        if isinstance(tensor, QuantizedTensor):
+            return tensor.map_rows(lambda rows: pairs_adjacent(rows, heads))
+        return pairs_adjacent(tensor, heads)
 
     def _param_for(self, name: str) -> tuple[str, slice | None]:
         """Checkpoint name -> (parameter name, rows inside a merged projection or None)."""

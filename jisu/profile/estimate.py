@@ -20,6 +20,7 @@ import torch
 
 from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from jisu.loader.gguf import (
+    KEPT_BLOCK_FORMATS,
     GGUF_ARCHITECTURES,
     expected_shapes,
     gguf_to_hf_config,
@@ -48,6 +49,9 @@ class StoredModel:
     source: str
     file_bytes: int
     tensor_types: tuple[str, ...]
+    kept_blocks: tuple[tuple[str, int], ...] = ()
+    """(HF name, bytes as loaded) of matrices whose blocks jisu's low-bit kernels run as they are (GGUF
+    Q8_0/Q4_0/Q4_1; see jisu/quant/plan.py)."""
 
 
 def read_stored_model(name_or_path: str | os.PathLike[str] | None) -> StoredModel:
@@ -70,13 +74,17 @@ def _read_gguf(path: Path) -> StoredModel:
         config = ModelConfig.from_hf_dict(gguf_to_hf_config(meta, arch, GGUF_ARCHITECTURES[arch], by_name, path))
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: malformed GGUF metadata: {e}") from None
-    tensors = []
+    tensors, kept = [], []
     for t in reader.tensors:
         hf = hf_tensor_name(t.name)
         if hf is not None:  # rope_freqs and the like are folded into the config, not weights
             tensors.append((hf, int(t.n_elements), int(t.n_bytes)))
+            if t.tensor_type in KEPT_BLOCK_FORMATS and len(t.shape) == 2:
+                # loaded as q + float16 scale (+ float16 zero for 4-bit) per 32 weights
+                per_block = 34 if t.tensor_type.name == "Q8_0" else 20
+                kept.append((hf, int(t.n_elements) // 32 * per_block))
     types = tuple(sorted({t.tensor_type.name for t in reader.tensors}))
-    return StoredModel(config, tuple(tensors), "gguf", str(path), path.stat().st_size, types)
+    return StoredModel(config, tuple(tensors), "gguf", str(path), path.stat().st_size, types, tuple(kept))
 
 
 def _read_hf_folder(folder: Path) -> StoredModel:
@@ -249,6 +257,12 @@ def estimate(
     notes = []
     shapes = expected_shapes(config)
     loaded = sum(math.prod(s) for s in shapes.values()) * elem
+    kept = dict(stored.kept_blocks) if device.startswith("cpu") and cpu_kernels and torch_dtype == torch.float32 else {}
+    if kept:
+        # weights=auto keeps these blocks (jisu/quant/plan.py); everything else loads as float32
+        loaded += sum(b - math.prod(shapes[n]) * elem for n, b in kept.items() if n in shapes)
+        notes.append(f"{len(kept)} quantized matrices ({'/'.join(sorted(set(stored.tensor_types) & {'Q8_0', 'Q4_0', 'Q4_1'}))}) "
+                     "stay in their blocks on jisu's low-bit kernels")
     if config.tie_word_embeddings and device.startswith("cpu") and not (cpu_kernels and torch_dtype == torch.float32):
         # NOTE: without jisu's kernel the CPU output layer is stored column-major (faster in torch), a copy.
         loaded += config.vocab_size * config.hidden_size * elem
@@ -281,7 +295,7 @@ def estimate(
         notes.append(f"the KV cache holds {blocks * block_size} tokens, fewer than max_model_len {seq_len}")
     notes.append("activations and the Python runtime are not counted")
 
-    tensors_by_loaded = [(n, c, c * elem) for n, c, _ in stored.tensors]
+    tensors_by_loaded = [(n, c, kept.get(n, c * elem)) for n, c, _ in stored.tensors]
     tied = config.tie_word_embeddings
     formats = {
         "loaded": WeightFormat.from_tensors(tensors_by_loaded, tied, str(torch_dtype).removeprefix("torch.")),

@@ -136,7 +136,14 @@ class WeightFormat:
     def from_model(cls, model: torch.nn.Module) -> WeightFormat:
         """The format of a loaded jisu model's parameters (what a step actually reads)."""
         rows = [(n, p.numel(), p.numel() * p.element_size()) for n, p in model.named_parameters()]
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+        # int8/int4 matrices are not parameters (see jisu/models/layers.py): count their blocks' bytes.
+        for n, m in model.named_modules():
+            q = getattr(m, "quantized", None)
+            if q is not None:
+                rows.append((f"{n}.weight", q.numel(), q.nbytes))
+                dtypes.add(q.origin or q.format)
+        dtypes = sorted(dtypes)
         tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         return cls.from_tensors(rows, tied, name="/".join(dtypes) + " (loaded)")
 

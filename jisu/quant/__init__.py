@@ -1,0 +1,1 @@
+"""Low-bit weights: formats, quantization, and which format each matrix loads in."""

@@ -1,0 +1,136 @@
+"""--weights: which format each matrix is loaded in.
+
+- float32 / float16 / bfloat16: every matrix as that float type (quantized files are dequantized).
+- int8: every linear layer, and the output layer, int8 weight-only (one scale per output channel unless a
+  group size is given).
+- int4: linear layers int4 (group 32/64/128, scale and zero per group); the output layer int8 per channel.
+  NOTE: like llama.cpp's 4-bit file types, the output layer keeps more bits: its error reaches every logit.
+- auto: the file's own precision, fastest way: matrices stored as Q8_0/Q4_0/Q4_1 (or saved by `jisu quantize`)
+  run on the low-bit kernels as they are; float matrices stay float32. K-quants are dequantized to float32
+  (ask for int4/int8 to requantize them).
+A tied embedding shares the output layer's matrix, so it takes the output layer's format; rows are
+dequantized only for the tokens looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jisu.errors import InvalidRequestError
+from jisu.quant.formats import INT4_GROUP_SIZES, QuantizedTensor, quantize
+
+FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
+WEIGHT_CHOICES = ("auto",) + FLOAT_WEIGHTS + ("int8", "int4")
+
+_LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    name: str = "auto"
+    group_size: int | None = None
+    """int4: 32, 64 or 128 (default 32); int8: None = per output channel, or a group dividing each row."""
+
+    def __post_init__(self):
+        if self.name not in WEIGHT_CHOICES:
+            raise InvalidRequestError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {self.name!r}")
+        g = self.group_size
+        if g is not None:
+            if self.name not in ("int8", "int4"):
+                raise InvalidRequestError(f"a group size applies to int8/int4 weights, not {self.name}")
+            if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
+                raise InvalidRequestError(f"group size must be a positive integer, got {g!r}")
+            if self.name == "int4" and g not in INT4_GROUP_SIZES:
+                raise InvalidRequestError(
+                    f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {g}"
+                )
+
+    @property
+    def quantized(self) -> bool:
+        return self.name in ("int8", "int4")
+
+    @property
+    def keeps_blocks(self) -> bool:
+        """Whether the loader should hand quantized matrices over as they are."""
+        return self.name in ("auto", "int8", "int4")
+
+    def label(self) -> str:
+        if self.name == "int4":
+            return f"int4-g{self.group_size or 32}"
+        if self.name == "int8" and self.group_size:
+            return f"int8-g{self.group_size}"
+        return self.name
+
+
+def parse_weights(label: str, group_size: int | None = None) -> WeightsSpec:
+    """'int4', 'int4-g64', 'int8-g32', 'float32', 'auto', ... (a '-gN' suffix is the group size)."""
+    if not isinstance(label, str):
+        raise InvalidRequestError(f"weights must be a string such as int4 or int4-g64, got {label!r}")
+    name, sep, group = label.partition("-g")
+    if sep:
+        if group_size is not None:
+            raise InvalidRequestError(f"weights {label!r} already names a group size; drop group_size")
+        if not group.isdigit():
+            raise InvalidRequestError(f"weights {label!r}: the group size after -g must be a number")
+        group_size = int(group)
+    if name not in WEIGHT_CHOICES:
+        raise InvalidRequestError(
+            f"unknown weight format {label!r}; allowed: {', '.join(WEIGHT_CHOICES)} (int8/int4 may end in -gN, "
+            f"a group size: int4-g32/-g64/-g128, int8-g32)"
+        )
+    return WeightsSpec(name, group_size)
+
+
+def is_linear_weight(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _LINEAR_LEAVES
+
+
+def convert_tensors(tensors: dict, spec: WeightsSpec, tied: bool) -> dict:
+    """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
+    their stored dtype; the model casts them."""
+    out = {}
+    for name, t in tensors.items():
+        out[name] = _convert_one(name, t, spec, tied)
+    return out
+
+
+def _convert_one(name: str, t, spec: WeightsSpec, tied: bool):
+    if spec.name in FLOAT_WEIGHTS:
+        return t.dequantize() if isinstance(t, QuantizedTensor) else t
+    if spec.name == "auto":
+        return t
+    output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
+    if output:
+        group = spec.group_size if spec.name == "int8" else None
+        return _as(t, "int8", group, name)
+    if is_linear_weight(name):
+        group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
+        return _as(t, spec.name, group, name)
+    return t.dequantize() if isinstance(t, QuantizedTensor) else t
+
+
+def _as(t, fmt: str, group: int | None, name: str) -> QuantizedTensor:
+    """`t` in `fmt`: kept when it already is (Q4_1 asked as int4 group 32 stays byte for byte; Q8_0 stays when
+    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized."""
+    if isinstance(t, QuantizedTensor):
+        if t.format == fmt and (group is None or t.group_size == group):
+            return t
+        t = t.dequantize()
+    return quantize(t.float(), fmt, group, name)
+
+
+def unify(parts: list[QuantizedTensor | torch.Tensor], name: str) -> list[QuantizedTensor]:
+    """Shards stacked into one fused matrix (q/k/v, gate/up) must share a format: a float shard takes the
+    others' format; shards of different formats (llama.cpp's mixes) are all requantized to int8 with group
+    32, which loses least."""
+    quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
+    first = quantized[0]
+    if all(p.bits == first.bits and p.group_size == first.group_size for p in quantized):
+        return [p if isinstance(p, QuantizedTensor) else quantize(p.float(), first.format, first.group_size, name)
+                for p in parts]
+    floats = [p.dequantize() if isinstance(p, QuantizedTensor) else p.float() for p in parts]
+    k = floats[0].shape[1]
+    return [quantize(f, "int8", 32 if k % 32 == 0 else None, name) for f in floats]

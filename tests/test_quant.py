@@ -1,0 +1,171 @@
+"""Weight formats: jisu's int8/int4 quantizers, GGUF blocks kept as they are, --weights at load, quality gates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+from jisu import LLM
+from jisu.errors import InvalidRequestError, JisuError
+from jisu.loader.gguf import block_tensor
+from jisu.quant.formats import pack_int4, quantize, quantize_int4, quantize_int8, unpack_int4
+from jisu.quant.plan import convert_tensors, parse_weights
+
+
+def _rand(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_gguf_blocks_dequantize_exactly_as_the_gguf_package(qtype):
+    # The reference is the gguf package's own dequantizer; kept blocks must give the very same numbers.
+    x = _rand(48, 96).numpy()
+    raw = gguf_quants.quantize(x, qtype)
+    want = gguf_quants.dequantize(raw, qtype)
+    got = block_tensor(raw, qtype, (48, 96), "t").dequantize().numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pack_unpack_roundtrip_and_block_layout():
+    q = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 32)
+    assert torch.equal(unpack_int4(packed), q)
+    # GGUF layout: byte j of a 32-input block holds input j (low nibble) and j + 16 (high nibble).
+    assert packed[0, 3].item() == q[0, 3].item() | (q[0, 19].item() << 4)
+    assert packed[0, 16 + 2].item() == q[0, 32 + 2].item() | (q[0, 32 + 18].item() << 4)
+
+
+@pytest.mark.parametrize("group", [None, 32, 64])
+def test_int8_error_is_within_half_a_step(group):
+    w = _rand(33, 128)
+    qt = quantize_int8(w, group)
+    step = qt.scales.float().repeat_interleave(qt.group_size, dim=1)
+    err = (qt.dequantize() - w).abs()
+    assert (err <= step * 0.5 + 1e-6).all()
+    assert qt.nbytes == 33 * 128 + qt.scales.numel() * 2
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_error_is_within_half_a_step(group):
+    w = _rand(17, 256, seed=1)
+    qt = quantize_int4(w, group)
+    step = qt.scales.float().repeat_interleave(group, dim=1)
+    err = (qt.dequantize() - w).abs()
+    # half a step, plus float16 rounding of the zero (the group minimum)
+    zero_err = (qt.zeros.float() - w.reshape(17, -1, group).amin(2)).abs().repeat_interleave(group, dim=1)
+    assert (err <= step * 0.5 + zero_err + 1e-6).all()
+    assert qt.qweight.shape == (17, 128)
+
+
+def test_constant_and_zero_rows_quantize_without_nan():
+    w = torch.zeros(4, 64)
+    w[1] = 0.25
+    for fmt in ("int8", "int4"):
+        d = quantize(w, fmt).dequantize()
+        assert torch.isfinite(d).all()
+        assert torch.allclose(d, w, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: quantize(_rand(4, 64), "int3"), "unknown quantized format 'int3'; allowed: int8, int4"),
+        (lambda: quantize_int4(_rand(4, 64), 48), "int4 group size must be one of 32, 64, 128, got 48"),
+        (lambda: quantize_int4(_rand(4, 96), 64), "its 96 inputs are not a multiple of the int4 group size 64"),
+        (lambda: quantize_int8(_rand(4, 96), 64), "int8 group size 64 must divide its 96 inputs"),
+        (lambda: quantize_int8(torch.randn(3, 4, 5)), "only 2-D float matrices can be quantized, got (3, 4, 5)"),
+        (lambda: quantize_int8(torch.ones(4, 4, dtype=torch.int32)), "only 2-D float matrices"),
+        (lambda: parse_weights("int5"), "unknown weight format 'int5'; allowed: auto, float32"),
+        (lambda: parse_weights("int4-g48"), "int4 group size must be one of 32, 64, 128, got 48"),
+        (lambda: parse_weights("float32-g32"), "a group size applies to int8/int4 weights, not float32"),
+        (lambda: parse_weights("int4-gx"), "the group size after -g must be a number"),
+    ],
+)
+def test_bad_quantization_requests_say_what_is_allowed(call, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_convert_keeps_matching_blocks_and_requantizes_the_rest():
+    raw = gguf_quants.quantize(_rand(64, 64).numpy(), Q.Q4_1)
+    q41 = block_tensor(raw, Q.Q4_1, (64, 64), "t")
+    tensors = {"model.layers.0.mlp.up_proj.weight": q41, "model.layers.0.mlp.down_proj.weight": _rand(64, 64),
+               "model.embed_tokens.weight": _rand(100, 64), "model.norm.weight": torch.ones(64)}
+    int4 = convert_tensors(tensors, parse_weights("int4"), tied=True)
+    assert int4["model.layers.0.mlp.up_proj.weight"] is q41  # Q4_1 is int4 group 32: kept byte for byte
+    assert int4["model.layers.0.mlp.down_proj.weight"].format == "int4"
+    assert int4["model.embed_tokens.weight"].describe() == "int8 (per channel)"  # tied output layer: int8
+    assert int4["model.norm.weight"] is tensors["model.norm.weight"]
+    g64 = convert_tensors(tensors, parse_weights("int4-g64"), tied=True)
+    assert g64["model.layers.0.mlp.up_proj.weight"].group_size == 64
+    f32 = convert_tensors(tensors, parse_weights("float32"), tied=True)
+    assert torch.equal(f32["model.layers.0.mlp.up_proj.weight"], q41.dequantize())
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def _prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prompt, through the engine's runner and paged cache."""
+    from jisu.eval.scoring import score_batch
+
+    return score_batch(llm.engine, [ids])[0]
+
+
+@pytest.mark.parametrize("weights", ["int8", "int8-g32", "int4", "int4-g64"])
+def test_tiny_model_runs_in_every_format_close_to_float(tiny_llama_dir, weights):
+    ref = LLM(model=str(tiny_llama_dir), weights="float32", max_model_len=128, max_num_seqs=2)
+    llm = LLM(model=str(tiny_llama_dir), weights=weights, max_model_len=128, max_num_seqs=2)
+    layer = llm.engine.model.model.layers[0]
+    assert layer.mlp.down_proj.weight is None and layer.mlp.down_proj.quantized.format == weights[:4]
+    ids = list(range(5, 69))
+    a, b = _prefill_logits(ref, ids), _prefill_logits(llm, ids)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= (0.9 if weights.startswith("int8") else 0.6), agree
+
+
+def test_a_layer_shape_the_format_cannot_hold_is_named(tiny_llama_dir):
+    with pytest.raises(JisuError, match="gate_proj.weight: its 64 inputs are not a multiple of the int4 group size 128"):
+        LLM(model=str(tiny_llama_dir), weights="int4-g128", max_model_len=64)
+
+
+def test_quantized_weights_need_cpu_kernels(tiny_llama_dir):
+    with pytest.raises(JisuError, match="int4 weights need jisu's C\\+\\+ CPU kernels"):
+        LLM(model=str(tiny_llama_dir), weights="int4", cpu_kernels=False, max_model_len=64)
+    with pytest.raises(JisuError, match="int8 weights run on jisu's CPU kernels; use device cpu"):
+        LLM(model=str(tiny_llama_dir), weights="int8", device="cuda", max_model_len=64)
+    with pytest.raises(JisuError, match="weights=float32 contradicts dtype=bfloat16"):
+        LLM(model=str(tiny_llama_dir), weights="float32", dtype="bfloat16", max_model_len=64)
+
+
+@pytest.fixture(scope="module")
+def default_model_runs(real_model_path):
+    native = LLM(model=str(real_model_path), max_model_len=512, max_num_seqs=1)
+    dense = LLM(model=str(real_model_path), weights="float32", max_model_len=512, max_num_seqs=1)
+    return native, dense
+
+
+def test_default_model_keeps_its_q4_1_blocks(default_model_runs):
+    native, _ = default_model_runs
+    m = native.engine.model
+    qkv = m.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight is None and qkv.quantized.origin == "Q4_1" and qkv.quantized.group_size == 32
+    assert m.lm_head.quantized.origin == "Q8_0"
+    assert m.lm_head.quantized is m.model.embed_tokens.quantized  # tied: one copy
+    total = sum(q.nbytes for q in {id(mod.quantized): mod.quantized for mod in m.modules()
+                                   if getattr(mod, "quantized", None) is not None}.values())
+    assert 90e6 < total < 100e6  # the file's ~96 MB of blocks, not 538 MB of float32
+
+
+def test_q4_1_native_logits_equal_float32_of_the_same_weights(default_model_runs):
+    # Float activations: the only difference from the dequantized float32 run is summation order.
+    native, dense = default_model_runs
+    ids = native.tokenizer.encode("The quick brown fox jumps over the lazy dog because it wants to")
+    a, b = _prefill_logits(dense, ids), _prefill_logits(native, ids)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item()
