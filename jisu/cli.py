@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from jisu.bench.cli import add_bench_parser, cmd_bench
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
+from jisu.quant.cli import add_quantize_parser, run_quantize
 from jisu.server.serve import add_serve_args, cmd_serve
 
 # NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+    add_quantize_parser(sub)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
@@ -286,7 +288,7 @@ def cmd_estimate(args) -> int:
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "profile": cmd_profile,
     "calibrate": cmd_calibrate, "estimate": cmd_estimate, "eval": cmd_eval,
-    "bench": cmd_bench,
+    "bench": cmd_bench, "quantize": run_quantize,
 }
 
 

@@ -169,3 +169,37 @@ def test_q4_1_native_logits_equal_float32_of_the_same_weights(default_model_runs
     a, b = _prefill_logits(dense, ids), _prefill_logits(native, ids)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4-g64"])
+def test_jisu_quantize_writes_a_folder_that_loads_as_the_same_model(tiny_llama_dir, tmp_path, weights):
+    import json
+
+    from safetensors import safe_open
+
+    from jisu.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "--weights", weights, "--out", str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["jisu.quantization"])
+        assert "model.layers.0.mlp.down_proj.qweight" in f.keys()
+    assert record["weights"] == weights
+    assert record["matrices"]["model.layers.0.mlp.down_proj"].startswith(weights[:4])
+    saved = LLM(model=str(out), max_model_len=128, max_num_seqs=1)  # auto: kept as saved
+    direct = LLM(model=str(tiny_llama_dir), weights=weights, max_model_len=128, max_num_seqs=1)
+    assert saved.engine.model.model.layers[1].mlp.down_proj.quantized is not None
+    ids = list(range(3, 40))
+    assert torch.equal(_prefill_logits(saved, ids), _prefill_logits(direct, ids))
+    # Asked for float, the same folder dequantizes.
+    dense = LLM(model=str(out), weights="float32", max_model_len=128, max_num_seqs=1)
+    assert dense.engine.model.model.layers[1].mlp.down_proj.weight is not None
+
+
+@pytest.mark.parametrize("weights, message", [("float32", "jisu quantize writes int8 or int4 weights"),
+                                              ("int2", "unknown weight format 'int2'")])
+def test_jisu_quantize_rejects_what_it_cannot_write(tiny_llama_dir, tmp_path, capsys, weights, message):
+    from jisu.cli import main
+
+    assert main(["quantize", str(tiny_llama_dir), "--weights", weights, "--out", str(tmp_path / "x")]) == 1
+    assert message in capsys.readouterr().err

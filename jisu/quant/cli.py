@@ -1,0 +1,79 @@
+"""`jisu quantize MODEL --weights int4 --out DIR`: writes an int8/int4 copy of a model that jisu loads as it is.
+
+The output is a Hugging Face-style folder: each quantized matrix X is stored as X.qweight / X.scales
+(/ X.zeros) in model.safetensors, config.json carries quantization_config {"quant_method": "jisu", ...}, and
+the safetensors header records every matrix's format under "jisu.quantization".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jisu.errors import InvalidRequestError
+
+
+def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
+    q = subparsers.add_parser(
+        "quantize", help="write an int8/int4 copy of a model (safetensors folder jisu loads)",
+        description="Quantize a model's linear layers to int8 (per output channel, or -g32 groups) or int4 "
+                    "(groups of 32/64/128 with scale and zero). GGUF Q4_0/Q4_1/Q8_0 blocks that already are the "
+                    "asked format are copied, not requantized.",
+    )
+    q.add_argument("model", nargs="?", default=None, help="GGUF file, Hugging Face folder or short name "
+                   "(default: smollm2-135m)")
+    q.add_argument("--weights", required=True, help="int8, int8-g32, int4 (= int4-g32), int4-g64, int4-g128")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true", help="replace the output folder's model files")
+    return q
+
+
+def quantized_tensors(checkpoint, weights: str):
+    """(tensors to save, {matrix: format}) for `checkpoint` in format `weights`."""
+    from jisu.quant.formats import QuantizedTensor
+    from jisu.quant.plan import convert_tensors, parse_weights
+
+    spec = parse_weights(weights)
+    if not spec.quantized:
+        raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
+    tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
+    converted = convert_tensors(checkpoint.tensors, spec, tied)
+    out, formats = {}, {}
+    for name, t in converted.items():
+        if isinstance(t, QuantizedTensor):
+            prefix = name.removesuffix(".weight")
+            out.update(t.tensors(prefix))
+            formats[prefix] = t.describe() + (f" from {t.origin}" if t.origin not in ("int8", "int4") else "")
+        else:
+            out[name] = t.float() if t.is_floating_point() else t
+    return spec, out, formats
+
+
+def run_quantize(args) -> int:
+    from jisu.loader.resolve import load_checkpoint
+    from jisu.loader.save import save_hf_folder
+
+    ckpt = load_checkpoint(args.model, keep_blocks=True)
+    before = sum(_nbytes(t) for t in ckpt.tensors.values())
+    spec, tensors, formats = quantized_tensors(ckpt, args.weights)
+    after = sum(t.numel() * t.element_size() for t in tensors.values())
+    record = {"weights": spec.label(), "source": ckpt.source, "matrices": formats}
+    folder = save_hf_folder(
+        args.out, ckpt.config, tensors, ckpt.tokenizer,
+        metadata={"format": "pt", "jisu.quantization": json.dumps(record)},
+        extra_config={"quantization_config": {"quant_method": "jisu", "weights": spec.label()}},
+        overwrite=args.overwrite,
+    )
+    kinds: dict[str, int] = {}
+    for f in formats.values():
+        kinds[f] = kinds.get(f, 0) + 1
+    print(f"jisu quantize: {ckpt.source} -> {folder} ({spec.label()})", file=sys.stderr)
+    for kind, n in sorted(kinds.items()):
+        print(f"  {n:4d} matrices {kind}", file=sys.stderr)
+    print(f"  weights {before / 1e6:.1f} MB as loaded -> {after / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def _nbytes(t) -> int:
+    return t.nbytes if not hasattr(t, "element_size") else t.numel() * t.element_size()
