@@ -203,3 +203,64 @@ def test_jisu_quantize_rejects_what_it_cannot_write(tiny_llama_dir, tmp_path, ca
 
     assert main(["quantize", str(tiny_llama_dir), "--weights", weights, "--out", str(tmp_path / "x")]) == 1
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- GGUF output
+
+
+def test_gguf_output_uses_gguf_block_layouts(tiny_llama_gguf, tmp_path):
+    from jisu.cli import main
+    from jisu.loader.gguf import open_gguf
+
+    out = tmp_path / "tiny-q8.gguf"
+    assert main(["quantize", str(tiny_llama_gguf), "--weights", "int8-g32", "--out", str(out)]) == 0
+    written = {t.name: t for t in open_gguf(out).tensors}
+    down = written["blk.0.ffn_down.weight"]
+    assert down.tensor_type == Q.Q8_0
+    direct = LLM(model=str(tiny_llama_gguf), weights="int8-g32", max_model_len=128, max_num_seqs=1)
+    q = direct.engine.model.model.layers[0].mlp.down_proj.quantized
+    # the gguf package's own dequantizer reads our blocks as the numbers jisu computes with
+    ref = gguf_quants.dequantize(np.asarray(down.data), Q.Q8_0).reshape(q.shape)
+    np.testing.assert_array_equal(ref, q.dequantize().numpy())
+    reloaded = LLM(model=str(out), max_model_len=128, max_num_seqs=1)
+    ids = list(range(3, 40))
+    assert torch.equal(_prefill_logits(reloaded, ids), _prefill_logits(direct, ids))
+
+
+def test_default_model_to_int4_gguf_copies_its_blocks_byte_for_byte(real_model_path, tmp_path):
+    from jisu.cli import main
+    from jisu.loader.gguf import open_gguf
+
+    out = tmp_path / "int4.gguf"
+    assert main(["quantize", str(real_model_path), "--weights", "int4", "--out", str(out)]) == 0
+    source, written = open_gguf(real_model_path), {t.name: t for t in open_gguf(out).tensors}
+    for t in source.tensors:
+        w = written[t.name]
+        assert w.tensor_type == t.tensor_type and np.array_equal(np.asarray(w.data), np.asarray(t.data)), t.name
+
+
+def test_gguf_output_refuses_formats_gguf_cannot_hold(tiny_llama_gguf, tiny_llama_dir, tmp_path, capsys):
+    from jisu.cli import main
+
+    assert main(["quantize", str(tiny_llama_gguf), "--weights", "int4-g64", "--out", str(tmp_path / "a.gguf")]) == 1
+    assert "GGUF output takes int8-g32 (Q8_0) or int4 (Q4_1)" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), "--weights", "int4", "--out", str(tmp_path / "b.gguf")]) == 1
+    assert "GGUF output needs a GGUF source" in capsys.readouterr().err
+
+
+def test_llama_cpp_reads_jisus_int4_gguf_as_jisu_does(tiny_llama_gguf, tmp_path):
+    # llama.cpp is the reference nobody here wrote; it rounds activations to 8 bits for Q4_1 dot products, so
+    # agreement is to that rounding, not exact.
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from jisu.cli import main
+    from jisu.eval.scoring import score_batch
+
+    out = tmp_path / "q.gguf"
+    assert main(["quantize", str(tiny_llama_gguf), "--weights", "int4", "--out", str(out)]) == 0
+    ids = list(range(3, 40))
+    m = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=128)
+    m.eval(ids)
+    ref = torch.tensor(np.array(m.scores[: len(ids)]))
+    ours = score_batch(LLM(model=str(out), max_model_len=128, max_num_seqs=1).engine, [ids])[0]
+    assert (ref - ours).abs().max() < 0.02 * ref.abs().max()
+    assert (ref.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.95

@@ -24,13 +24,14 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", default=None, help="GGUF file, Hugging Face folder or short name "
                    "(default: smollm2-135m)")
     q.add_argument("--weights", required=True, help="int8, int8-g32, int4 (= int4-g32), int4-g64, int4-g128")
-    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--out", required=True, help="output folder (safetensors), or a .gguf file: GGUF output takes "
+                   "int8-g32 (Q8_0) or int4 (Q4_1) from a GGUF source, whose metadata it keeps")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder's model files")
     return q
 
 
-def quantized_tensors(checkpoint, weights: str):
-    """(tensors to save, {matrix: format}) for `checkpoint` in format `weights`."""
+def quantized_tensors(checkpoint, weights: str, output_group: int | None = None):
+    """(spec, tensors to save, {matrix: format}) for `checkpoint` in format `weights`."""
     from jisu.quant.formats import QuantizedTensor
     from jisu.quant.plan import convert_tensors, parse_weights
 
@@ -38,7 +39,7 @@ def quantized_tensors(checkpoint, weights: str):
     if not spec.quantized:
         raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
     tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
-    converted = convert_tensors(checkpoint.tensors, spec, tied)
+    converted = convert_tensors(checkpoint.tensors, spec, tied, output_group)
     out, formats = {}, {}
     for name, t in converted.items():
         if isinstance(t, QuantizedTensor):
@@ -55,6 +56,8 @@ def run_quantize(args) -> int:
     from jisu.loader.save import save_hf_folder
 
     ckpt = load_checkpoint(args.model, keep_blocks=True)
+    if str(args.out).lower().endswith(".gguf"):
+        return _run_gguf(ckpt, args)
     before = sum(_nbytes(t) for t in ckpt.tensors.values())
     spec, tensors, formats = quantized_tensors(ckpt, args.weights)
     after = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -72,6 +75,33 @@ def run_quantize(args) -> int:
     for kind, n in sorted(kinds.items()):
         print(f"  {n:4d} matrices {kind}", file=sys.stderr)
     print(f"  weights {before / 1e6:.1f} MB as loaded -> {after / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def _run_gguf(ckpt, args) -> int:
+    from pathlib import Path
+
+    from jisu.quant.formats import QuantizedTensor
+    from jisu.quant.gguf_out import write_gguf
+    from jisu.quant.plan import convert_tensors, parse_weights
+
+    spec = parse_weights(args.weights)
+    if spec.label() not in ("int8-g32", "int4-g32"):
+        raise InvalidRequestError(
+            f"GGUF output takes int8-g32 (Q8_0) or int4 (Q4_1); {args.weights!r} has no GGUF block type: write a "
+            f"folder instead (--out DIR)"
+        )
+    if ckpt.metadata.get("format") != "gguf":
+        raise InvalidRequestError("GGUF output needs a GGUF source (its metadata and tokenizer are copied)")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InvalidRequestError(f"{out} exists; pass --overwrite to replace it")
+    tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
+    tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32)
+    write_gguf(ckpt.source, out, tensors, ckpt.config, bits=int(spec.name.removeprefix("int")))
+    kept = sum(1 for t in tensors.values() if isinstance(t, QuantizedTensor) and t.origin in ("Q4_1", "Q8_0"))
+    print(f"jisu quantize: {ckpt.source} -> {out} ({spec.label()}; {kept} matrices copied as they were)",
+          file=sys.stderr)
     return 0
 
 

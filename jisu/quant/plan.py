@@ -88,23 +88,24 @@ def is_linear_weight(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _LINEAR_LEAVES
 
 
-def convert_tensors(tensors: dict, spec: WeightsSpec, tied: bool) -> dict:
+def convert_tensors(tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None) -> dict:
     """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
-    their stored dtype; the model casts them."""
+    their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
+    asked (None = per channel)."""
     out = {}
     for name, t in tensors.items():
-        out[name] = _convert_one(name, t, spec, tied)
+        out[name] = _convert_one(name, t, spec, tied, output_group)
     return out
 
 
-def _convert_one(name: str, t, spec: WeightsSpec, tied: bool):
+def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None):
     if spec.name in FLOAT_WEIGHTS:
         return t.dequantize() if isinstance(t, QuantizedTensor) else t
     if spec.name == "auto":
         return t
     output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
     if output:
-        group = spec.group_size if spec.name == "int8" else None
+        group = spec.group_size if spec.name == "int8" else output_group
         return _as(t, "int8", group, name)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
