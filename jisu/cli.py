@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from jisu.bench.cli import add_bench_parser, cmd_bench
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
+from jisu.prune.cli import add_prune_parser, run_prune
 from jisu.quant.cli import add_quantize_parser, run_quantize
 from jisu.server.serve import add_serve_args, cmd_serve
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_bench_parser(sub)
     add_quantize_parser(sub)
+    add_prune_parser(sub)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
@@ -288,7 +290,7 @@ def cmd_estimate(args) -> int:
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "profile": cmd_profile,
     "calibrate": cmd_calibrate, "estimate": cmd_estimate, "eval": cmd_eval,
-    "bench": cmd_bench, "quantize": run_quantize,
+    "bench": cmd_bench, "quantize": run_quantize, "prune": run_prune,
 }
 
 
