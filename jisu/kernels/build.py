@@ -10,7 +10,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 # module.cpp holds the one PYBIND11_MODULE; every other source registers its own functions into it.
-_SOURCES = ("module.cpp", "qlinear.cpp")
+_SOURCES = ("module.cpp", "qlinear.cpp", "fused_decode.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -2,6 +2,9 @@
 #include <torch/extension.h>
 #include "qlinear.h"
 
+void register_fused_decode(pybind11::module_& m);  // fused_decode.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_qlinear(m);
+  register_fused_decode(m);
 }

@@ -8,6 +8,7 @@ from torch import nn
 from jisu.errors import ModelLoadError
 from jisu.models.config import ModelConfig
 from jisu.kernels.build import cpu_linear_kernels
+from jisu.models.fused_decode import FusedDecoder
 from jisu.models.layers import Linear, MergedLinear, QuantizedEmbedding, RMSNorm, SwiGLU
 from jisu.quant.formats import QuantizedTensor, concat_rows
 from jisu.quant.plan import unify
@@ -83,14 +84,23 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.fused_decode = None
+        """A FusedDecoder once weights are loaded on CPU kernels (None: every step runs layer by layer)."""
+        self.use_fused_decode = True
+        """Off while per-operator hooks are installed: the fused path runs no Python modules to hook."""
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """Flattened tokens of a step -> final hidden states [T, hidden] (logits are computed separately,
         only for the rows that are sampled)."""
         x = self.model.embed_tokens(input_ids)
         rotation = self.model.rotary.for_positions(positions)
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, rotation, meta, kv)
+        fused = self.fused_decode
+        if fused is not None and self.use_fused_decode and fused.applies(meta, x.shape[0]):
+            # A pure decode step of few sequences: every layer in one C++ call (see jisu/models/fused_decode.py).
+            x = fused(x, rotation, meta, kv_caches)
+        else:
+            for layer, kv in zip(self.model.layers, kv_caches):
+                x = layer(x, rotation, meta, kv)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -170,6 +180,7 @@ class LlamaForCausalLM(nn.Module):
                     kw = q.to_kernel(kernels, bias) if q is not None else kernels.QWeight(32, module.weight.data, bias=bias)
                     module.use_kernels(kernels, kw)
         self.model.rotary.to(device)
+        self.fused_decode = FusedDecoder.build(self)
 
     def _stored_layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """q/k projections are stored with rotary pairs adjacent (see RotaryEmbedding)."""

@@ -61,12 +61,19 @@ class OperatorProfiler:
         for i, layer in enumerate(layers):
             self._hook(layer, self._layer_done(i))
         self._hook(self.model, self._model_done)
+        # The fused decode path runs every layer in one C++ call, with no modules to time: while hooked, decode
+        # runs layer by layer, so the breakdown describes the unfused path.
+        self._fused = getattr(self.model, "use_fused_decode", None)
+        if self._fused is not None:
+            self.model.use_fused_decode = False
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._fused is not None:
+            self.model.use_fused_decode = self._fused
 
     def _hook(self, module: nn.Module, done) -> None:
         def pre(mod, args, kwargs=None):

@@ -1,0 +1,424 @@
+// The whole decoder stack of a Llama-family model for one decode step (one new token for each of up to 16
+// sequences) as a single C++ call.
+//
+// Why: at batch 1 the eager layer is ~25 small torch ops; their dispatch (~9 ms over SmolLM2's 30 layers)
+// costs more than reading 4-bit weights. Here each layer is a handful of loops over preallocated scratch plus
+// four qweight_matvec calls (qkv, o, gate_up, down), the only parallel regions besides attention.
+//
+// Per layer, for rows x[D, hidden] (the residual stream):
+//   h = rms_norm(x) * w1; qkv = h W_qkv^T (+ bias); rotate q and k (rotary pairs adjacent, see rotary.py);
+//   write k, v into the layer's cache at slot_mapping; per (sequence, q head): softmax(scale q.k) over the
+//   cache slots the sequence sees (decode_gather where decode_mask) weighting v (GQA: q head h reads kv head
+//   h / (H / KVH)); x += attn W_o^T;
+//   h = rms_norm(x) * w2; gu = h W_gate_up^T; x += (silu(gate) * up) W_down^T.
+// The stack's output is returned before the model's final norm (the caller applies it).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "qlinear.h"
+
+namespace {
+
+constexpr int64_t kMaxSeqs = 16;
+// Multiply-adds of attention (per layer) below which it runs on the calling thread alone.
+constexpr int64_t kInlineAttentionWork = 1 << 15;
+// Visible slots per attention task (16 KiB of K for one kv head at head_dim 64: stays in L1 across the group).
+constexpr int64_t kAttnChunk = 64;
+
+struct AttnTask {
+  int64_t d, kvh, j0, j1;  // sequence, kv head, visible slots [j0, j1)
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// e^x, within 1.2 ulp of the exact value for x in [-87.3, 88.3] (measured over 4M points; inputs are clamped
+// there: smaller gives ~1e-38
+// instead of 0, which no sum here can tell apart). Written branch-free so `omp simd` loops vectorise it.
+// x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so n ln2 is exact); e^r by its degree-7 Taylor
+// polynomial (truncation < 1e-8 relative); 2^n built in the exponent bits.
+inline float exp_clamped(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln2)
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606820309417232e-6f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w, in F.rms_norm's order of operations.
+inline void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const float r = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
+}
+
+// sc[j] = scale * q . k_j for the rows k_j = k + vis[j] of a KV cache (j < n), each of length hd.
+inline void qk_scores(const float* q, const float* k, const int64_t* vis, int64_t n, int64_t hd, float scale,
+                      float* sc) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (hd % 8 == 0) {
+    // Four keys at a time: four independent FMA chains, one horizontal reduction for all four.
+    for (; j + 4 <= n; j += 4) {
+      const float *k0 = k + vis[j], *k1 = k + vis[j + 1], *k2 = k + vis[j + 2], *k3 = k + vis[j + 3];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 8) {
+        const __m256 x = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + i), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + i), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + i), a3);
+      }
+      // Each 128-bit half of t ends up holding partial sums of (a0, a1, a2, a3); adding the halves finishes.
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      _mm_storeu_ps(sc + j, _mm_mul_ps(r, _mm_set1_ps(scale)));
+    }
+  }
+#endif
+  for (; j < n; ++j) sc[j] = dot(q, k + vis[j], hd) * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// out[c : c + 8 NV] = inv * sum_j p[j] v_j[c : c + 8 NV], the NV accumulators kept in registers.
+template <int NV>
+inline void weighted_block(const float* p, const float* v, const int64_t* vis, int64_t n, int64_t c, float inv,
+                           float* out) {
+  __m256 acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    const float* row = v + vis[j] + c;
+    for (int u = 0; u < NV; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 8 * u), acc[u]);
+  }
+  const __m256 s = _mm256_set1_ps(inv);
+  for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + c + 8 * u, _mm256_mul_ps(acc[u], s));
+}
+#endif
+
+// out[hd] = inv * sum_j p[j] v_j for the rows v_j = v + vis[j] of a KV cache (j < n).
+inline void weighted_rows(const float* p, const float* v, const int64_t* vis, int64_t n, int64_t hd, float inv,
+                          float* out) {
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; c + 64 <= hd; c += 64) weighted_block<8>(p, v, vis, n, c, inv, out);
+  for (; c + 32 <= hd; c += 32) weighted_block<4>(p, v, vis, n, c, inv, out);
+  for (; c + 8 <= hd; c += 8) weighted_block<1>(p, v, vis, n, c, inv, out);
+#endif
+  if (c == hd) return;
+  std::fill(out + c, out + hd, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = v + vis[j];
+    const float pj = p[j];
+#pragma omp simd
+    for (int64_t i = c; i < hd; ++i) out[i] += pj * row[i];
+  }
+#pragma omp simd
+  for (int64_t i = c; i < hd; ++i) out[i] *= inv;
+}
+
+struct Layer {
+  at::Tensor input_norm, post_norm;  // float32 [hidden], contiguous
+  QWeight qkv, o, gate_up, down;
+};
+
+class FusedDecoder {
+ public:
+  FusedDecoder(std::vector<at::Tensor> input_norms, std::vector<QWeight> qkv, std::vector<QWeight> o,
+               std::vector<at::Tensor> post_norms, std::vector<QWeight> gate_up, std::vector<QWeight> down,
+               double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size,
+               double scale)
+      : eps_(static_cast<float>(eps)),
+        H_(num_heads),
+        KVH_(num_kv_heads),
+        hd_(head_dim),
+        I_(intermediate_size),
+        scale_(static_cast<float>(scale)) {
+    const size_t L = input_norms.size();
+    TORCH_CHECK(L > 0, "FusedDecoder needs at least one layer");
+    TORCH_CHECK(qkv.size() == L && o.size() == L && post_norms.size() == L && gate_up.size() == L &&
+                    down.size() == L,
+                "FusedDecoder: every per-layer list must have ", L, " entries");
+    TORCH_CHECK(H_ > 0 && KVH_ > 0 && H_ % KVH_ == 0, "num_heads (", H_, ") must be a multiple of num_kv_heads (",
+                KVH_, ")");
+    TORCH_CHECK(hd_ > 0 && hd_ % 2 == 0, "head_dim must be even, got ", hd_);
+    hidden_ = input_norms[0].numel();
+    qkvN_ = (H_ + 2 * KVH_) * hd_;
+    for (size_t l = 0; l < L; ++l) {
+      auto norm = [&](const at::Tensor& t, const char* what) {
+        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == hidden_, "layer ", l,
+                    ": ", what, " must be float32 [", hidden_, "] on CPU");
+        return t.contiguous();
+      };
+      auto shape = [&](const QWeight& w, int64_t N, int64_t K, const char* what) {
+        TORCH_CHECK(w.N == N && w.K == K, "layer ", l, ": ", what, " is [", w.N, ", ", w.K, "], expected [", N,
+                    ", ", K, "]");
+      };
+      shape(qkv[l], qkvN_, hidden_, "qkv_proj");
+      shape(o[l], hidden_, H_ * hd_, "o_proj");
+      shape(gate_up[l], 2 * I_, hidden_, "gate_up_proj");
+      shape(down[l], hidden_, I_, "down_proj");
+      layers_.push_back(Layer{norm(input_norms[l], "input_layernorm"), norm(post_norms[l], "post_attention_layernorm"),
+                              qkv[l], o[l], gate_up[l], down[l]});
+    }
+    h_.resize(kMaxSeqs * std::max(hidden_, I_));
+    qkv_.resize(kMaxSeqs * qkvN_);
+    attn_.resize(kMaxSeqs * H_ * hd_);
+    proj_.resize(kMaxSeqs * hidden_);
+    gu_.resize(kMaxSeqs * 2 * I_);
+  }
+
+  at::Tensor forward(const at::Tensor& x_in, const at::Tensor& rotation_in, const at::Tensor& gather_in,
+                     const at::Tensor& mask_in, const at::Tensor& slot_mapping_in,
+                     const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches) {
+    std::lock_guard<std::mutex> guard(mutex_);  // one set of scratch buffers
+    // (no copies when already contiguous, as the runner's tensors are)
+    const at::Tensor x = x_in.contiguous(), rotation = rotation_in.contiguous(), gather = gather_in.contiguous(),
+                     mask = mask_in.contiguous(), slot_mapping = slot_mapping_in.contiguous();
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                "x must be float32 [D, ", hidden_, "] on CPU");
+    const int64_t D = x.size(0);
+    TORCH_CHECK(D >= 1 && D <= kMaxSeqs, "FusedDecoder runs 1 to ", kMaxSeqs, " sequences, got ", D);
+    TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.numel() == D * hd_ && rotation.device().is_cpu(),
+                "rotation must be float32 [D, head_dim/2, 2] (cos, sin) on CPU");
+    TORCH_CHECK(gather.scalar_type() == at::kLong && gather.dim() == 2 && gather.size(0) == D && gather.device().is_cpu(),
+                "decode_gather must be int64 [D, max_ctx] on CPU");
+    const int64_t ctx = gather.size(1);
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == D * ctx && mask.device().is_cpu(),
+                "decode_mask must be bool with D * max_ctx elements ([D, max_ctx] or [D, 1, 1, max_ctx]) on CPU");
+    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == D && slot_mapping.device().is_cpu(),
+                "slot_mapping must be int64 [D] on CPU");
+    TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
+                "expected ", L, " K and V caches");
+    int64_t num_slots = std::numeric_limits<int64_t>::max();
+    for (int64_t l = 0; l < L; ++l) {
+      for (const at::Tensor* c : {&k_caches[l], &v_caches[l]}) {
+        TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 3 && c->size(1) == KVH_ &&
+                        c->size(2) == hd_ && c->device().is_cpu(),
+                    "layer ", l, ": KV caches must be contiguous float32 [slots, ", KVH_, ", ", hd_, "] on CPU");
+        num_slots = std::min(num_slots, c->size(0));
+      }
+    }
+
+    // The slots each sequence attends, the same for every layer: compacted once (row offsets into a cache).
+    const int64_t row = KVH_ * hd_;
+    visible_.resize(D * ctx);
+    count_.assign(D, 0);
+    const int64_t* gp = gather.data_ptr<int64_t>();
+    const bool* mp = mask.data_ptr<bool>();
+    for (int64_t d = 0; d < D; ++d) {
+      int64_t c = 0;
+      for (int64_t j = 0; j < ctx; ++j) {
+        if (!mp[d * ctx + j]) continue;
+        const int64_t s = gp[d * ctx + j];
+        TORCH_CHECK(s >= 0 && s < num_slots, "decode_gather slot ", s, " outside the cache (", num_slots, " slots)");
+        visible_[d * ctx + c++] = s * row;
+      }
+      count_[d] = c;
+    }
+    const int64_t* sm = slot_mapping.data_ptr<int64_t>();
+    for (int64_t d = 0; d < D; ++d) {
+      TORCH_CHECK(sm[d] >= 0 && sm[d] < num_slots, "slot_mapping slot ", sm[d], " outside the cache");
+    }
+    // Attention work items: (sequence, kv head, chunk of kAttnChunk visible slots), in that order.
+    tasks_.clear();
+    first_task_.assign(D + 1, 0);
+    for (int64_t d = 0; d < D; ++d) {
+      first_task_[d] = static_cast<int64_t>(tasks_.size());
+      for (int64_t g = 0; g < KVH_; ++g)
+        for (int64_t j0 = 0; j0 < count_[d]; j0 += kAttnChunk)
+          tasks_.push_back(AttnTask{d, g, j0, std::min(count_[d], j0 + kAttnChunk)});
+    }
+    first_task_[D] = static_cast<int64_t>(tasks_.size());
+    partial_.resize(tasks_.size() * (H_ / KVH_) * (hd_ + 2));
+
+    at::Tensor out = x.clone();  // the residual stream
+    float* res = out.data_ptr<float>();
+    const float* rot = rotation.data_ptr<float>();
+    float* h = h_.data();
+    float* qkv = qkv_.data();
+    float* attn = attn_.data();
+    float* proj = proj_.data();
+    float* gu = gu_.data();
+
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers_[l];
+      float* kc = k_caches[l].data_ptr<float>();
+      float* vc = v_caches[l].data_ptr<float>();
+
+      for (int64_t d = 0; d < D; ++d)
+        rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
+      qweight_matvec(ly.qkv, h, D, qkv);
+
+      for (int64_t d = 0; d < D; ++d) {
+        float* q = qkv + d * qkvN_;
+        const float* cs = rot + d * hd_;
+        for (int64_t head = 0; head < H_ + KVH_; ++head) {  // q heads, then k heads
+          float* p = q + head * hd_;
+#pragma omp simd
+          for (int64_t i = 0; i < hd_ / 2; ++i) {
+            const float a = p[2 * i], b = p[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+            p[2 * i] = a * c - b * s;
+            p[2 * i + 1] = a * s + b * c;
+          }
+        }
+        std::memcpy(kc + sm[d] * row, q + H_ * hd_, row * sizeof(float));
+        std::memcpy(vc + sm[d] * row, q + (H_ + KVH_) * hd_, row * sizeof(float));
+      }
+
+      attention(D, ctx, qkv, kc, vc, attn);
+      qweight_matvec(ly.o, attn, D, proj);
+      const int64_t n = D * hidden_;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
+
+      for (int64_t d = 0; d < D; ++d)
+        rms_norm(res + d * hidden_, ly.post_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
+      qweight_matvec(ly.gate_up, h, D, gu);
+      for (int64_t d = 0; d < D; ++d) {
+        const float* g = gu + d * 2 * I_;
+        const float* u = g + I_;
+        float* a = h + d * I_;  // h is free again until the next norm; [D, I] fits (sized for max(hidden, I))
+#pragma omp simd
+        for (int64_t i = 0; i < I_; ++i) a[i] = g[i] / (1.f + exp_clamped(-g[i])) * u[i];
+      }
+      qweight_matvec(ly.down, h, D, proj);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
+    }
+    return out;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d.
+  //
+  // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for one kv head and all the
+  // q heads sharing it (GQA), so every K/V row is read from memory once per layer (at long contexts attention
+  // is bound by reading the float32 cache) and the work divides evenly between threads even at batch 1. A
+  // task leaves, per q head, its chunk's max score m, sum of e^(s - m) and unnormalised e^(s - m)-weighted
+  // sum of v; the chunks of a (sequence, head) are then merged exactly (rescaled to the common max).
+  void attention(int64_t D, int64_t ctx, const float* qkv, const float* kc, const float* vc, float* attn) {
+    const int64_t G = H_ / KVH_, stride = hd_ + 2;
+    const int64_t ntasks = static_cast<int64_t>(tasks_.size());
+    // A parallel region costs a few microseconds; very short contexts are cheaper inline.
+    const int64_t grain = std::max<int64_t>(1, kInlineAttentionWork / (2 * G * kAttnChunk * hd_));
+    at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
+      float sc[kAttnChunk];
+      for (int64_t t = t0; t < t1; ++t) {
+        const AttnTask& task = tasks_[t];
+        const int64_t koff = task.kvh * hd_, n = task.j1 - task.j0;
+        const int64_t* vis = visible_.data() + task.d * ctx + task.j0;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* q = qkv + task.d * qkvN_ + (task.kvh * G + g) * hd_;
+          float* part = partial_.data() + (t * G + g) * stride;
+          qk_scores(q, kc + koff, vis, n, hd_, scale_, sc);
+          float mx = sc[0];
+          for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sc[j]);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < n; ++j) {
+            sc[j] = exp_clamped(sc[j] - mx);
+            sum += sc[j];
+          }
+          weighted_rows(sc, vc + koff, vis, n, hd_, 1.f, part);
+          part[hd_] = mx;
+          part[hd_ + 1] = sum;
+        }
+      }
+    });
+    // Merge the chunks of each (sequence, q head).
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t chunks = (first_task_[d + 1] - first_task_[d]) / KVH_;
+      for (int64_t h = 0; h < H_; ++h) {
+        float* o = attn + d * H_ * hd_ + h * hd_;
+        if (chunks == 0) {  // nothing visible (never for a real decode, which sees its own token): zeros
+          std::fill(o, o + hd_, 0.f);
+          continue;
+        }
+        const int64_t kvh = h / G, g = h % G;
+        auto part = [&](int64_t c) {
+          return partial_.data() + ((first_task_[d] + kvh * chunks + c) * G + g) * stride;
+        };
+        if (chunks == 1) {
+          const float* p = part(0);
+          const float inv = 1.f / p[hd_ + 1];
+#pragma omp simd
+          for (int64_t i = 0; i < hd_; ++i) o[i] = p[i] * inv;
+          continue;
+        }
+        float mx = part(0)[hd_];
+        for (int64_t c = 1; c < chunks; ++c) mx = std::max(mx, part(c)[hd_]);
+        std::fill(o, o + hd_, 0.f);
+        float sum = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* p = part(c);
+          const float w = std::exp(p[hd_] - mx);
+          sum += w * p[hd_ + 1];
+#pragma omp simd
+          for (int64_t i = 0; i < hd_; ++i) o[i] += w * p[i];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t i = 0; i < hd_; ++i) o[i] *= inv;
+      }
+    }
+  }
+
+  float eps_;
+  int64_t H_, KVH_, hd_, I_;
+  float scale_;
+  int64_t hidden_ = 0, qkvN_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<float> h_, qkv_, attn_, proj_, gu_;
+  std::vector<int64_t> visible_, count_, first_task_;
+  std::vector<AttnTask> tasks_;
+  std::vector<float> partial_;  // per task and q head of its group: acc[hd], max, sum
+  std::mutex mutex_;
+};
+
+}  // namespace
+
+void register_fused_decode(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<FusedDecoder>(m, "FusedDecoder")
+      .def(py::init<std::vector<at::Tensor>, std::vector<QWeight>, std::vector<QWeight>, std::vector<at::Tensor>,
+                    std::vector<QWeight>, std::vector<QWeight>, double, int64_t, int64_t, int64_t, int64_t, double>(),
+           py::arg("input_norms"), py::arg("qkv"), py::arg("o"), py::arg("post_norms"), py::arg("gate_up"),
+           py::arg("down"), py::arg("eps"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("intermediate_size"), py::arg("scale"))
+      .def("forward", &FusedDecoder::forward, py::arg("x"), py::arg("rotation"), py::arg("decode_gather"),
+           py::arg("decode_mask"), py::arg("slot_mapping"), py::arg("k_caches"), py::arg("v_caches"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Every decoder layer for one decode step; returns the residual stream [D, hidden] before the final "
+           "norm. Writes each layer's new K/V into its caches at slot_mapping.")
+      .def_property_readonly("num_layers", &FusedDecoder::num_layers);
+}

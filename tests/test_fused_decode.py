@@ -1,0 +1,194 @@
+"""The fused C++ decode stack (jisu/models/fused_decode.py) equals the eager decoder layers on real decode
+steps of tiny models: same hidden states, same K/V written into the cache.
+
+Tolerance: the two paths run the same qweight_matvec on their projections, but rms_norm, rotary, softmax and
+silu are computed by different code (ATen's vectorised kernels vs the C++ loops; the C++ exp is its own
+polynomial, <= 1.2 ulp), and summation orders differ, so results differ by float32 rounding, carried through the
+later layers. Measured on these models: max |diff| <= 4e-7 x max |value| over the hidden states and the
+written K/V (a few ulp). The bound used, 1e-5 x max |value|, leaves room for other CPUs' summation orders and
+is still far below any real error (a wrong rotation, slot, mask or head mapping moves values by a sizeable
+fraction of their magnitude).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from jisu import LLM, SamplingParams  # noqa: E402
+from jisu.kernels.build import cpu_linear_kernels  # noqa: E402
+from jisu.models.fused_decode import MAX_FUSED_SEQS, FusedDecoder  # noqa: E402
+from jisu.runner.attention import AttentionMetadata, PrefillChunk  # noqa: E402
+from tiny_models import make_tiny_hf_model  # noqa: E402
+
+REL_TOL = 1e-5
+
+CASES = {
+    "llama-gqa": dict(arch="llama", num_kv_heads=2),
+    "qwen2-bias": dict(arch="qwen2", num_kv_heads=2),
+    # The tiny Mistral's window is 128 tokens: the long prompts below see only part of their context.
+    "mistral-window-mqa": dict(arch="mistral", num_kv_heads=1),
+}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = cpu_linear_kernels()
+    if k is None or not hasattr(k, "FusedDecoder"):
+        pytest.skip("jisu's C++ kernels (with the fused decoder) are unavailable")
+    return k
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def engine_llm(request, kernels, tmp_path_factory):
+    path = make_tiny_hf_model(tmp_path_factory.mktemp(request.param), **CASES[request.param])
+    # Small blocks: prompts and decode steps cross many block boundaries.
+    return request.param, LLM(model=str(path), block_size=4, max_num_batched_tokens=4096)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    """n prompts of different lengths, some beyond the Mistral window (128), none a block multiple apart."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 150, 37, 131, 2, 64, 97, 200, 13, 126, 71, 3, 180, 44, 9, 140][:n]
+    return [[int(t) for t in torch.randint(3, 300, (L,), generator=g)] for L in lengths]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= REL_TOL * scale, f"{what}: max |diff| {err:.3g} exceeds {REL_TOL} x max |value| {scale:.3g}"
+    return err / scale
+
+
+def compare_step(llm: LLM, fused: FusedDecoder, step) -> float:
+    """Runs the step's layers eagerly and fused from copies of the current cache; asserts they agree.
+    Returns the largest relative difference seen."""
+    model = llm.engine.model
+    meta = step.meta
+    caches = llm.engine.runner.kv_cache.layers
+    eager_caches = [(k.clone(), v.clone()) for k, v in caches]
+    fused_caches = [(k.clone(), v.clone()) for k, v in caches]
+    with torch.inference_mode():
+        x = model.model.embed_tokens(step.input_ids)
+        rotation = model.model.rotary.for_positions(step.positions)
+        want = x
+        for layer, kv in zip(model.model.layers, eager_caches):
+            want = layer(want, rotation, meta, kv)
+        got = fused(x, rotation, meta, fused_caches)
+    worst = assert_close(got, want, "hidden")
+    slots = meta.slot_mapping
+    untouched = torch.ones(caches[0][0].shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    for i, ((ek, ev), (fk, fv), (ok, ov)) in enumerate(zip(eager_caches, fused_caches, caches)):
+        worst = max(worst, assert_close(fk[slots], ek[slots], f"layer {i} K"))
+        worst = max(worst, assert_close(fv[slots], ev[slots], f"layer {i} V"))
+        # Every other slot is left as it was.
+        assert torch.equal(fk[untouched], ok[untouched]) and torch.equal(fv[untouched], ov[untouched])
+    return worst
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, MAX_FUSED_SEQS])
+def test_fused_equals_eager_on_decode_steps(engine_llm, num_seqs):
+    name, llm = engine_llm
+    fused = FusedDecoder.build(llm.engine.model)
+    assert fused is not None and fused.num_layers == len(llm.engine.model.model.layers)
+    runner = llm.engine.runner
+    original = runner.execute
+    checked: list[tuple[int, float]] = []
+    decode_steps = 0
+
+    def spy(step):
+        nonlocal decode_steps
+        n = len(step.input_ids)
+        if FusedDecoder.applies(step.meta, n):
+            decode_steps += 1
+            if decode_steps >= 3 and n == num_seqs:  # after a few decode steps through the engine
+                checked.append((int(step.meta.decode_gather.shape[1]), compare_step(llm, fused, step)))
+        return original(step)
+
+    runner.execute = spy
+    try:
+        params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+        llm.generate(prompts(num_seqs, seed=num_seqs), params)
+    finally:
+        runner.execute = original
+    assert checked, f"{name}: no pure decode step of {num_seqs} sequences was compared"
+    if name.startswith("mistral") and num_seqs > 1:
+        assert max(ctx for ctx, _ in checked) > 128  # the window really cut the context
+
+
+def test_fused_generation_matches_eager(engine_llm):
+    """Greedy tokens with the fused stack standing in for the layers on decode steps equal the eager ones."""
+    name, llm = engine_llm
+    model = llm.engine.model
+    fused = FusedDecoder.build(model)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    batch = prompts(5, seed=7)
+    eager = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    used = 0
+    original = model.forward
+
+    def forward(input_ids, positions, meta, kv_caches):
+        nonlocal used
+        if not FusedDecoder.applies(meta, input_ids.shape[0]):
+            return original(input_ids, positions, meta, kv_caches)
+        used += 1
+        x = model.model.embed_tokens(input_ids)
+        rotation = model.model.rotary.for_positions(positions)
+        return model.model.norm(fused(x, rotation, meta, kv_caches))
+
+    model.forward = forward
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    finally:
+        del model.forward
+    assert used >= 10
+    assert got == eager, name
+
+
+def test_applies():
+    slots = torch.zeros(3, dtype=torch.long)
+    decode = AttentionMetadata(slot_mapping=slots, num_decodes=3, decode_gather=torch.zeros(3, 4, dtype=torch.long))
+    assert FusedDecoder.applies(decode, 3)
+    assert not FusedDecoder.applies(decode, 4)  # a prefill token besides the decodes
+    chunk = PrefillChunk(start=3, length=1, context_len=1, gather=None, mask=None)
+    assert not FusedDecoder.applies(AttentionMetadata(slots, 3, decode.decode_gather, None, [chunk]), 3)
+    assert not FusedDecoder.applies(AttentionMetadata(torch.zeros(0, dtype=torch.long), 0), 0)
+    many = MAX_FUSED_SEQS + 1
+    big = AttentionMetadata(torch.zeros(many, dtype=torch.long), many, torch.zeros(many, 4, dtype=torch.long))
+    assert not FusedDecoder.applies(big, many)
+
+
+def test_build_declines_without_kernels(tmp_path):
+    path = make_tiny_hf_model(tmp_path / "m", arch="llama", num_kv_heads=2)
+    llm = LLM(model=str(path), cpu_kernels=False)
+    assert FusedDecoder.build(llm.engine.model) is None
+
+
+def test_rejects_bad_inputs(engine_llm):
+    _, llm = engine_llm
+    model = llm.engine.model
+    fused = FusedDecoder.build(model)
+    cfg = model.config
+    d, ctx = MAX_FUSED_SEQS + 1, 4
+    caches = llm.engine.runner.kv_cache.layers
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(d, dtype=torch.long),
+        num_decodes=d,
+        decode_gather=torch.zeros(d, ctx, dtype=torch.long),
+        decode_mask=torch.ones(d, 1, 1, ctx, dtype=torch.bool),
+    )
+    x = torch.zeros(d, cfg.hidden_size)
+    rotation = torch.ones(d, 1, cfg.head_dim // 2, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="1 to 16 sequences"):
+        fused(x, rotation, meta, caches)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(1, dtype=torch.long),
+        num_decodes=1,
+        decode_gather=torch.full((1, ctx), caches[0][0].shape[0], dtype=torch.long),
+        decode_mask=torch.ones(1, 1, 1, ctx, dtype=torch.bool),
+    )
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        fused(x[:1], rotation[:1], meta, caches)
