@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -46,6 +47,10 @@ def _build():
         flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if vector else [])
         name = "jisu_kernels_avx2" if vector else "jisu_kernels_portable"
         sources = [str(_HERE / s) for s in _SOURCES]
+        # torch's build cache hashes the sources it is given, not the headers they include: fold the headers'
+        # hash into a flag so editing one rebuilds.
+        headers = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.h")))).hexdigest()[:12]
+        flags.append(f"-DJISU_HEADERS_SHA={headers}")
         return load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, a sandbox without /tmp...: fall back, loudly
         log.warning("jisu: C++ kernels unavailable (%s); using torch's CPU kernels", str(e).splitlines()[0])

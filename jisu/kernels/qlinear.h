@@ -22,12 +22,16 @@ struct QWeight {
   int64_t nbytes() const;
 };
 
-// y[M, N] = x[M, K] . W^T (+ bias), for few rows (decode: M <= 16). Parallel over output rows; each (m, n)
-// is summed in the same order whatever M is, so a sequence gets the same numbers alone or in a batch.
+// y[M, N] = x[M, K] . W^T (+ bias); x and y are contiguous row-major float32. Made for decode (M <= 16),
+// correct and fast for any M up to a few hundred rows. Runs its own at::parallel_for over output rows (called
+// inside a parallel region it runs on the calling thread). Each (m, n) is summed in one order that depends on
+// neither M nor the thread split, so a sequence gets the same numbers alone or in a batch (the order is spelled
+// out in qlinear.cpp).
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 
-// Any number of rows: few rows -> qweight_matvec; many rows (prefill) -> a float32 GEMM over tiles of W
-// dequantized one at a time (the whole matrix is never dequantized at once).
+// Any number of rows: up to 128 (float32) / 192 (int8, int4) rows -> qweight_matvec (measured faster there, and
+// batch-invariant); more (prefill) -> a float32 GEMM over tiles of W dequantized one at a time (the whole matrix
+// is never dequantized at once).
 at::Tensor qlinear(const at::Tensor& x, const QWeight& w);
 
 // The float32 [N, K] matrix (tests, and exporting to other formats).

@@ -1,0 +1,167 @@
+"""The C++ QWeight kernels (jisu/kernels/qlinear.cpp) against torch, for every format.
+
+Reference: the weight is dequantized here in plain torch, straight from the layout documented in qlinear.h, and
+the product is taken in float64. Tolerance: the classic bound for a float32 dot product of K terms summed in any
+order, |y - y_exact| <= (K + 2) * u * (|x| @ |W|^T + |b|) with u = 2**-24 (each of the K - 1 additions and the
+bias add rounds once; products are fused or exact). The kernels' fixed 32-way split stays far below it; a wrong
+nibble, scale or zero is orders of magnitude above it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jisu.kernels.build import cpu_linear_kernels
+
+ext = cpu_linear_kernels()
+pytestmark = pytest.mark.skipif(ext is None, reason="C++ kernels unavailable (no toolchain)")
+
+U = 2.0**-24
+
+
+def make_weight(bits: int, N: int, K: int, group: int, bias: bool, seed: int = 0):
+    """Random storage for one format, its QWeight, and its float32 matrix dequantized in torch from the docs."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(N, generator=g) if bias else None
+    if bits == 32:
+        data = torch.randn(N, K, generator=g)
+        return ext.QWeight(32, data, bias=b), data.clone(), b
+    scales = (torch.rand(N, K // group, generator=g) * 0.02 + 1e-3).half()
+    sc = scales.float().repeat_interleave(group, dim=1)
+    if bits == 8:
+        q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+        return ext.QWeight(8, q, scales, None, group, b), sc * q.float(), b
+    data = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    zeros = ((torch.rand(N, K // group, generator=g) - 0.5) * 0.2).half()
+    # Byte j of each 32-input block: input j in the low nibble, input j + 16 in the high nibble.
+    blocks = data.view(N, K // 32, 16)
+    q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).reshape(N, K).float()
+    w = sc * q + zeros.float().repeat_interleave(group, dim=1)
+    return ext.QWeight(4, data, scales, zeros, group, b), w, b
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    exact = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    if b is not None:
+        exact += b.double()
+        mag += b.double().abs()
+    K = x.shape[1]
+    err = (y.double() - exact).abs()
+    bound = (K + 2) * U * mag + 1e-30
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {worst:.3g}x the float32 rounding bound"
+
+
+# (bits, K, group): every documented format over odd-but-valid shapes, plus int8 / float32 corner cases the
+# constructor accepts (groups that are not a multiple of 8 or 32, K not a multiple of 8).
+FORMATS = (
+    [(32, K, 0) for K in (32, 96, 576, 1536, 37, 100)]
+    + [(8, K, G) for K in (32, 96, 576, 1536) for G in sorted({32, K})]
+    + [(8, 96, 24), (8, 96, 12), (8, 37, 37)]
+    + [(4, K, G) for K in (32, 96, 576, 1536) for G in (32, 64, 128) if K % G == 0]
+    + [(4, 96, 96)]
+)
+
+
+def _id(f):
+    return f"b{f[0]}-K{f[1]}-G{f[2]}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_id)
+def test_dequantize_matches_documented_layout(fmt):
+    bits, K, G = fmt
+    qw, w, _ = make_weight(bits, 67, K, G, bias=False)
+    assert (qw.N, qw.K, qw.bits) == (67, K, bits)
+    # scale * q is exact in float32, so the kernel's single rounding of scale * q + zero is torch's, bit for bit.
+    assert torch.equal(ext.qweight_dequantize(qw), w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_id)
+@pytest.mark.parametrize("bias", [False, True])
+def test_qlinear_matches_dequantized_matmul(fmt, bias):
+    bits, K, G = fmt
+    N = {32: 1, 96: 67, 576: 200, 1536: 71}.get(K, 13)  # never a multiple of 8, mostly not of 64
+    qw, w, b = make_weight(bits, N, K, G, bias, seed=K + G + bits)
+    wk = ext.qweight_dequantize(qw)
+    g = torch.Generator().manual_seed(1)
+    for M in (1, 2, 5, 16, 17, 40, 200):  # 200: the dequantize-tiles-into-a-GEMM path (M > 192)
+        x = torch.randn(M, K, generator=g)
+        y = ext.qlinear(x, qw)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        check_close(y, x, w, b)  # against the documented format
+        ref = x @ wk.T + (b if b is not None else 0)  # against the kernel's own dequantization, in float32
+        tol = 2 * (K + 2) * U * ((x.abs() @ wk.abs().T) + (b.abs() if b is not None else 0)) + 1e-30
+        assert ((y - ref).abs() <= tol).all()
+
+
+@pytest.mark.parametrize(
+    "fmt", [(32, 576, 0), (32, 100, 0), (8, 576, 32), (8, 576, 576), (8, 96, 24), (4, 576, 32), (4, 1536, 128)], ids=_id
+)
+def test_batch_invariance(fmt):
+    """Row m of a batched call equals that row alone, bit for bit, for every M <= 16 and thread count."""
+    bits, K, G = fmt
+    qw, _, _ = make_weight(bits, 333, K, G, bias=True)
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([ext.qlinear(x[m : m + 1], qw) for m in range(16)])
+    for M in (2, 3, 5, 7, 16):
+        assert torch.equal(ext.qlinear(x[:M], qw), alone[:M]), f"M={M}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ext.qlinear(x, qw), alone)
+        assert torch.equal(ext.qlinear(x[3:4], qw), alone[3:4])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_noncontiguous_and_empty():
+    qw, w, _ = make_weight(4, 40, 64, 32, bias=False)
+    x = torch.randn(64, 5).T  # [5, 64], not contiguous
+    check_close(ext.qlinear(x, qw), x, w, None)
+    assert ext.qlinear(torch.empty(0, 64), qw).shape == (0, 40)
+
+
+def _bad(*args, match):
+    with pytest.raises(RuntimeError, match=match):
+        ext.QWeight(*args)
+
+
+def test_bad_weights_raise():
+    q8 = torch.zeros(4, 96, dtype=torch.int8)
+    q4 = torch.zeros(4, 48, dtype=torch.uint8)
+
+    def s(n):
+        return torch.ones(4, n, dtype=torch.float16)
+
+    _bad(8, q8, s(2), None, 40, None, match="does not divide")
+    _bad(4, q4, s(6), s(6), 16, None, match="multiple of 32")
+    _bad(8, q4, s(3), None, 32, None, match="needs int8")
+    _bad(4, q8, s(3), s(3), 32, None, match="needs uint8")
+    _bad(32, torch.zeros(4, 8, dtype=torch.float64), None, None, 0, None, match="float32")
+    _bad(8, q8, None, None, 32, None, match="needs scales")
+    _bad(8, q8, s(2), None, 32, None, match=r"scales must be float16 \[4, 3\]")
+    _bad(8, q8, torch.ones(4, 3), None, 32, None, match="scales must be float16")
+    _bad(4, q4, s(3), None, 32, None, match="needs zeros")
+    _bad(4, q4, s(3), s(2), 32, None, match="zeros must be")
+    _bad(8, q8, s(3), None, 32, torch.zeros(5), match=r"bias must be float32 \[4\]")
+    _bad(3, q8, s(3), None, 32, None, match="bits must be 32, 8 or 4")
+    _bad(32, torch.zeros(8), None, None, 0, None, match="2-D")
+
+
+def test_bad_inputs_raise():
+    qw, _, _ = make_weight(8, 4, 96, 32, bias=False)
+    with pytest.raises(RuntimeError, match="x has 95 columns, the weight has 96 inputs"):
+        ext.qlinear(torch.zeros(2, 95), qw)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.qlinear(torch.zeros(2, 96, dtype=torch.float64), qw)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.qlinear(torch.zeros(96), qw)
+
+
+def test_bench_helper_runs():
+    """benchmarks/bench_qlinear.py times qweight_matvec through this helper."""
+    qw, _, _ = make_weight(4, 8, 64, 32, bias=True)
+    times = ext._time_matvec([qw, qw], 2, 3)
+    assert len(times) == 3 and all(t >= 0 for t in times)
