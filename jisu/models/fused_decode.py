@@ -14,12 +14,30 @@ context 2048: 26.0 vs 11.8 ms (there attention is bound by reading the float32 K
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from jisu.kernels.build import cpu_linear_kernels
 from jisu.runner.attention import AttentionMetadata
 
 MAX_FUSED_SEQS = 16
+
+
+@contextmanager
+def layer_by_layer(model: torch.nn.Module) -> Iterator[None]:
+    """Every step runs the Python layers while inside: module hooks (the operator profiler, pruning's
+    calibration statistics) see nothing of the fused C++ path. A model without one is left as it is."""
+    before = getattr(model, "use_fused_decode", None)
+    if before is None:
+        yield
+        return
+    model.use_fused_decode = False
+    try:
+        yield
+    finally:
+        model.use_fused_decode = before
 """The most sequences one fused call takes: the kernels' matrix-vector path (SMALL_BATCH_ROWS) and the C++
 scratch buffers are sized for it; larger batches take the eager layers."""
 

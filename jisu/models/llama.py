@@ -147,12 +147,12 @@ class LlamaForCausalLM(nn.Module):
             dest.copy_(tensor)
         quantized = {t: concat_rows(unify([p for _, p in sorted(parts, key=lambda x: x[0])], t))
                      for t, parts in shards.items()}
-        tied = self.config.tie_word_embeddings or "lm_head.weight" not in tensors
-        for src, dst in (("model.embed_tokens.weight", "lm_head.weight"),):
-            if tied and src in filled:
-                filled[dst] = filled[src]
-            if tied and src in quantized:
-                quantized[dst] = quantized[src]
+        if self.config.tie_word_embeddings or "lm_head.weight" not in tensors:
+            embed = "model.embed_tokens.weight"
+            if embed in filled:
+                filled["lm_head.weight"] = filled[embed]
+            if embed in quantized:
+                quantized["lm_head.weight"] = quantized[embed]
         missing = sorted(set(params) - set(filled) - set(quantized))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from jisu.models.fused_decode import layer_by_layer
 from jisu.models.layers import Linear, RMSNorm, SiluAndMul
 from jisu.models.rotary import ApplyRotary
 from jisu.runner.attention import PagedAttention
@@ -63,17 +64,15 @@ class OperatorProfiler:
         self._hook(self.model, self._model_done)
         # The fused decode path runs every layer in one C++ call, with no modules to time: while hooked, decode
         # runs layer by layer, so the breakdown describes the unfused path.
-        self._fused = getattr(self.model, "use_fused_decode", None)
-        if self._fused is not None:
-            self.model.use_fused_decode = False
+        self._layer_by_layer = layer_by_layer(self.model)
+        self._layer_by_layer.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._fused is not None:
-            self.model.use_fused_decode = self._fused
+        self._layer_by_layer.__exit__(None, None, None)
 
     def _hook(self, module: nn.Module, done) -> None:
         def pre(mod, args, kwargs=None):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
+from jisu.models.fused_decode import layer_by_layer
 
 DEFAULT_NEW_TOKENS = 32
 """Greedy tokens generated after each calibration prompt (their activations count too)."""
@@ -159,18 +160,13 @@ def collect_stats(
         handles.append(layer.input_layernorm.register_forward_hook(on_norm))
         handles.append(layer.post_attention_layernorm.register_forward_hook(partial(on_norm, kind="mlp_in")))
     handles.append(model.model.norm.register_forward_hook(partial(on_norm, n=0, kind="final_in")))
-    # A fused decode path (all layers in one C++ call) would run no Python module for the hooks to see.
-    fused = getattr(model, "use_fused_decode", None)
-    if fused is not None:
-        model.use_fused_decode = False
     try:
         params = SamplingParams(temperature=0, max_tokens=new_tokens + 1)
-        outputs = llm.generate(prompts, params)
+        with layer_by_layer(model):
+            outputs = llm.generate(prompts, params)
     finally:
         for h in handles:
             h.remove()
-        if fused is not None:
-            model.use_fused_decode = fused
     rows = sums["rows"][0]
     # Every prompt token and every generated token but the last passed through the layers (a preempted
     # sequence recomputes, so more is fine); fewer means some step bypassed the hooked modules.

@@ -58,9 +58,9 @@ def run_quantize(args) -> int:
     ckpt = load_checkpoint(args.model, keep_blocks=True)
     if str(args.out).lower().endswith(".gguf"):
         return _run_gguf(ckpt, args)
-    before = sum(_nbytes(t) for t in ckpt.tensors.values())
+    before = sum(t.nbytes for t in ckpt.tensors.values())  # a tensor's or a QuantizedTensor's
     spec, tensors, formats = quantized_tensors(ckpt, args.weights)
-    after = sum(t.numel() * t.element_size() for t in tensors.values())
+    after = sum(t.nbytes for t in tensors.values())
     record = {"weights": spec.label(), "source": ckpt.source, "matrices": formats}
     folder = save_hf_folder(
         args.out, ckpt.config, tensors, ckpt.tokenizer,
@@ -105,5 +105,3 @@ def _run_gguf(ckpt, args) -> int:
     return 0
 
 
-def _nbytes(t) -> int:
-    return t.nbytes if not hasattr(t, "element_size") else t.numel() * t.element_size()

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
 from jisu.errors import InvalidRequestError
 from jisu.loader.gguf import hf_tensor_name, open_gguf, read_metadata
+from jisu.models.rotary import pairs_adjacent
 from jisu.quant.formats import QuantizedTensor
 
 Q = GGMLQuantizationType
@@ -33,12 +34,6 @@ def gguf_blocks(t: QuantizedTensor, name: str) -> tuple[np.ndarray, GGMLQuantiza
     m = t.zeros.to(torch.float16).reshape(n, k // 32, 1).view(torch.uint8)
     q = t.qweight.reshape(n, k // 32, 16)
     return torch.cat([d, m, q], dim=2).reshape(n, -1).numpy(), Q.Q4_1
-
-
-def _permute_qk(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF's q/k row order -> llama.cpp's (the inverse of loader.gguf.unpermute_rows)."""
-    r = rows.shape[0]
-    return rows.reshape(n_head, 2, r // n_head // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
 
 
 def write_gguf(source: str | Path, out: str | Path, tensors: dict, config, bits: int) -> Path:
@@ -64,7 +59,8 @@ def write_gguf(source: str | Path, out: str | Path, tensors: dict, config, bits:
         value = tensors[hf]
         leaf = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
         if arch == "llama" and leaf in heads:
-            permute = lambda rows, h=heads[leaf]: _permute_qk(rows, h)  # noqa: E731
+            # llama.cpp's q/k row order is rotary pairs adjacent: the same order jisu's model stores
+            permute = lambda rows, h=heads[leaf]: pairs_adjacent(rows, h).contiguous()  # noqa: E731
             value = value.map_rows(permute) if isinstance(value, QuantizedTensor) else permute(value)
         if isinstance(value, QuantizedTensor):
             data, qtype = gguf_blocks(value, hf)
