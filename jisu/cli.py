@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from jisu.bench.cli import add_bench_parser, cmd_bench
+from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune
@@ -26,6 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--weights", default="auto", help="weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64")
+    p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +147,7 @@ def load_llm(args, quiet: bool = False):
     with _loading(quiet) as progress:
         checkpoint = load_checkpoint(args.model, progress=progress, keep_blocks=True)
     return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               checkpoint=checkpoint, weights=args.weights)
+               checkpoint=checkpoint, weights=args.weights, activations=args.activations)
 
 
 def _print_stats(metrics, stream=sys.stderr) -> None:

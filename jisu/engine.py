@@ -115,7 +115,8 @@ class LLMEngine:
             )
 
         model = model_class(self.model_config.architecture)(self.model_config, max_positions=self.max_model_len)
-        model.load_weights(tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels)
+        act_bits = 16 if config.activations == "int16" else 32
+        model.load_weights(tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels, act_bits=act_bits)
         model.eval()
         self.model = model
 

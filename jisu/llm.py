@@ -36,6 +36,7 @@ class LLM:
         checkpoint=None,
         weights: str = "auto",
         group_size: int | None = None,
+        activations: str = "int16",
     ):
         config = EngineConfig(
             model=model,
@@ -43,6 +44,7 @@ class LLM:
             dtype=dtype,
             weights=weights,
             group_size=group_size,
+            activations=activations,
             max_model_len=max_model_len,
             seed=seed,
             cpu_kernels=cpu_kernels,

@@ -5,6 +5,10 @@ the product is taken in float64. Tolerance: the classic bound for a float32 dot 
 order, |y - y_exact| <= (K + 2) * u * (|x| @ |W|^T + |b|) with u = 2**-24 (each of the K - 1 additions and the
 bias add rounds once; products are fused or exact). The kernels' fixed 32-way split stays far below it; a wrong
 nibble, scale or zero is orders of magnitude above it.
+
+int8 / int4 weights at up to 192 rows round x to int16 per 32-input block first (act_bits 16, the default), which
+moves each input by at most d_b / 2 (d_b = max|x_b| / 32767) plus a few float32 roundings: that adds
+|W| @ (d / 2 + 4u|x|) to the bound, still ~1000x below a one-step error in a weight.
 """
 
 from __future__ import annotations
@@ -41,7 +45,18 @@ def make_weight(bits: int, N: int, K: int, group: int, bias: bool, seed: int = 0
     return ext.QWeight(4, data, scales, zeros, group, b), w, b
 
 
-def check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+def act16_error(x: torch.Tensor) -> torch.Tensor:
+    """Per input, how far int16 rounding with one scale per 32-input block may move it."""
+    xd = x.double()
+    d = xd.abs().view(x.shape[0], -1, 32).amax(dim=2) / 32767
+    return d.repeat_interleave(32, dim=1) / 2 + 4 * U * xd.abs()
+
+
+def uses_act16(qw, M: int) -> bool:
+    return qw.bits != 32 and qw.act_bits == 16 and M <= 192 and qw.K % 32 == 0 and qw.group % 32 == 0
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act16: bool = False):
     exact = x.double() @ w.double().T
     mag = x.double().abs() @ w.double().abs().T
     if b is not None:
@@ -50,6 +65,8 @@ def check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tens
     K = x.shape[1]
     err = (y.double() - exact).abs()
     bound = (K + 2) * U * mag + 1e-30
+    if act16:
+        bound += act16_error(x) @ w.double().abs().T
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"error {worst:.3g}x the float32 rounding bound"
 
@@ -90,10 +107,54 @@ def test_qlinear_matches_dequantized_matmul(fmt, bias):
         x = torch.randn(M, K, generator=g)
         y = ext.qlinear(x, qw)
         assert y.shape == (M, N) and y.dtype == torch.float32
-        check_close(y, x, w, b)  # against the documented format
+        act16 = uses_act16(qw, M)
+        check_close(y, x, w, b, act16)  # against the documented format
         ref = x @ wk.T + (b if b is not None else 0)  # against the kernel's own dequantization, in float32
         tol = 2 * (K + 2) * U * ((x.abs() @ wk.abs().T) + (b.abs() if b is not None else 0)) + 1e-30
+        if act16:
+            tol = tol + (act16_error(x) @ wk.double().abs().T).float()
         assert ((y - ref).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("fmt", [(8, 576, 32), (8, 576, 576), (4, 576, 32), (4, 1536, 128)], ids=_id)
+def test_float_activations_on_request(fmt):
+    """act_bits 32 keeps x in float32: the plain float32 rounding bound holds again, and the int16 path's
+    results differ from it only by the documented activation rounding."""
+    bits, K, G = fmt
+    qw, w, b = make_weight(bits, 70, K, G, bias=True, seed=5)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(6))
+    assert qw.act_bits == 16
+    y16 = ext.qlinear(x, qw)
+    qw.act_bits = 32
+    y32 = ext.qlinear(x, qw)
+    check_close(y32, x, w, b)
+    check_close(y16, x, w, b, act16=True)
+    assert not torch.equal(y16, y32)  # the two paths really are different computations
+    with pytest.raises(RuntimeError, match="act_bits must be 16"):
+        qw.act_bits = 8
+
+
+def test_act16_rounding_is_per_block():
+    """One large input only coarsens its own 32-input block: an x with a 1e4 outlier in block 0 still gets the
+    other blocks' small inputs right (a per-row int16 scale would round them all to 0)."""
+    K = 96
+    q = torch.zeros(1, K, dtype=torch.int8)
+    q[0, 40] = 100  # the weight only sees input 40 (block 1)
+    qw = ext.QWeight(8, q, torch.ones(1, 3, dtype=torch.float16), None, 32, None)
+    x = torch.zeros(1, K)
+    x[0, 0] = 1e4
+    x[0, 40] = 1e-3
+    y = ext.qlinear(x, qw)
+    assert abs(y.item() - 0.1) <= 0.1 * 2**-15
+
+
+def test_act16_propagates_nan_and_inf():
+    qw, _, _ = make_weight(4, 8, 64, 32, bias=False)
+    for bad in (float("nan"), float("inf")):
+        x = torch.ones(2, 64)
+        x[1, 5] = bad
+        y = ext.qlinear(x, qw)
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
 
 
 @pytest.mark.parametrize(
@@ -119,7 +180,7 @@ def test_batch_invariance(fmt):
 def test_noncontiguous_and_empty():
     qw, w, _ = make_weight(4, 40, 64, 32, bias=False)
     x = torch.randn(64, 5).T  # [5, 64], not contiguous
-    check_close(ext.qlinear(x, qw), x, w, None)
+    check_close(ext.qlinear(x, qw), x, w, None, act16=True)
     assert ext.qlinear(torch.empty(0, 64), qw).shape == (0, 40)
 
 

@@ -150,6 +150,12 @@ def default_model_runs(real_model_path):
     return native, dense
 
 
+def _set_activations(llm, act_bits: int) -> None:
+    for m in llm.engine.model.modules():
+        if getattr(m, "kernel_weight", None) is not None:
+            m.kernel_weight.act_bits = act_bits
+
+
 def test_default_model_keeps_its_q4_1_blocks(default_model_runs):
     native, _ = default_model_runs
     m = native.engine.model
@@ -163,12 +169,29 @@ def test_default_model_keeps_its_q4_1_blocks(default_model_runs):
 
 
 def test_q4_1_native_logits_equal_float32_of_the_same_weights(default_model_runs):
-    # Float activations: the only difference from the dequantized float32 run is summation order.
     native, dense = default_model_runs
     ids = native.tokenizer.encode("The quick brown fox jumps over the lazy dog because it wants to")
-    a, b = _prefill_logits(dense, ids), _prefill_logits(native, ids)
+    a = _prefill_logits(dense, ids)
+    # Float activations: the only difference from the dequantized float32 run is summation order.
+    _set_activations(native, 32)
+    try:
+        exact = _prefill_logits(native, ids)
+    finally:
+        _set_activations(native, 16)
+    assert torch.equal(a.argmax(-1), exact.argmax(-1))
+    float_gap = (a - exact).abs().max().item()
+    assert float_gap < 1e-4 * a.abs().max().item()
+    # int16 activations (the default at up to 192 rows) add their rounding, still far below any weight format's.
+    b = _prefill_logits(native, ids)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item()
+
+
+def test_activations_option_reaches_the_kernels(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), weights="int4", activations="float32", max_model_len=64)
+    assert llm.engine.model.model.layers[0].mlp.down_proj.kernel_weight.act_bits == 32
+    with pytest.raises(JisuError, match="activations must be one of int16, float32, got 'int8'"):
+        LLM(model=str(tiny_llama_dir), weights="int4", activations="int8", max_model_len=64)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4-g64"])

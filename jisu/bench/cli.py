@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP
+
 
 _DEFAULT_MODEL_HELP = "GGUF file, Hugging Face folder or short name (default: smollm2-135m, jisu's default model)"
 
@@ -18,6 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--weights", default="auto", help="weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64")
+    p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,7 +72,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="the latency workload on jisu, transformers and llama.cpp side by side")
     cmp.add_argument("--model", "-m", default=None, help=_DEFAULT_MODEL_HELP)
     cmp.add_argument("--engines", default="jisu,transformers,llama.cpp",
-                     help="comma-separated: jisu, transformers, llama.cpp (default all three)")
+                     help="comma-separated: jisu, transformers, llama.cpp (default all three); jisu:WEIGHTS adds jisu "
+                          "with that --weights format, e.g. jisu,jisu:float32,llama.cpp")
     cmp.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
     cmp.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
     cmp.add_argument("--runs", type=int, default=3, help="timed runs per engine after a warm-up (default 3)")

@@ -2,17 +2,20 @@
 // (qweight_matvec), tiled GEMM for long prefills (qlinear with more than 128 / 192 rows), dequantization.
 //
 // Why: at batch 1 decode reads every weight once per token, and int4 weights are 8x fewer bytes than float32, so
-// the kernels keep float32 activations but never materialise float32 weights: nibbles / bytes are widened and
-// converted in registers right before the FMAs. At 2 threads this is about as much compute-bound as
-// bandwidth-bound (~6 cycles per 32 int4 weights and thread), so the loops are shaped by counted instructions
-// and by how the hardware prefetcher follows them (numbers next to each choice; benchmarks/bench_qlinear.py).
+// the kernels never materialise float32 weights. Two forms: (a) by default (QWeight::act_bits 16) x is rounded
+// once per call to int16 per 32-input block and nibbles / bytes widen to int16 for integer dot products (vpmaddwd,
+// ~2.3 cycles per 32 int4 weights and thread); (b) with act_bits 32, float32 x, weights converted to float in
+// registers right before the FMAs (~6 cycles), which was compute-bound at 2 threads. The loops are shaped by
+// counted instructions and by how the hardware prefetcher follows them (numbers next to each choice;
+// benchmarks/bench_qlinear.py).
 //
 // Order of the sums (what a result's bits depend on). Each (m, n) is computed in one fixed order, whatever M, the
 // thread split or the number of rows processed side by side are, so a sequence gets the same numbers alone or in
 // a batch (tests/test_qlinear_kernels.py checks it bit for bit). Inputs go in 8-lane slices (inputs 8i..8i+7):
 //   float32:     slice i is FMA'd into chain i % 4 (i in order); y = hsum8((c0 + c1) + (c2 + c3)), then the
 //                K % 8 leftover inputs one FMA at a time, then + bias. (The old linear_cpu.cpp kernel's order.)
-//   int8 / int4: per group g, in order: S = the group's slices FMA'd into one chain (q * x, q the exact integer
+//   int8 / int4 with act_bits 16: see "16-bit activations" below.
+//   int8 / int4 with act_bits 32: per group g, in order: S = the group's slices FMA'd into one chain (q * x, q the exact integer
 //                as float), T = fma(scale_g, S, T); y = hsum8(T) [int4: + sum_g zero_g * X_g], + bias, where X_g
 //                is the sum of x over group g (computed once per call) and the zero term is 8 groups at a time
 //                (FMA), hsum8, then the leftover groups one FMA at a time.
@@ -31,6 +34,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -94,7 +98,9 @@ namespace {
 // Per-thread scratch, reused across calls (the fused decoder makes ~120 calls per token; no allocation in them).
 struct Scratch {
   std::vector<float> row, sc, zc, out;  // used inside parallel tasks
-  std::vector<float> xs;                // used by the calling thread before its parallel_for
+  std::vector<int16_t> row16;           // used inside parallel tasks
+  std::vector<float> xs, xd;            // used by the calling thread before its parallel_for
+  std::vector<int16_t> xq;              // used by the calling thread before its parallel_for
 };
 Scratch& scratch() {
   thread_local Scratch s;
@@ -485,6 +491,172 @@ void quant_task(const QWeight& w, const float* x, int64_t M, float* y, const flo
   }
 }
 
+// ---- int8 / int4 with 16-bit activations: integer dot products per 32-input block ----
+//
+// Converting every weight to float costs more than reading it (above: ~6 cycles per 32 int4 weights). Instead x is
+// rounded once per call to int16 with one float scale per 32-input block (d_b = max|x_b| / 32767, so each input
+// moves by at most max|x_b| / 65534, 2^-16 of its block's largest: far below any weight format's own error), and
+// weights widen to int16 for vpmaddwd. A block's integer sum P_b = sum q * xq is exact and so is float(P_b)
+// (|P_b| lane <= 4 * 128 * 32767 < 2^24). Order of the float sums, for every M: per group g, A = fma(float(P_b),
+// d_b, A) over its blocks in order; T = fma(scale_g, A, T); y = hsum8(T) [int4: + the zero term from the float
+// x, as above] + bias. Measured (one thread, cache-resident int4 576x576 group 32): see kAct16Rows.
+
+// x [M, K] (K % 32 == 0) -> xq int16 [M, K] and d float [M, K / 32]. A block holding NaN or inf gets d = NaN,
+// so the rows it touches come out NaN, as they would in float.
+void quantize_act16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xd) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t i = 0; i < M * K / 32; ++i) {
+    const float* xb = x + 32 * i;
+    __m256 v[4], a = _mm256_setzero_ps();
+    int bad = 0;
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      a = _mm256_max_ps(a, _mm256_and_ps(v[j], abs_mask));
+      bad |= _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
+    const float amax = _mm_cvtss_f32(h);
+    const bool finite = !bad && amax <= 3.4e38f;
+    const __m256 inv = _mm256_set1_ps(finite && amax > 0.f ? 32767.f / amax : 0.f);
+    xd[i] = finite ? amax / 32767.f : std::numeric_limits<float>::quiet_NaN();
+    for (int j = 0; j < 2; ++j) {
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * j], inv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * j + 1], inv));
+      // packs works per 128-bit half: [lo0-3 hi0-3 lo4-7 hi4-7] -> reorder the 64-bit quarters to 0, 2, 1, 3.
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i + 16 * j), p);
+    }
+  }
+}
+
+// Weight sources for the act16 kernels: one 32-input block as two int16 vectors (inputs 0-15, 16-31).
+struct Int4Src {  // packed nibbles: byte j = input j (low) | input j + 16 (high)
+  using T = uint8_t;
+  static constexpr int64_t kStride = 16;  // elements of T per block
+  static inline void load(const uint8_t* p, __m256i& w0, __m256i& w1) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w0 = _mm256_and_si256(v, _mm256_set1_epi16(0xF));
+    w1 = _mm256_srli_epi16(v, 4);
+  }
+};
+struct Int8Src {
+  using T = int8_t;
+  static constexpr int64_t kStride = 32;
+  static inline void load(const int8_t* p, __m256i& w0, __m256i& w1) {
+    w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  }
+};
+struct Int16Src {  // rows already widened (the M > 1 tiles)
+  using T = int16_t;
+  static constexpr int64_t kStride = 32;
+  static inline void load(const int16_t* p, __m256i& w0, __m256i& w1) {
+    w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  }
+};
+
+// NR weight rows (row r at q + r * row_stride, its float scales at sc + r * ng) against one row of quantized x;
+// out[r] = hsum8(T_r) (no zero term, no bias). nbg = blocks per group.
+template <class S, int NR>
+inline void act16_rows(const typename S::T* q, int64_t row_stride, const float* sc, int64_t ng, int64_t nbg,
+                       const int16_t* xq, const float* xd, float* out) {
+  __m256 t[NR];
+  for (int r = 0; r < NR; ++r) t[r] = _mm256_setzero_ps();
+  const typename S::T* qb = q;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nbg; ++b, qb += S::kStride, xq += 32, ++xd) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+      const __m256 d = _mm256_broadcast_ss(xd);
+      for (int r = 0; r < NR; ++r) {
+        __m256i w0, w1;
+        S::load(qb + r * row_stride, w0, w1);
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, a[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) t[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + r * ng + g), a[r], t[r]);
+  }
+  for (int r = 0; r < NR; ++r) out[r] = hsum8(t[r]);
+}
+
+// Rows side by side at M = 1, each from its own part of the task's range (sequential streams, as above).
+template <class S>
+constexpr int kAct16Rows = 4;
+// Weight rows per widened tile at M > 1.
+constexpr int kAct16Tile = 4;
+
+// One parallel task of an act16 matvec: output rows [n0, n1).
+template <class S>
+void act16_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd, const float* xs, float* y,
+                int64_t n0, int64_t n1) {
+  const int64_t N = w.N, K = w.K, ng = K / w.group, nbg = w.group / 32, nb = K / 32;
+  const bool int4 = w.bits == 4;
+  const int64_t row_elems = int4 ? K / 2 : K;
+  const auto* q = static_cast<const typename S::T*>(w.data.data_ptr());
+  const at::Half* hs = w.scales.data_ptr<at::Half>();
+  const at::Half* hz = int4 ? w.zeros.data_ptr<at::Half>() : nullptr;
+  const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
+  Scratch& s = scratch();
+  const int64_t rows = std::max<int64_t>(kAct16Rows<S>, kAct16Tile);
+  if (static_cast<int64_t>(s.sc.size()) < rows * ng) s.sc.resize(rows * ng), s.zc.resize(rows * ng);
+  float* sc = s.sc.data();
+  float* zc = s.zc.data();
+  auto finish = [&](int64_t m, int64_t n, float v) {
+    if (int4) {
+      halves_to_float(hz + n * ng, ng, zc);
+      v += zero_term(zc, xs + m * ng, ng);
+    }
+    y[m * N + n] = v + (bp ? bp[n] : 0.f);
+  };
+  if (M == 1) {
+    constexpr int NR = kAct16Rows<S>;
+    float t[NR];
+    const int64_t part = (n1 - n0) / NR;
+    for (int64_t n = n0; n < n0 + part; ++n) {
+      for (int r = 0; r < NR; ++r) halves_to_float(hs + (n + r * part) * ng, ng, sc + r * ng);
+      act16_rows<S, NR>(q + n * row_elems, part * row_elems, sc, ng, nbg, xq, xd, t);
+      for (int r = 0; r < NR; ++r) finish(0, n + r * part, t[r]);
+    }
+    for (int64_t n = n0 + NR * part; n < n1; ++n) {
+      halves_to_float(hs + n * ng, ng, sc);
+      act16_rows<S, 1>(q + n * row_elems, row_elems, sc, ng, nbg, xq, xd, t);
+      finish(0, n, t[0]);
+    }
+    return;
+  }
+  // M > 1: widen a tile of rows to int16 once, then every row of x against it (the same sums as M = 1).
+  if (static_cast<int64_t>(s.row16.size()) < kAct16Tile * K) s.row16.resize(kAct16Tile * K);
+  int16_t* wt = s.row16.data();
+  float t[kAct16Tile];
+  for (int64_t n = n0; n < n1; n += kAct16Tile) {
+    const int nt = static_cast<int>(std::min<int64_t>(kAct16Tile, n1 - n));
+    for (int i = 0; i < nt; ++i) {
+      const typename S::T* qr = q + (n + i) * row_elems;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i w0, w1;
+        S::load(qr + b * S::kStride, w0, w1);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wt + i * K + 32 * b), w0);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wt + i * K + 32 * b + 16), w1);
+      }
+    }
+    halves_to_float(hs + n * ng, nt * ng, sc);
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* xm = xq + m * K;
+      const float* dm = xd + m * nb;
+      if (nt == kAct16Tile) act16_rows<Int16Src, kAct16Tile>(wt, K, sc, ng, nbg, xm, dm, t);
+      else
+        for (int i = 0; i < nt; ++i) act16_rows<Int16Src, 1>(wt + i * K, K, sc + i * ng, ng, nbg, xm, dm, t + i);
+      for (int i = 0; i < nt; ++i) finish(m, n + i, t[i]);
+    }
+  }
+}
+
 #else  // portable: dequantize the row, then 4 chains of 8 lanes in scalar code (batch-invariant as well)
 
 inline float dot_scalar(const float* w, const float* x, int64_t K) {
@@ -532,6 +704,18 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
     group_sums(x, M, K, G, xs.data());
   }
   const float* xsp = xs.data();
+  if (w.act_bits == 16 && K % 32 == 0 && G % 32 == 0) {
+    Scratch& s = scratch();
+    if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K), s.xd.resize(M * K / 32);
+    quantize_act16(x, M, K, s.xq.data(), s.xd.data());
+    const int16_t* xq = s.xq.data();
+    const float* xd = s.xd.data();
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+      if (w.bits == 4) act16_task<Int4Src>(w, M, xq, xd, xsp, y, n0, n1);
+      else act16_task<Int8Src>(w, M, xq, xd, xsp, y, n0, n1);
+    });
+    return;
+  }
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     if (w.bits == 4) quant_task<Int4Block>(w, x, M, y, xsp, n0, n1);
     else quant_task<Int8Block>(w, x, M, y, xsp, n0, n1);
@@ -615,6 +799,12 @@ void register_qlinear(pybind11::module_& m) {
       .def_readonly("N", &QWeight::N)
       .def_readonly("K", &QWeight::K)
       .def_readonly("group", &QWeight::group)
+      .def_property(
+          "act_bits", [](const QWeight& w) { return w.act_bits; },
+          [](QWeight& w, int64_t v) {
+            TORCH_CHECK(v == 16 || v == 32, "act_bits must be 16 (int16 activations) or 32 (float32), got ", v);
+            w.act_bits = v;
+          })
       .def("nbytes", &QWeight::nbytes);
   m.def("qlinear", &qlinear, "y = x @ W.T + b for a QWeight W (float32 x on CPU)");
   m.def("qweight_dequantize", &qweight_dequantize, "a QWeight as a float32 [N, K] matrix");

@@ -15,6 +15,9 @@
 struct QWeight {
   int64_t bits = 32;
   int64_t N = 0, K = 0, group = 0;
+  // bits 8 / 4 at up to 192 rows: 16 rounds x to int16 per 32-input block for integer dot products (faster;
+  // qlinear.cpp bounds the rounding), 32 keeps x in float32. Ignored for bits 32 and for K or G not % 32.
+  int64_t act_bits = 16;
   at::Tensor data, scales, zeros, bias;
 
   QWeight(int64_t bits, at::Tensor data, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
@@ -26,7 +29,8 @@ struct QWeight {
 // correct and fast for any M up to a few hundred rows. Runs its own at::parallel_for over output rows (called
 // inside a parallel region it runs on the calling thread). Each (m, n) is summed in one order that depends on
 // neither M nor the thread split, so a sequence gets the same numbers alone or in a batch (the order is spelled
-// out in qlinear.cpp).
+// out in qlinear.cpp). int8 / int4 with act_bits 16 (K and G multiples of 32) round x to int16 per 32 inputs
+// first: each input moves by at most 2^-16 of its block's largest magnitude.
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 
 // Any number of rows: up to 128 (float32) / 192 (int8, int4) rows -> qweight_matvec (measured faster there, and

@@ -107,10 +107,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(
-        self, tensors: dict, dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True
+        self, tensors: dict, dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True, act_bits: int = 16
     ) -> None:
         """Materialises every parameter from checkpoint tensors named as in Hugging Face. Tensors may be
-        QuantizedTensor (see jisu/quant/plan.py): those matrices run on the int8/int4 kernels as they are."""
+        QuantizedTensor (see jisu/quant/plan.py): those matrices run on the int8/int4 kernels as they are, with
+        activations rounded to int16 (act_bits 16) or kept float32 (32) at decode (see jisu/kernels/qlinear.h)."""
         kernels = None
         if cpu_kernels and device.type == "cpu" and dtype == torch.float32:
             kernels = cpu_linear_kernels()
@@ -178,6 +179,7 @@ class LlamaForCausalLM(nn.Module):
                     bias = None if module.bias is None else module.bias.data
                     q = module.quantized
                     kw = q.to_kernel(kernels, bias) if q is not None else kernels.QWeight(32, module.weight.data, bias=bias)
+                    kw.act_bits = act_bits
                     module.use_kernels(kernels, kw)
         self.model.rotary.to(device)
         self.fused_decode = FusedDecoder.build(self)
