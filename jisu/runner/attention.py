@@ -13,6 +13,34 @@ import torch
 import torch.nn.functional as F
 
 
+# Long prefill chunks on CPU attend QUERY_BLOCK queries at a time, each block over only the keys it can see:
+# torch's CPU SDPA with is_causal still does most of the masked upper triangle. Measured (one thread, SmolLM2's
+# 9 query / 3 KV heads, ms per layer, is_causal vs blocks of 32 / 64 / 128): 128 tokens 0.58 vs 0.48 / 0.51,
+# 256: 1.97 vs 1.47 / 1.56 / 1.77, 512: 7.8 vs 5.6 / 5.2 / 6.0, 1024: 22.5 vs 19.4 / 18.8 / 19.8.
+QUERY_BLOCK = 64
+BLOCKED_PREFILL_MIN = 128
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[q, k] bool: causal, and within a sliding window (Mistral's) when there is one."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+@dataclass
+class QueryBlock:
+    """Rows [q0, q1) of a prefill chunk attend over keys [k0, k1) (positions in the sequence) under `mask`."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mask: torch.Tensor
+    """[q1 - q0, k1 - k0] bool, True = attend."""
+
+
 @dataclass
 class PrefillChunk:
     start: int
@@ -24,6 +52,20 @@ class PrefillChunk:
     """[context_len] cache slots to read, or None when the chunk is the whole context (use fresh K/V)."""
     mask: torch.Tensor | None
     """[length, context_len] bool, True = attend; None means plain causal."""
+    query_blocks: list[QueryBlock] | None = None
+    """When set (long chunks on CPU), attend block by block instead, each over only the keys it can see."""
+
+
+def query_blocks(n: int, start_pos: int, window: int | None, device) -> list[QueryBlock]:
+    """A chunk of n queries at positions start_pos.. in blocks of QUERY_BLOCK, each with the key range it sees."""
+    blocks = []
+    for q0 in range(0, n, QUERY_BLOCK):
+        q1 = min(n, q0 + QUERY_BLOCK)
+        k0 = 0 if window is None else max(0, start_pos + q0 - window + 1)
+        k1 = start_pos + q1
+        mask = visible(torch.arange(start_pos + q0, start_pos + q1), torch.arange(k0, k1), window)
+        blocks.append(QueryBlock(q0, q1, k0, k1, mask.to(device)))
+    return blocks
 
 
 @dataclass
@@ -70,14 +112,17 @@ def paged_attention(
             keys, values = k[rows], v[rows]
         else:
             keys, values = k_cache[c.gather], v_cache[c.gather]
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[rows], keys, values))  # [1, heads, len, Dh]
+        if c.query_blocks:
+            for b in c.query_blocks:
+                o = F.scaled_dot_product_attention(
+                    qh[:, :, b.q0 : b.q1], kh[:, :, b.k0 : b.k1], vh[:, :, b.k0 : b.k1],
+                    attn_mask=b.mask, scale=scale, enable_gqa=True,
+                )
+                out[c.start + b.q0 : c.start + b.q1] = o.squeeze(0).transpose(0, 1)
+            continue
         o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1).unsqueeze(0),
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
-            attn_mask=c.mask,
-            is_causal=c.mask is None,
-            scale=scale,
-            enable_gqa=True,
+            qh, kh, vh, attn_mask=c.mask, is_causal=c.mask is None, scale=scale, enable_gqa=True
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from jisu.models.config import ModelConfig
-from jisu.runner.attention import AttentionMetadata, PrefillChunk
+from jisu.runner.attention import BLOCKED_PREFILL_MIN, AttentionMetadata, PrefillChunk, query_blocks, visible
 from jisu.runner.kv_cache import KVCache
 from jisu.scheduler.blocks import BlockManager
 from jisu.scheduler.scheduler import ScheduledRequest, SchedulerOutput
@@ -101,16 +101,15 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """[q, k] bool: causal, and within Mistral's sliding window when the model has one."""
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        window = self.config.sliding_window
-        if window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - window
-        return allowed
+        return visible(q_pos, k_pos, self.config.sliding_window)
 
     def _prefill_chunk(self, row: int, n: int, start_pos: int, table: torch.Tensor) -> PrefillChunk:
         ctx = start_pos + n
         window = self.config.sliding_window
+        if n >= BLOCKED_PREFILL_MIN and self.device.type == "cpu":
+            gather = self._slots(table, torch.arange(ctx)) if start_pos > 0 else None
+            blocks = query_blocks(n, start_pos, window, self.device)
+            return PrefillChunk(row, n, ctx, gather=_to(gather, self.device), mask=None, query_blocks=blocks)
         if start_pos == 0 and (window is None or window >= n):
             # The chunk is the whole context: attend over its fresh K/V, plain causal.
             return PrefillChunk(row, n, ctx, gather=None, mask=None)
