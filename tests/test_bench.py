@@ -258,3 +258,18 @@ def test_bench_compare_llama_cpp_on_gguf(tiny_llama_gguf, tmp_path):
 def test_bench_compare_unknown_engine(capsys):
     assert bench(["bench", "compare", "--engines", "jisu,vllm"]) == 1
     assert "--engines" in capsys.readouterr().err
+    assert bench(["bench", "compare", "--engines", "transformers:int4"]) == 1
+    assert "jisu:WEIGHTS" in capsys.readouterr().err
+    assert bench(["bench", "compare", "--engines", "jisu:int3"]) == 1
+    assert "int3" in capsys.readouterr().err
+
+
+def test_bench_compare_jisu_weight_formats_side_by_side(tiny_llama_dir, tmp_path):
+    out = tmp_path / "cmp.json"
+    assert bench(["bench", "compare", "--model", str(tiny_llama_dir), "--engines", "jisu,jisu:int4,jisu:int4",
+                  "--input-len", "32", "--output-len", "8", "--runs", "1", "--concurrency", "1",
+                  "--calibration", "none", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["engines"]) == ["jisu", "jisu:int4"]  # a repeated engine runs once
+    assert r["engines"]["jisu:int4"]["medians"]["decode_tokens_per_s"] > 0
+    assert set(r["ratios_vs_jisu"]) == {"jisu:int4"}

@@ -30,11 +30,20 @@ INSTALL = {"transformers": "pip install transformers accelerate", "llama.cpp": "
 
 
 def parse_engines(text: str) -> list[str]:
+    """Engine names; `jisu:WEIGHTS` is jisu loaded with --weights WEIGHTS (e.g. jisu:float32 beside jisu)."""
     out = []
     for part in text.split(","):
-        name = ENGINE_ALIASES.get(part.strip().lower())
-        if name is None:
-            raise InvalidRequestError(f"--engines: unknown engine {part.strip()!r}; use jisu, transformers, llama.cpp")
+        base, _, weights = part.strip().partition(":")
+        name = ENGINE_ALIASES.get(base.lower())
+        if name is None or (weights and name != "jisu"):
+            raise InvalidRequestError(
+                f"--engines: unknown engine {part.strip()!r}; use jisu, jisu:WEIGHTS (e.g. jisu:float32), "
+                f"transformers, llama.cpp"
+            )
+        if weights:
+            from jisu.quant.plan import parse_weights
+
+            name = f"jisu:{parse_weights(weights).name}"
         if name not in out:
             out.append(name)
     return out
@@ -48,7 +57,7 @@ class JisuEngine:
     kv_dtype = "float32"
     note = ""
 
-    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int):
+    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int, weights: str = "auto"):
         from jisu.llm import LLM
 
         from jisu.loader.resolve import load_checkpoint
@@ -56,7 +65,9 @@ class JisuEngine:
         # Its own load, keeping GGUF's Q4_1/Q8_0 blocks (the checkpoint shared with the others is float).
         del checkpoint
         self.llm = LLM(model=str(path), checkpoint=load_checkpoint(path, keep_blocks=True), max_model_len=max_len,
-                       max_num_seqs=max_seqs)
+                       max_num_seqs=max_seqs, weights=weights)
+        if weights != "auto":
+            self.name = f"jisu:{weights}"
         self.kv_dtype = str(self.llm.engine.dtype).removeprefix("torch.")
         self.version = _version("jisu")
 
@@ -201,13 +212,15 @@ def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seq
     """The engines that load, and {name: {reason, install}} for those skipped."""
     loaded, skipped = [], {}
     for name in names:
-        if importlib.util.find_spec(_MODULES[name]) is None:
-            skipped[name] = {"reason": f"{_MODULES[name]} is not installed", "install": INSTALL[name]}
-            log(f"{name}: skipped ({_MODULES[name]} is not installed; {INSTALL[name]})")
+        base, _, weights = name.partition(":")
+        if importlib.util.find_spec(_MODULES[base]) is None:
+            skipped[name] = {"reason": f"{_MODULES[base]} is not installed", "install": INSTALL[base]}
+            log(f"{name}: skipped ({_MODULES[base]} is not installed; {INSTALL[base]})")
             continue
         t = time.perf_counter()
         try:
-            loaded.append(ENGINES[name](path, checkpoint, max_len, max_seqs))
+            args = (path, checkpoint, max_len, max_seqs) + ((weights,) if weights else ())
+            loaded.append(ENGINES[base](*args))
         except _Skip as e:
             skipped[name] = {"reason": str(e), "install": None}
             log(f"{name}: skipped ({e})")
