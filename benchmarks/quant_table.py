@@ -10,7 +10,9 @@ Each setting runs in its own process, so its peak memory is its own. Per setting
 - decode tokens/s at batch 1 and with 16 sequences decoding together (128-token prompts, 64 new tokens, medians
   of --runs runs after a warm-up; `jisu bench latency`'s definitions);
 - perplexity of wikitext-2 (llama.cpp's method: 512-token chunks, second half scored), KL divergence
-  (mean, nats) and top-1 agreement against the float32 run of the same file, on the same positions.
+  (mean, nats) and top-1 agreement against the float32 run of the same file, on the same positions. Every
+  product is made in calls of at most 128 rows, as decode makes them, so int8/int4 weights are scored with the
+  activations decode gives them (int16 by default; see benchmarks/activation_quality.py).
 The text is WikiText-2 (raw test split), CC BY-SA 3.0, from ../shared/data.
 """
 
@@ -27,10 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
-# (label, --weights, pruning: (method, amount) or None). Pruned models are written once, then loaded.
+# (label, --weights, pruning: (method, amount) or None[, --activations]). Pruned models are written once, then
+# loaded.
 SETTINGS = [
     ("float32 (reference)", "float32", None),
     ("Q4_1 kept native (auto)", "auto", None),
+    ("Q4_1 kept native, float32 activations", "auto", None, "float32"),
     ("int8 per channel", "int8", None),
     ("int8 group 32", "int8-g32", None),
     ("int4 group 32", "int4", None),
@@ -68,13 +72,17 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_one(model: str, reference_model: str, weights: str, text_path: str, chunks: int, runs: int) -> dict:
+def run_one(model: str, reference_model: str, weights: str, activations: str, text_path: str, chunks: int,
+            runs: int) -> dict:
+    from activation_quality import decode_sized_products
+
     from jisu import LLM
     from jisu.bench.latency import run_latency
     from jisu.eval.kl import kl_divergence
     from jisu.eval.perplexity import read_text
 
-    llm = LLM(model=model, weights=weights, max_model_len=640, max_num_seqs=16, enable_prefix_caching=False)
+    llm = LLM(model=model, weights=weights, activations=activations, max_model_len=640, max_num_seqs=16,
+              enable_prefix_caching=False)
     out = {"weights": llm.engine.weights, "weight_bytes": weight_bytes(llm.engine.model)}
     b1 = run_latency(llm, input_len=128, output_len=64, batch=1, runs=runs)
     b16 = run_latency(llm, input_len=128, output_len=64, batch=16, runs=runs)
@@ -84,13 +92,15 @@ def run_one(model: str, reference_model: str, weights: str, text_path: str, chun
     text = read_text(text_path)
     from jisu.eval.perplexity import perplexity
 
-    ppl = perplexity(llm.engine, text, 512, chunks)
+    with decode_sized_products():
+        ppl = perplexity(llm.engine, text, 512, chunks)
     out["ppl"], out["ppl_stderr"] = ppl.ppl, ppl.stderr
     out["peak_rss"] = peak_rss()
     ref = LLM(model=reference_model, weights="float32", max_model_len=640, max_num_seqs=1,
               enable_prefix_caching=False)
     if ref.engine.model_config.vocab_size == llm.engine.model_config.vocab_size:
-        kl = kl_divergence(llm.engine, ref.engine, text, 512, chunks)
+        with decode_sized_products():
+            kl = kl_divergence(llm.engine, ref.engine, text, 512, chunks)
         out["kl_mean"], out["top1"], out["ref_ppl"] = kl.kl_mean, kl.top1_agreement, kl.reference_ppl
     return out
 
@@ -137,8 +147,8 @@ def main() -> int:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: JSON of one setting
     args = p.parse_args()
     if args.one:
-        model, reference, weights = json.loads(args.one)
-        print(json.dumps(run_one(model, reference, weights, args.text, args.chunks, args.runs)))
+        model, reference, weights, activations = json.loads(args.one)
+        print(json.dumps(run_one(model, reference, weights, activations, args.text, args.chunks, args.runs)))
         return 0
 
     from jisu.bench.latency import machine_info
@@ -149,12 +159,12 @@ def main() -> int:
     start = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n, (label, weights, pruning) in enumerate(chosen):
+        for n, (label, weights, pruning, *acts) in enumerate(chosen):
             print(f"== {label}", file=sys.stderr, flush=True)
             try:
                 path = model if pruning is None else prune_model(model, *pruning, Path(tmp) / f"pruned-{n}")
                 child = subprocess.run(
-                    [sys.executable, __file__, "--one", json.dumps([path, model, weights]), "--text", args.text,
+                    [sys.executable, __file__, "--one", json.dumps([path, model, weights, *(acts or ["int16"])]), "--text", args.text,
                      "--chunks", str(args.chunks), "--runs", str(args.runs)],
                     check=True, capture_output=True, text=True,
                 )
