@@ -607,12 +607,13 @@ void act16_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd,
   if (static_cast<int64_t>(s.sc.size()) < rows * ng) s.sc.resize(rows * ng), s.zc.resize(rows * ng);
   float* sc = s.sc.data();
   float* zc = s.zc.data();
-  auto finish = [&](int64_t m, int64_t n, float v) {
-    if (int4) {
-      halves_to_float(hz + n * ng, ng, zc);
-      v += zero_term(zc, xs + m * ng, ng);
-    }
+  // z: row n's zeros as floats (int4 only).
+  auto finish = [&](int64_t m, int64_t n, float v, const float* z) {
+    if (int4) v += zero_term(z, xs + m * ng, ng);
     y[m * N + n] = v + (bp ? bp[n] : 0.f);
+  };
+  auto row_zeros = [&](int64_t n, int64_t rows) {
+    if (int4) halves_to_float(hz + n * ng, rows * ng, zc);
   };
   if (M == 1) {
     constexpr int NR = kAct16Rows<S>;
@@ -621,12 +622,16 @@ void act16_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd,
     for (int64_t n = n0; n < n0 + part; ++n) {
       for (int r = 0; r < NR; ++r) halves_to_float(hs + (n + r * part) * ng, ng, sc + r * ng);
       act16_rows<S, NR>(q + n * row_elems, part * row_elems, sc, ng, nbg, xq, xd, t);
-      for (int r = 0; r < NR; ++r) finish(0, n + r * part, t[r]);
+      for (int r = 0; r < NR; ++r) {
+        row_zeros(n + r * part, 1);
+        finish(0, n + r * part, t[r], zc);
+      }
     }
     for (int64_t n = n0 + NR * part; n < n1; ++n) {
       halves_to_float(hs + n * ng, ng, sc);
       act16_rows<S, 1>(q + n * row_elems, row_elems, sc, ng, nbg, xq, xd, t);
-      finish(0, n, t[0]);
+      row_zeros(n, 1);
+      finish(0, n, t[0], zc);
     }
     return;
   }
@@ -646,13 +651,14 @@ void act16_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd,
       }
     }
     halves_to_float(hs + n * ng, nt * ng, sc);
+    row_zeros(n, nt);  // once per tile, not per row of x
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* xm = xq + m * K;
       const float* dm = xd + m * nb;
       if (nt == kAct16Tile) act16_rows<Int16Src, kAct16Tile>(wt, K, sc, ng, nbg, xm, dm, t);
       else
         for (int i = 0; i < nt; ++i) act16_rows<Int16Src, 1>(wt + i * K, K, sc + i * ng, ng, nbg, xm, dm, t + i);
-      for (int i = 0; i < nt; ++i) finish(m, n + i, t[i]);
+      for (int i = 0; i < nt; ++i) finish(m, n + i, t[i], zc + i * ng);
     }
   }
 }
