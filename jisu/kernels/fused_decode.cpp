@@ -33,11 +33,11 @@ namespace {
 constexpr int64_t kMaxSeqs = 16;
 // Multiply-adds of attention (per layer) below which it runs on the calling thread alone.
 constexpr int64_t kInlineAttentionWork = 1 << 15;
-// Visible slots per attention task (16 KiB of K for one kv head at head_dim 64: stays in L1 across the group).
+// Visible slots per attention task (SmolLM2: 48 KiB of K for its 3 kv heads, which stays in L2 for the V pass).
 constexpr int64_t kAttnChunk = 64;
 
 struct AttnTask {
-  int64_t d, kvh, j0, j1;  // sequence, kv head, visible slots [j0, j1)
+  int64_t d, j0, j1;  // sequence, visible slots [j0, j1), every kv head
 };
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -247,17 +247,16 @@ class FusedDecoder {
     for (int64_t d = 0; d < D; ++d) {
       TORCH_CHECK(sm[d] >= 0 && sm[d] < num_slots, "slot_mapping slot ", sm[d], " outside the cache");
     }
-    // Attention work items: (sequence, kv head, chunk of kAttnChunk visible slots), in that order.
+    // Attention work items: (sequence, chunk of kAttnChunk visible slots), in that order.
     tasks_.clear();
     first_task_.assign(D + 1, 0);
     for (int64_t d = 0; d < D; ++d) {
       first_task_[d] = static_cast<int64_t>(tasks_.size());
-      for (int64_t g = 0; g < KVH_; ++g)
-        for (int64_t j0 = 0; j0 < count_[d]; j0 += kAttnChunk)
-          tasks_.push_back(AttnTask{d, g, j0, std::min(count_[d], j0 + kAttnChunk)});
+      for (int64_t j0 = 0; j0 < count_[d]; j0 += kAttnChunk)
+        tasks_.push_back(AttnTask{d, j0, std::min(count_[d], j0 + kAttnChunk)});
     }
     first_task_[D] = static_cast<int64_t>(tasks_.size());
-    partial_.resize(tasks_.size() * (H_ / KVH_) * (hd_ + 2));
+    partial_.resize(tasks_.size() * H_ * (hd_ + 2));
 
     at::Tensor out = x.clone();  // the residual stream
     float* res = out.data_ptr<float>();
@@ -321,25 +320,27 @@ class FusedDecoder {
  private:
   // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d.
   //
-  // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for one kv head and all the
-  // q heads sharing it (GQA), so every K/V row is read from memory once per layer (at long contexts attention
-  // is bound by reading the float32 cache) and the work divides evenly between threads even at batch 1. A
-  // task leaves, per q head, its chunk's max score m, sum of e^(s - m) and unnormalised e^(s - m)-weighted
+  // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for every kv head and the
+  // q heads sharing it (GQA), so every K/V row is read from memory once per layer, whole (at long contexts
+  // attention is bound by reading the float32 cache; one task per kv head read each row in three strided
+  // pieces on different threads, and ran at ~10 GB/s), and the work divides between threads even at batch 1.
+  // A task leaves, per q head, its chunk's max score m, sum of e^(s - m) and unnormalised e^(s - m)-weighted
   // sum of v; the chunks of a (sequence, head) are then merged exactly (rescaled to the common max).
   void attention(int64_t D, int64_t ctx, const float* qkv, const float* kc, const float* vc, float* attn) {
     const int64_t G = H_ / KVH_, stride = hd_ + 2;
     const int64_t ntasks = static_cast<int64_t>(tasks_.size());
     // A parallel region costs a few microseconds; very short contexts are cheaper inline.
-    const int64_t grain = std::max<int64_t>(1, kInlineAttentionWork / (2 * G * kAttnChunk * hd_));
+    const int64_t grain = std::max<int64_t>(1, kInlineAttentionWork / (2 * H_ * kAttnChunk * hd_));
     at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
       float sc[kAttnChunk];
       for (int64_t t = t0; t < t1; ++t) {
         const AttnTask& task = tasks_[t];
-        const int64_t koff = task.kvh * hd_, n = task.j1 - task.j0;
+        const int64_t n = task.j1 - task.j0;
         const int64_t* vis = visible_.data() + task.d * ctx + task.j0;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* q = qkv + task.d * qkvN_ + (task.kvh * G + g) * hd_;
-          float* part = partial_.data() + (t * G + g) * stride;
+        for (int64_t h = 0; h < H_; ++h) {
+          const int64_t koff = (h / G) * hd_;
+          const float* q = qkv + task.d * qkvN_ + h * hd_;
+          float* part = partial_.data() + (t * H_ + h) * stride;
           qk_scores(q, kc + koff, vis, n, hd_, scale_, sc);
           float mx = sc[0];
           for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sc[j]);
@@ -357,17 +358,14 @@ class FusedDecoder {
     });
     // Merge the chunks of each (sequence, q head).
     for (int64_t d = 0; d < D; ++d) {
-      const int64_t chunks = (first_task_[d + 1] - first_task_[d]) / KVH_;
+      const int64_t chunks = first_task_[d + 1] - first_task_[d];
       for (int64_t h = 0; h < H_; ++h) {
         float* o = attn + d * H_ * hd_ + h * hd_;
         if (chunks == 0) {  // nothing visible (never for a real decode, which sees its own token): zeros
           std::fill(o, o + hd_, 0.f);
           continue;
         }
-        const int64_t kvh = h / G, g = h % G;
-        auto part = [&](int64_t c) {
-          return partial_.data() + ((first_task_[d] + kvh * chunks + c) * G + g) * stride;
-        };
+        auto part = [&](int64_t c) { return partial_.data() + ((first_task_[d] + c) * H_ + h) * stride; };
         if (chunks == 1) {
           const float* p = part(0);
           const float inv = 1.f / p[hd_ + 1];
