@@ -250,10 +250,13 @@ class FusedDecoder {
     // Attention work items: (sequence, chunk of kAttnChunk visible slots), in that order.
     tasks_.clear();
     first_task_.assign(D + 1, 0);
+    // Short contexts get smaller chunks (down to 16 slots), so that even one sequence splits over the threads.
+    const int64_t spread = 2 * static_cast<int64_t>(at::get_num_threads());
     for (int64_t d = 0; d < D; ++d) {
       first_task_[d] = static_cast<int64_t>(tasks_.size());
-      for (int64_t j0 = 0; j0 < count_[d]; j0 += kAttnChunk)
-        tasks_.push_back(AttnTask{d, j0, std::min(count_[d], j0 + kAttnChunk)});
+      const int64_t chunk = std::clamp<int64_t>((count_[d] + spread - 1) / spread, 16, kAttnChunk);
+      for (int64_t j0 = 0; j0 < count_[d]; j0 += chunk)
+        tasks_.push_back(AttnTask{d, j0, std::min(count_[d], j0 + chunk)});
     }
     first_task_[D] = static_cast<int64_t>(tasks_.size());
     partial_.resize(tasks_.size() * H_ * (hd_ + 2));
