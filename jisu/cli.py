@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from jisu.bench.cli import add_bench_parser, cmd_bench
-from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP
+from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP, WEIGHTS_HELP
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune
@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--weights", default="auto", help="weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64")
+    p.add_argument("--weights", default="auto", help=WEIGHTS_HELP)
     p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
 
 

@@ -46,6 +46,8 @@ class CacheConfig:
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("int16", "float32")
+WEIGHTS_HELP = ("weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, "
+                "float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64")
 ACTIVATIONS_HELP = ("int8/int4 weights at decode: int16 (default) rounds each 32 inputs to int16 for integer dot "
                     "products, within 2^-16 of their largest; float32 keeps them exact (slower)")
 

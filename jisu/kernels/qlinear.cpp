@@ -414,21 +414,38 @@ void group_sums(const float* x, int64_t M, int64_t K, int64_t G, float* xs) {
     }
 }
 
+// What a parallel task of an int8 / int4 matvec reads of w, plus this thread's float scratch for the scales and
+// zeros of `rows` rows at a time.
+template <class T>
+struct QuantView {
+  int64_t N, K, ng, row_elems;  // row_elems: elements of T per row
+  bool int4;
+  const T* q;
+  const at::Half *hs, *hz;
+  const float* bp;
+  float *sc, *zc;
+  QuantView(const QWeight& w, int64_t rows)
+      : N(w.N), K(w.K), ng(w.K / w.group), row_elems(w.bits == 4 ? w.K / 2 : w.K), int4(w.bits == 4),
+        q(static_cast<const T*>(w.data.data_ptr())), hs(w.scales.data_ptr<at::Half>()),
+        hz(int4 ? w.zeros.data_ptr<at::Half>() : nullptr), bp(w.bias.defined() ? w.bias.data_ptr<float>() : nullptr) {
+    Scratch& s = scratch();
+    if (static_cast<int64_t>(s.sc.size()) < rows * ng) s.sc.resize(rows * ng), s.zc.resize(rows * ng);
+    sc = s.sc.data();
+    zc = s.zc.data();
+  }
+};
+
 // One parallel task of a quantized matvec: output rows [n0, n1).
 template <class B>
 void quant_task(const QWeight& w, const float* x, int64_t M, float* y, const float* xs, int64_t n0, int64_t n1) {
-  const int64_t N = w.N, K = w.K, G = w.group, ng = K / G;
-  const bool int4 = w.bits == 4;
-  const int64_t row_bytes = int4 ? K / 2 : K;
-  const auto* q = static_cast<const typename B::T*>(w.data.data_ptr());
-  const at::Half* hs = w.scales.data_ptr<at::Half>();
-  const at::Half* hz = int4 ? w.zeros.data_ptr<at::Half>() : nullptr;
-  const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
+  const QuantView<typename B::T> v(w, std::max<int64_t>(kM1Rows<B>, kTileRows));
+  const int64_t N = v.N, K = v.K, G = w.group, ng = v.ng, row_bytes = v.row_elems;
+  const bool int4 = v.int4;
+  const auto* q = v.q;
+  const at::Half *hs = v.hs, *hz = v.hz;
+  const float* bp = v.bp;
+  float *sc = v.sc, *zc = v.zc;
   Scratch& s = scratch();
-  const int64_t rows = std::max<int64_t>(kM1Rows<B>, kTileRows);
-  if (static_cast<int64_t>(s.sc.size()) < rows * ng) s.sc.resize(rows * ng), s.zc.resize(rows * ng);
-  float* sc = s.sc.data();
-  float* zc = s.zc.data();
   if (M == 1 && G % 32 == 0) {
     // kM1Rows rows side by side, taken from kM1Rows equal parts of the task's range (row i of every part), so that
     // each is a plain sequential stream through memory, which the hardware prefetcher follows. Measured (2
@@ -595,18 +612,14 @@ constexpr int kAct16Tile = 4;
 template <class S>
 void act16_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd, const float* xs, float* y,
                 int64_t n0, int64_t n1) {
-  const int64_t N = w.N, K = w.K, ng = K / w.group, nbg = w.group / 32, nb = K / 32;
-  const bool int4 = w.bits == 4;
-  const int64_t row_elems = int4 ? K / 2 : K;
-  const auto* q = static_cast<const typename S::T*>(w.data.data_ptr());
-  const at::Half* hs = w.scales.data_ptr<at::Half>();
-  const at::Half* hz = int4 ? w.zeros.data_ptr<at::Half>() : nullptr;
-  const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
+  const QuantView<typename S::T> v(w, std::max<int64_t>(kAct16Rows<S>, kAct16Tile));
+  const int64_t N = v.N, K = v.K, ng = v.ng, nbg = w.group / 32, nb = K / 32, row_elems = v.row_elems;
+  const bool int4 = v.int4;
+  const auto* q = v.q;
+  const at::Half *hs = v.hs, *hz = v.hz;
+  const float* bp = v.bp;
+  float *sc = v.sc, *zc = v.zc;
   Scratch& s = scratch();
-  const int64_t rows = std::max<int64_t>(kAct16Rows<S>, kAct16Tile);
-  if (static_cast<int64_t>(s.sc.size()) < rows * ng) s.sc.resize(rows * ng), s.zc.resize(rows * ng);
-  float* sc = s.sc.data();
-  float* zc = s.zc.data();
   // z: row n's zeros as floats (int4 only).
   auto finish = [&](int64_t m, int64_t n, float v, const float* z) {
     if (int4) v += zero_term(z, xs + m * ng, ng);

@@ -100,9 +100,6 @@ class ModelRunner:
     def _slots(self, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return visible(q_pos, k_pos, self.config.sliding_window)
-
     def _prefill_chunk(self, row: int, n: int, start_pos: int, table: torch.Tensor) -> PrefillChunk:
         ctx = start_pos + n
         window = self.config.sliding_window
@@ -116,7 +113,7 @@ class ModelRunner:
         k_pos = torch.arange(ctx)
         q_pos = torch.arange(start_pos, ctx)
         gather = self._slots(table, k_pos) if start_pos > 0 else None
-        mask = self._visible(q_pos, k_pos)
+        mask = visible(q_pos, k_pos, window)
         return PrefillChunk(row, n, ctx, gather=_to(gather, self.device), mask=mask.to(self.device))
 
     def _decode_index(self, tables: list[torch.Tensor], lens: list[int]):
@@ -126,7 +123,7 @@ class ModelRunner:
         mask = torch.zeros(len(lens), max_ctx, dtype=torch.bool)
         for i, (table, ctx) in enumerate(zip(tables, lens)):
             gather[i, :ctx] = self._slots(table, k_pos[:ctx])
-            mask[i] = self._visible(torch.tensor([ctx - 1]), k_pos)[0]
+            mask[i] = visible(torch.tensor([ctx - 1]), k_pos, self.config.sliding_window)[0]
         return gather.to(self.device), mask[:, None, None, :].to(self.device)
 
 
