@@ -21,6 +21,9 @@ def _allocated(llm: LLM) -> tuple[int, int]:
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     for m in model.modules():  # int8/int4 matrices (jisu/quant) are not parameters
         q = getattr(m, "quantized", None)
+        if q is not None and q.qweight.is_meta:  # int4 on the kernels: their row quads are the only copy
+            storages[("kernels", id(m))] = q.nbytes
+            continue
         parts = [] if q is None else [q.qweight, q.scales] + ([q.zeros] if q.zeros is not None else [])
         storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts})
     return sum(storages.values()), sum(b.numel() * b.element_size() for b in model.buffers())

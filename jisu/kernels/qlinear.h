@@ -3,10 +3,15 @@
 // A QWeight is one [N, K] matrix (N output rows, K inputs) in one of three formats:
 //   bits 32: data float32 [N, K]                      w[n, k] = data[n, k]
 //   bits 8 : data int8    [N, K], scales f16 [N, K/G] w[n, k] = scale[n, k/G] * data[n, k]
-//   bits 4 : data uint8   [N, K/2], scales and zeros f16 [N, K/G]
-//            w[n, k] = scale[n, k/G] * q[n, k] + zero[n, k/G],  q in 0..15
-//            Nibbles are packed per 32 consecutive inputs, as GGUF's Q4_0/Q4_1 blocks are: byte j (0..15) of a
-//            32-input block holds input j in its low nibble and input j + 16 in its high nibble.
+//   bits 4 : w[n, k] = scale[n, k/G] * q[n, k] + zero[n, k/G],  q in 0..15. Built from data uint8 [N, K/2] and
+//            scales, zeros f16 [N, K/G], with nibbles packed per 32 consecutive inputs as GGUF's Q4_0/Q4_1 blocks
+//            are (byte j of a 32-input block holds input j in its low nibble and input j + 16 in its high one),
+//            then repacked by the constructor into row quads, the only copy kept: data uint8 [ceil(N/4), R].
+//            Quad i holds rows 4i..4i+3 (missing rows of the last quad are zeros) as K/G group records of
+//            G/32 * 64 + 16 bytes each: the group's 32-input blocks, 64 bytes each (row r's 16 bytes at 16r), then
+//            the 4 rows' scales and then their 4 zeros, f16. So a decode reads each thread's share of W front to
+//            back as one stream (the row-major layout read 12: 4 rows' nibbles, scales and zeros; keeping a quad's
+//            scales after all of its blocks instead measured 2x slower, qlinear.cpp).
 // G (group) divides K; for bits 4 it is a multiple of 32; for bits 8 it is 32 (Q8_0) or K (per output channel).
 // bias is float32 [N] or undefined.
 #pragma once
@@ -18,7 +23,7 @@ struct QWeight {
   // bits 8 / 4 at up to 192 rows: 16 rounds x to int16 per 32-input block for integer dot products (faster;
   // qlinear.cpp bounds the rounding), 32 keeps x in float32. Ignored for bits 32 and for K or G not % 32.
   int64_t act_bits = 16;
-  at::Tensor data, scales, zeros, bias;
+  at::Tensor data, scales, zeros, bias;  // bits 4: data holds the row quads, scales / zeros are undefined
 
   QWeight(int64_t bits, at::Tensor data, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
           int64_t group, c10::optional<at::Tensor> bias);

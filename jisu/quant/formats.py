@@ -79,6 +79,16 @@ class QuantizedTensor:
             self.group_size, self.origin,
         )
 
+    def shape_only(self) -> QuantizedTensor:
+        """The same description (format, shape, bytes, origin) with no blocks behind it (meta tensors): what a
+        layer keeps once the C++ kernels hold the only copy (int4, repacked into row quads, jisu/kernels/qlinear.h)."""
+        def meta(t):
+            return None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+        return QuantizedTensor(
+            self.bits, meta(self.qweight), meta(self.scales), meta(self.zeros), self.group_size, self.origin
+        )
+
     def select_rows(self, ids: torch.Tensor) -> QuantizedTensor:
         return self.map_rows(lambda t: t[ids])
 
