@@ -14,7 +14,7 @@
 // a batch (tests/test_qlinear_kernels.py checks it bit for bit). Inputs go in 8-lane slices (inputs 8i..8i+7):
 //   float32:     slice i is FMA'd into chain i % 4 (i in order); y = hsum8((c0 + c1) + (c2 + c3)), then the
 //                K % 8 leftover inputs one FMA at a time, then + bias. (The old linear_cpu.cpp kernel's order.)
-//   int8 / int4 with act_bits 16: see "16-bit activations" below.
+//   int8 / int4 with act_bits 16: see "16-bit activations" below (int8) and "int4 row quads" (int4).
 //   int8 / int4 with act_bits 32: per group g, in order: S = the group's slices FMA'd into one chain (q * x, q the exact integer
 //                as float), T = fma(scale_g, S, T); y = hsum8(T) [int4: + sum_g zero_g * X_g], + bias, where X_g
 //                is the sum of x over group g (computed once per call) and the zero term is 8 groups at a time
