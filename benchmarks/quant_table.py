@@ -49,20 +49,6 @@ SETTINGS = [
 ]
 
 
-def weight_bytes(model) -> int:
-    """Distinct storage of every parameter and low-bit block tensor."""
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    for m in model.modules():
-        q = getattr(m, "quantized", None)
-        if q is not None:
-            for t in (q.qweight, q.scales, q.zeros):
-                if t is not None:
-                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 def peak_rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -80,10 +66,11 @@ def run_one(model: str, reference_model: str, weights: str, activations: str, te
     from jisu.bench.latency import run_latency
     from jisu.eval.kl import kl_divergence
     from jisu.eval.perplexity import read_text
+    from jisu.models.layers import weight_bytes_held
 
     llm = LLM(model=model, weights=weights, activations=activations, max_model_len=640, max_num_seqs=16,
               enable_prefix_caching=False)
-    out = {"weights": llm.engine.weights, "weight_bytes": weight_bytes(llm.engine.model)}
+    out = {"weights": llm.engine.weights, "weight_bytes": weight_bytes_held(llm.engine.model)}
     b1 = run_latency(llm, input_len=128, output_len=64, batch=1, runs=runs)
     b16 = run_latency(llm, input_len=128, output_len=64, batch=16, runs=runs)
     out["decode_b1"] = b1["results"]["decode_tokens_per_s"]["median"]

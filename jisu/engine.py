@@ -166,7 +166,15 @@ class LLMEngine:
         self._groups[request_id] = _Group(request_id, text, ids, seqs)
         return request_id
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):  # vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids}
+            keys = set(prompt)
+            if keys not in ({"prompt"}, {"prompt_token_ids"}):
+                raise InvalidRequestError(
+                    f"a prompt dict takes exactly one key, 'prompt' (text) or 'prompt_token_ids' (token ids), "
+                    f"got {sorted(keys)}"
+                )
+            return self._tokenize(prompt.get("prompt", prompt.get("prompt_token_ids")))
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty; give at least one character")

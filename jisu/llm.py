@@ -61,11 +61,12 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str | list[int]],
+        prompts: str | list[int] | dict | Sequence[str | list[int] | dict],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion, all batched together; returns outputs in prompt order."""
-        single = isinstance(prompts, str) or (
+        """Runs every prompt to completion, all batched together; returns outputs in prompt order. A prompt is
+        text, a list of token ids, or (as in vLLM) {"prompt": text} or {"prompt_token_ids": ids}."""
+        single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         )
         prompt_list = [prompts] if single else list(prompts)

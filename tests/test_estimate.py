@@ -10,23 +10,16 @@ from rich.console import Console
 
 from jisu import LLM
 from jisu.errors import InvalidRequestError, ModelLoadError
+from jisu.models.layers import weight_bytes_held
 from jisu.profile.estimate import estimate, estimate_table, parse_size
 from jisu.profile.roofline import parameter_count
 from jisu.runner.kv_cache import kv_bytes_per_token
 
 
 def _allocated(llm: LLM) -> tuple[int, int]:
-    """(bytes of distinct parameter storage, bytes of buffers) of a loaded model."""
+    """(bytes of distinct weight storage, bytes of buffers) of a loaded model."""
     model = llm.engine.model
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
-    for m in model.modules():  # int8/int4 matrices (jisu/quant) are not parameters
-        q = getattr(m, "quantized", None)
-        if q is not None and q.qweight.is_meta:  # int4 on the kernels: their row quads are the only copy
-            storages[("kernels", id(m))] = q.nbytes
-            continue
-        parts = [] if q is None else [q.qweight, q.scales] + ([q.zeros] if q.zeros is not None else [])
-        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts})
-    return sum(storages.values()), sum(b.numel() * b.element_size() for b in model.buffers())
+    return weight_bytes_held(model), sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 def _has_kernel(llm: LLM) -> bool:

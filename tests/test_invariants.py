@@ -164,6 +164,23 @@ def test_empty_prompt_is_refused(tiny_llm, bad):
     assert_no_leak(tiny_llm)
 
 
+def test_vllm_style_prompt_dicts(tiny_llm):
+    """{"prompt_token_ids": ids} and {"prompt": text} are the prompts they hold (a dict used to be iterated as a
+    list of prompts, so its key became the prompt text); any other dict is refused by name."""
+    from jisu.errors import InvalidRequestError
+
+    ids = tiny_llm.tokenizer.encode("hello world")
+    by_ids = tiny_llm.generate(ids, GREEDY)[0]
+    assert tiny_llm.generate({"prompt_token_ids": ids}, GREEDY)[0].token_ids == by_ids.token_ids
+    both = tiny_llm.generate([{"prompt": "hello world"}, {"prompt_token_ids": ids}], GREEDY)
+    assert [o.prompt_token_ids for o in both] == [ids, ids]
+    assert both[1].token_ids == by_ids.token_ids
+    for bad in ({"text": "hi"}, {"prompt": "hi", "prompt_token_ids": ids}, {}):
+        with pytest.raises(InvalidRequestError, match="'prompt' \\(text\\) or 'prompt_token_ids'"):
+            tiny_llm.generate(bad, GREEDY)
+    assert_no_leak(tiny_llm)
+
+
 def test_prompt_longer_than_context_names_both_numbers(tiny_llama_dir):
     from jisu.errors import InvalidRequestError
 

@@ -108,3 +108,23 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+def weight_bytes_held(model: nn.Module) -> int:
+    """Bytes of distinct weight storage a loaded model holds: parameters, int8/int4 blocks with their scales and
+    zeros, and int4 matrices whose only copy is the C++ kernels' row quads (their layer keeps a shape-only
+    QuantizedTensor; counted at its block bytes, without the padding of a last partial quad)."""
+    seen: dict[object, int] = {}
+    for p in model.parameters():
+        seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    for m in model.modules():
+        q = getattr(m, "quantized", None)
+        if q is None:
+            continue
+        if q.qweight.is_meta:
+            seen[("kernels", id(m))] = q.nbytes
+            continue
+        for t in (q.qweight, q.scales, q.zeros):
+            if t is not None:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
