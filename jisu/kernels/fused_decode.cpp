@@ -33,6 +33,8 @@ namespace {
 constexpr int64_t kMaxSeqs = 16;
 // Multiply-adds of attention (per layer) below which it runs on the calling thread alone.
 constexpr int64_t kInlineAttentionWork = 1 << 15;
+// q heads of one kv head attended together (registers: 3 x 4 accumulators plus the loads).
+constexpr int64_t kHeadsPerPass = 3;
 // Visible slots per attention task (SmolLM2: 48 KiB of K for its 3 kv heads, which stays in L2 for the V pass).
 constexpr int64_t kAttnChunk = 64;
 
@@ -142,6 +144,137 @@ inline void weighted_rows(const float* p, const float* v, const int64_t* vis, in
 #pragma omp simd
   for (int64_t i = c; i < hd; ++i) out[i] *= inv;
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define JISU_ATTN_VEC 1
+// ---- GQA-grouped attention chunks (head_dim % 8 == 0) ----
+// The q heads that share a kv head take each K/V row from registers once instead of once per head, and the
+// softmax runs on 8 lanes. Measured (one thread, cache-resident 64-slot chunks, SmolLM2's 9 q / 3 kv heads of
+// 64): cycles per (slot, q head) 24 -> 10.9 (scores 6.6 -> 4.6, softmax 8.7 -> 1.1: its max was a scalar
+// dependency chain and its exp did not vectorise).
+
+// e^x on 8 lanes, the same steps as exp_clamped.
+inline __m256 exp_clamped8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 big = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big), big);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606820309417232e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+inline float hadd8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// s[0:n] <- e^(s - max s); mx = max s, sum = sum of the new s.
+inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  mx = hmax8(m);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hadd8(acc);
+  for (; j < n; ++j) {
+    s[j] = exp_clamped(s[j] - mx);
+    sum += s[j];
+  }
+}
+
+// s[h * ld + j] = scale * q_h . k_j for GS q heads (q_h = q + h * hd) and the n keys k + vis[j].
+// Four keys at a time, each key vector loaded once for all GS heads; one horizontal reduction per 4 scores.
+template <int GS>
+inline void qk_heads(const float* q, int64_t hd, const float* k, const int64_t* vis, int64_t n, float scale,
+                     float* s, int64_t ld) {
+  const __m128 sv = _mm_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float *k0 = k + vis[j], *k1 = k + vis[j + 1], *k2 = k + vis[j + 2], *k3 = k + vis[j + 3];
+    __m256 a[GS][4];
+    for (int h = 0; h < GS; ++h)
+      for (int u = 0; u < 4; ++u) a[h][u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 x0 = _mm256_loadu_ps(k0 + i), x1 = _mm256_loadu_ps(k1 + i);
+      const __m256 x2 = _mm256_loadu_ps(k2 + i), x3 = _mm256_loadu_ps(k3 + i);
+      for (int h = 0; h < GS; ++h) {
+        const __m256 qv = _mm256_loadu_ps(q + h * hd + i);
+        a[h][0] = _mm256_fmadd_ps(qv, x0, a[h][0]);
+        a[h][1] = _mm256_fmadd_ps(qv, x1, a[h][1]);
+        a[h][2] = _mm256_fmadd_ps(qv, x2, a[h][2]);
+        a[h][3] = _mm256_fmadd_ps(qv, x3, a[h][3]);
+      }
+    }
+    for (int h = 0; h < GS; ++h) {  // each 128-bit half ends up holding partial sums of the 4 scores
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      _mm_storeu_ps(s + h * ld + j, _mm_mul_ps(r, sv));
+    }
+  }
+  for (; j < n; ++j)
+    for (int h = 0; h < GS; ++h) s[h * ld + j] = dot(q + h * hd, k + vis[j], hd) * scale;
+}
+
+// out[h * ostride + c] = sum_j p[h * ld + j] v_j[c] for GS heads, 8 NV columns at a time, each V vector loaded
+// once for all GS heads.
+template <int GS, int NV>
+inline void pv_pass(const float* p, int64_t ld, const float* v, const int64_t* vis, int64_t n, int64_t c,
+                    float* out, int64_t ostride) {
+  __m256 acc[GS][NV];
+  for (int h = 0; h < GS; ++h)
+    for (int u = 0; u < NV; ++u) acc[h][u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = v + vis[j] + c;
+    __m256 pj[GS];
+    for (int h = 0; h < GS; ++h) pj[h] = _mm256_broadcast_ss(p + h * ld + j);
+    for (int u = 0; u < NV; ++u) {
+      const __m256 x = _mm256_loadu_ps(row + 8 * u);
+      for (int h = 0; h < GS; ++h) acc[h][u] = _mm256_fmadd_ps(pj[h], x, acc[h][u]);
+    }
+  }
+  for (int h = 0; h < GS; ++h)
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + h * ostride + c + 8 * u, acc[h][u]);
+}
+
+template <int GS>
+inline void pv_heads(const float* p, int64_t ld, const float* v, const int64_t* vis, int64_t n, int64_t hd,
+                     float* out, int64_t ostride) {
+  int64_t c = 0;
+  for (; c + 32 <= hd; c += 32) pv_pass<GS, 4>(p, ld, v, vis, n, c, out, ostride);
+  for (; c < hd; c += 8) pv_pass<GS, 1>(p, ld, v, vis, n, c, out, ostride);
+}
+
+// One chunk of n slots for GS q heads (first head h0) sharing the kv head at offset koff of each cache row:
+// per head, the unnormalised e^(s - m)-weighted sum of v, then m and the sum of e^(s - m), into part.
+template <int GS>
+inline void attend_heads(const float* q, int64_t hd, const float* kc, const float* vc, int64_t koff,
+                         const int64_t* vis, int64_t n, float scale, float* sc, int64_t ld, float* part,
+                         int64_t stride) {
+  qk_heads<GS>(q, hd, kc + koff, vis, n, scale, sc, ld);
+  for (int h = 0; h < GS; ++h) softmax_exp(sc + h * ld, n, part[h * stride + hd], part[h * stride + hd + 1]);
+  pv_heads<GS>(sc, ld, vc + koff, vis, n, hd, part, stride);
+}
+#else
+#define JISU_ATTN_VEC 0
+#endif
 
 struct Layer {
   at::Tensor input_norm, post_norm;  // float32 [hidden], contiguous
@@ -335,11 +468,25 @@ class FusedDecoder {
     // A parallel region costs a few microseconds; very short contexts are cheaper inline.
     const int64_t grain = std::max<int64_t>(1, kInlineAttentionWork / (2 * H_ * kAttnChunk * hd_));
     at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
-      float sc[kAttnChunk];
+      float sc[kHeadsPerPass * kAttnChunk];
       for (int64_t t = t0; t < t1; ++t) {
         const AttnTask& task = tasks_[t];
         const int64_t n = task.j1 - task.j0;
         const int64_t* vis = visible_.data() + task.d * ctx + task.j0;
+#if JISU_ATTN_VEC
+        if (hd_ % 8 == 0) {
+          for (int64_t h = 0, gs = 0; h < H_; h += gs) {  // q heads h .. h + gs - 1 share kv head h / G
+            gs = std::min<int64_t>({kHeadsPerPass, H_ - h, G - h % G});
+            const float* q = qkv + task.d * qkvN_ + h * hd_;
+            float* part = partial_.data() + (t * H_ + h) * stride;
+            const int64_t koff = (h / G) * hd_;
+            if (gs == 3) attend_heads<3>(q, hd_, kc, vc, koff, vis, n, scale_, sc, kAttnChunk, part, stride);
+            else if (gs == 2) attend_heads<2>(q, hd_, kc, vc, koff, vis, n, scale_, sc, kAttnChunk, part, stride);
+            else attend_heads<1>(q, hd_, kc, vc, koff, vis, n, scale_, sc, kAttnChunk, part, stride);
+          }
+          continue;
+        }
+#endif
         for (int64_t h = 0; h < H_; ++h) {
           const int64_t koff = (h / G) * hd_;
           const float* q = qkv + task.d * qkvN_ + h * hd_;
