@@ -78,6 +78,9 @@ def compare_step(llm: LLM, fused: FusedDecoder, step) -> float:
             want = layer(want, rotation, meta, kv)
         got = fused(x, rotation, meta, fused_caches)
     worst = assert_close(got, want, "hidden")
+    with torch.inference_mode():  # the model's final norm, applied inside the call when given (from fresh caches)
+        normed = fused(x, rotation, meta, [(k.clone(), v.clone()) for k, v in caches], final_norm=model.model.norm)
+    assert_close(normed, model.model.norm(got), "final norm")
     slots = meta.slot_mapping
     untouched = torch.ones(caches[0][0].shape[0], dtype=torch.bool)
     untouched[slots] = False

@@ -101,10 +101,12 @@ class FusedDecoder:
             and meta.decode_gather is not None
         )
 
-    def __call__(self, x: torch.Tensor, rotation: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, rotation: torch.Tensor, meta: AttentionMetadata, kv_caches, final_norm=None
+    ) -> torch.Tensor:
         """x [D, hidden] float32 (embeddings), rotation [D, 1, head_dim/2] complex (RotaryEmbedding.for_positions),
         kv_caches [(k, v)] per layer. Writes this step's K/V into the caches; returns the layers' output
-        [D, hidden] (the final norm is the caller's)."""
+        [D, hidden], passed through `final_norm` (the model's RMSNorm) when given."""
         return self._impl.forward(
             x,
             torch.view_as_real(rotation),
@@ -113,4 +115,6 @@ class FusedDecoder:
             meta.slot_mapping,
             [kv[0] for kv in kv_caches],
             [kv[1] for kv in kv_caches],
+            None if final_norm is None else final_norm.weight.data,
+            0.0 if final_norm is None else float(final_norm.eps),
         )

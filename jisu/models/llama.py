@@ -96,11 +96,11 @@ class LlamaForCausalLM(nn.Module):
         rotation = self.model.rotary.for_positions(positions)
         fused = self.fused_decode
         if fused is not None and self.use_fused_decode and fused.applies(meta, x.shape[0]):
-            # A pure decode step of few sequences: every layer in one C++ call (see jisu/models/fused_decode.py).
-            x = fused(x, rotation, meta, kv_caches)
-        else:
-            for layer, kv in zip(self.model.layers, kv_caches):
-                x = layer(x, rotation, meta, kv)
+            # A pure decode step of few sequences: every layer and the final norm in one C++ call (see
+            # jisu/models/fused_decode.py).
+            return fused(x, rotation, meta, kv_caches, final_norm=self.model.norm)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, rotation, meta, kv)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
