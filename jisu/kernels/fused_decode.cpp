@@ -33,8 +33,6 @@ namespace {
 constexpr int64_t kMaxSeqs = 16;
 // Multiply-adds of attention (per layer) below which it runs on the calling thread alone.
 constexpr int64_t kInlineAttentionWork = 1 << 15;
-// q heads of one kv head attended together (registers: 3 x 4 accumulators plus the loads).
-constexpr int64_t kHeadsPerPass = 3;
 // Visible slots per attention task (SmolLM2: 48 KiB of K for its 3 kv heads, which stays in L2 for the V pass).
 constexpr int64_t kAttnChunk = 64;
 
@@ -147,12 +145,8 @@ inline void weighted_rows(const float* p, const float* v, const int64_t* vis, in
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define JISU_ATTN_VEC 1
-// ---- GQA-grouped attention chunks (head_dim % 8 == 0) ----
-// The q heads that share a kv head take each K/V row from registers once instead of once per head, and the
-// softmax runs on 8 lanes. Measured (one thread, cache-resident 64-slot chunks, SmolLM2's 9 q / 3 kv heads of
-// 64): cycles per (slot, q head) 24 -> 10.9 (scores 6.6 -> 4.6, softmax 8.7 -> 1.1: its max was a scalar
-// dependency chain and its exp did not vectorise).
-
+// ---- softmax on 8 lanes ----
+// Its max was a scalar dependency chain and its exp did not vectorise: 8.7 -> 1.1 cycles per (slot, q head).
 // e^x on 8 lanes, the same steps as exp_clamped.
 inline __m256 exp_clamped8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -200,81 +194,89 @@ inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
   }
 }
 
-// s[h * ld + j] = scale * q_h . k_j for GS q heads (q_h = q + h * hd) and the n keys k + vis[j].
-// Four keys at a time, each key vector loaded once for all GS heads; one horizontal reduction per 4 scores.
-template <int GS>
-inline void qk_heads(const float* q, int64_t hd, const float* k, const int64_t* vis, int64_t n, float scale,
-                     float* s, int64_t ld) {
-  const __m128 sv = _mm_set1_ps(scale);
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const float *k0 = k + vis[j], *k1 = k + vis[j + 1], *k2 = k + vis[j + 2], *k3 = k + vis[j + 3];
-    __m256 a[GS][4];
-    for (int h = 0; h < GS; ++h)
-      for (int u = 0; u < 4; ++u) a[h][u] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < hd; i += 8) {
-      const __m256 x0 = _mm256_loadu_ps(k0 + i), x1 = _mm256_loadu_ps(k1 + i);
-      const __m256 x2 = _mm256_loadu_ps(k2 + i), x3 = _mm256_loadu_ps(k3 + i);
-      for (int h = 0; h < GS; ++h) {
-        const __m256 qv = _mm256_loadu_ps(q + h * hd + i);
-        a[h][0] = _mm256_fmadd_ps(qv, x0, a[h][0]);
-        a[h][1] = _mm256_fmadd_ps(qv, x1, a[h][1]);
-        a[h][2] = _mm256_fmadd_ps(qv, x2, a[h][2]);
-        a[h][3] = _mm256_fmadd_ps(qv, x3, a[h][3]);
-      }
-    }
-    for (int h = 0; h < GS; ++h) {  // each 128-bit half ends up holding partial sums of the 4 scores
-      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
-      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-      _mm_storeu_ps(s + h * ld + j, _mm_mul_ps(r, sv));
-    }
-  }
-  for (; j < n; ++j)
-    for (int h = 0; h < GS; ++h) s[h * ld + j] = dot(q + h * hd, k + vis[j], hd) * scale;
+// ---- attention chunks that read each K/V row once, in slot order (head_dim % 8 == 0) ----
+// Measured (one thread, SmolLM2's 9 q / 3 kv heads of 64, 30 layers x 1024 slots streamed from memory, ns per slot
+// and layer): reading K a kv head at a time, 4 slots side by side (rows 768 B apart, 4 of 12 lines each), 96;
+// whole rows in slot order 41 (the hardware prefetcher follows one forward stream; it lost the interleaved ones,
+// and software prefetch did not bring them back). V likewise: per kv head, accumulators in registers 89; rows in
+// order, accumulators in L1 47. Whole chunk 219 -> 91.
+
+// Up to 8 q heads' scores against one key row: the 8 sums of a[0..NH) land in lanes 0..NH-1.
+inline __m256 sum_lanes8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// out[h * ostride + c] = sum_j p[h * ld + j] v_j[c] for GS heads, 8 NV columns at a time, each V vector loaded
-// once for all GS heads.
-template <int GS, int NV>
-inline void pv_pass(const float* p, int64_t ld, const float* v, const int64_t* vis, int64_t n, int64_t c,
-                    float* out, int64_t ostride) {
-  __m256 acc[GS][NV];
-  for (int h = 0; h < GS; ++h)
-    for (int u = 0; u < NV; ++u) acc[h][u] = _mm256_setzero_ps();
+// s[h * ld + j] = scale * q_h . k_j for q heads h0 .. h0 + NH - 1 (head h reads kv head h / G of the row) over the
+// n rows k + vis[j], each row once and in order.
+template <int NH>
+inline void qk_rows(const float* q, int64_t h0, int64_t G, int64_t hd, const float* k, const int64_t* vis,
+                    int64_t n, float scale, float* s, int64_t ld) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  alignas(32) float out[8];
   for (int64_t j = 0; j < n; ++j) {
-    const float* row = v + vis[j] + c;
-    __m256 pj[GS];
-    for (int h = 0; h < GS; ++h) pj[h] = _mm256_broadcast_ss(p + h * ld + j);
-    for (int u = 0; u < NV; ++u) {
-      const __m256 x = _mm256_loadu_ps(row + 8 * u);
-      for (int h = 0; h < GS; ++h) acc[h][u] = _mm256_fmadd_ps(pj[h], x, acc[h][u]);
+    const float* row = k + vis[j];
+    __m256 a[8];
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 8)
+      for (int u = 0; u < NH; ++u)
+        a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (h0 + u) * hd + i),
+                               _mm256_loadu_ps(row + ((h0 + u) / G) * hd + i), a[u]);
+    _mm256_store_ps(out, _mm256_mul_ps(sum_lanes8(a), sv));
+    for (int u = 0; u < NH; ++u) s[(h0 + u) * ld + j] = out[u];
+  }
+}
+
+// Scores of all H q heads, in passes of at most 8 heads of near-equal size (a lone head's chain of FMAs would
+// wait on its own latency).
+inline void qk_all_heads(const float* q, int64_t H, int64_t G, int64_t hd, const float* k, const int64_t* vis,
+                         int64_t n, float scale, float* s, int64_t ld) {
+  const int64_t passes = (H + 7) / 8;
+  for (int64_t p = 0, h0 = 0; p < passes; ++p) {
+    const int64_t nh = (H - h0 + (passes - p) - 1) / (passes - p);
+    switch (nh) {
+      case 8: qk_rows<8>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 7: qk_rows<7>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 6: qk_rows<6>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 5: qk_rows<5>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 4: qk_rows<4>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 3: qk_rows<3>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 2: qk_rows<2>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      default: qk_rows<1>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+    }
+    h0 += nh;
+  }
+}
+
+// acc[h * hd + c] = sum_j p[h * ld + j] v_j[(h / G) * hd + c] for all H heads, each row once and in order; the
+// accumulators (H * hd floats) stay in L1.
+inline void pv_all_heads(const float* p, int64_t ld, int64_t H, int64_t G, int64_t hd, const float* v,
+                         const int64_t* vis, int64_t n, float* acc) {
+  std::fill(acc, acc + H * hd, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = v + vis[j];
+    for (int64_t h = 0; h < H; ++h) {
+      const __m256 pj = _mm256_broadcast_ss(p + h * ld + j);
+      const float* x = row + (h / G) * hd;
+      float* a = acc + h * hd;
+      for (int64_t i = 0; i < hd; i += 8)
+        _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pj, _mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i)));
     }
   }
-  for (int h = 0; h < GS; ++h)
-    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + h * ostride + c + 8 * u, acc[h][u]);
-}
-
-template <int GS>
-inline void pv_heads(const float* p, int64_t ld, const float* v, const int64_t* vis, int64_t n, int64_t hd,
-                     float* out, int64_t ostride) {
-  int64_t c = 0;
-  for (; c + 32 <= hd; c += 32) pv_pass<GS, 4>(p, ld, v, vis, n, c, out, ostride);
-  for (; c < hd; c += 8) pv_pass<GS, 1>(p, ld, v, vis, n, c, out, ostride);
-}
-
-// One chunk of n slots for GS q heads (first head h0) sharing the kv head at offset koff of each cache row:
-// per head, the unnormalised e^(s - m)-weighted sum of v, then m and the sum of e^(s - m), into part.
-template <int GS>
-inline void attend_heads(const float* q, int64_t hd, const float* kc, const float* vc, int64_t koff,
-                         const int64_t* vis, int64_t n, float scale, float* sc, int64_t ld, float* part,
-                         int64_t stride) {
-  qk_heads<GS>(q, hd, kc + koff, vis, n, scale, sc, ld);
-  for (int h = 0; h < GS; ++h) softmax_exp(sc + h * ld, n, part[h * stride + hd], part[h * stride + hd + 1]);
-  pv_heads<GS>(sc, ld, vc + koff, vis, n, hd, part, stride);
 }
 #else
 #define JISU_ATTN_VEC 0
 #endif
+
+// Per-thread attention scratch: the scores of every q head for one chunk, and the heads' V accumulators.
+struct AttnScratch {
+  std::vector<float> sc, acc;
+};
+AttnScratch& attn_scratch() {
+  thread_local AttnScratch s;
+  return s;
+}
 
 struct Layer {
   at::Tensor input_norm, post_norm;  // float32 [hidden], contiguous
@@ -482,22 +484,24 @@ class FusedDecoder {
     // A parallel region costs a few microseconds; very short contexts are cheaper inline.
     const int64_t grain = std::max<int64_t>(1, kInlineAttentionWork / (2 * H_ * kAttnChunk * hd_));
     at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
-      float sc[kHeadsPerPass * kAttnChunk];
+      AttnScratch& scr = attn_scratch();
+      if (static_cast<int64_t>(scr.sc.size()) < H_ * kAttnChunk) scr.sc.resize(H_ * kAttnChunk);
+      if (static_cast<int64_t>(scr.acc.size()) < H_ * hd_) scr.acc.resize(H_ * hd_);
+      float* sc = scr.sc.data();
+      float* acc = scr.acc.data();
       for (int64_t t = t0; t < t1; ++t) {
         const AttnTask& task = tasks_[t];
         const int64_t n = task.j1 - task.j0;
         const int64_t* vis = visible_.data() + task.d * ctx + task.j0;
 #if JISU_ATTN_VEC
         if (hd_ % 8 == 0) {
-          for (int64_t h = 0, gs = 0; h < H_; h += gs) {  // q heads h .. h + gs - 1 share kv head h / G
-            gs = std::min<int64_t>({kHeadsPerPass, H_ - h, G - h % G});
-            const float* q = qkv + task.d * qkvN_ + h * hd_;
-            float* part = partial_.data() + (t * H_ + h) * stride;
-            const int64_t koff = (h / G) * hd_;
-            if (gs == 3) attend_heads<3>(q, hd_, kc, vc, koff, vis, n, scale_, sc, kAttnChunk, part, stride);
-            else if (gs == 2) attend_heads<2>(q, hd_, kc, vc, koff, vis, n, scale_, sc, kAttnChunk, part, stride);
-            else attend_heads<1>(q, hd_, kc, vc, koff, vis, n, scale_, sc, kAttnChunk, part, stride);
-          }
+          const float* q = qkv + task.d * qkvN_;
+          float* part = partial_.data() + t * H_ * stride;
+          qk_all_heads(q, H_, G, hd_, kc, vis, n, scale_, sc, kAttnChunk);
+          for (int64_t h = 0; h < H_; ++h)
+            softmax_exp(sc + h * kAttnChunk, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
+          pv_all_heads(sc, kAttnChunk, H_, G, hd_, vc, vis, n, acc);
+          for (int64_t h = 0; h < H_; ++h) std::memcpy(part + h * stride, acc + h * hd_, hd_ * sizeof(float));
           continue;
         }
 #endif
