@@ -147,6 +147,7 @@ inline void weighted_rows(const float* p, const float* v, const int64_t* vis, in
 #define JISU_ATTN_VEC 1
 // ---- softmax on 8 lanes ----
 // Its max was a scalar dependency chain and its exp did not vectorise: 8.7 -> 1.1 cycles per (slot, q head).
+
 // e^x on 8 lanes, the same steps as exp_clamped.
 inline __m256 exp_clamped8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -472,10 +473,10 @@ class FusedDecoder {
  private:
   // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d.
   //
-  // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for every kv head and the
-  // q heads sharing it (GQA), so every K/V row is read from memory once per layer, whole (at long contexts
-  // attention is bound by reading the float32 cache; one task per kv head read each row in three strided
-  // pieces on different threads, and ran at ~10 GB/s), and the work divides between threads even at batch 1.
+  // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for every q head, so every
+  // K/V row is read from memory once per layer, whole and in slot order (at long contexts attention is bound by
+  // reading the float32 cache; see qk_rows for how the order of reads decided the speed), and the work divides
+  // between threads even at batch 1.
   // A task leaves, per q head, its chunk's max score m, sum of e^(s - m) and unnormalised e^(s - m)-weighted
   // sum of v; the chunks of a (sequence, head) are then merged exactly (rescaled to the common max).
   void attention(int64_t D, int64_t ctx, const float* qkv, const float* kc, const float* vc, float* attn) {
