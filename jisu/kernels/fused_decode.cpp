@@ -23,7 +23,7 @@
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "simd.h"
 #endif
 
 #include "qlinear.h"
@@ -78,69 +78,26 @@ inline void rms_norm(const float* x, const float* w, int64_t n, float eps, float
   for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
 }
 
+// The portable attention chunk (no AVX2, or a head_dim that is not a multiple of 8; the vector path is below).
+
 // sc[j] = scale * q . k_j for the rows k_j = k + vis[j] of a KV cache (j < n), each of length hd.
 inline void qk_scores(const float* q, const float* k, const int64_t* vis, int64_t n, int64_t hd, float scale,
                       float* sc) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  if (hd % 8 == 0) {
-    // Four keys at a time: four independent FMA chains, one horizontal reduction for all four.
-    for (; j + 4 <= n; j += 4) {
-      const float *k0 = k + vis[j], *k1 = k + vis[j + 1], *k2 = k + vis[j + 2], *k3 = k + vis[j + 3];
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (int64_t i = 0; i < hd; i += 8) {
-        const __m256 x = _mm256_loadu_ps(q + i);
-        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), a0);
-        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + i), a1);
-        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + i), a2);
-        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + i), a3);
-      }
-      // Each 128-bit half of t ends up holding partial sums of (a0, a1, a2, a3); adding the halves finishes.
-      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-      _mm_storeu_ps(sc + j, _mm_mul_ps(r, _mm_set1_ps(scale)));
-    }
-  }
-#endif
-  for (; j < n; ++j) sc[j] = dot(q, k + vis[j], hd) * scale;
+  for (int64_t j = 0; j < n; ++j) sc[j] = dot(q, k + vis[j], hd) * scale;
 }
-
-#if defined(__AVX2__) && defined(__FMA__)
-// out[c : c + 8 NV] = inv * sum_j p[j] v_j[c : c + 8 NV], the NV accumulators kept in registers.
-template <int NV>
-inline void weighted_block(const float* p, const float* v, const int64_t* vis, int64_t n, int64_t c, float inv,
-                           float* out) {
-  __m256 acc[NV];
-  for (int u = 0; u < NV; ++u) acc[u] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    const float* row = v + vis[j] + c;
-    for (int u = 0; u < NV; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(row + 8 * u), acc[u]);
-  }
-  const __m256 s = _mm256_set1_ps(inv);
-  for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + c + 8 * u, _mm256_mul_ps(acc[u], s));
-}
-#endif
 
 // out[hd] = inv * sum_j p[j] v_j for the rows v_j = v + vis[j] of a KV cache (j < n).
 inline void weighted_rows(const float* p, const float* v, const int64_t* vis, int64_t n, int64_t hd, float inv,
                           float* out) {
-  int64_t c = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  for (; c + 64 <= hd; c += 64) weighted_block<8>(p, v, vis, n, c, inv, out);
-  for (; c + 32 <= hd; c += 32) weighted_block<4>(p, v, vis, n, c, inv, out);
-  for (; c + 8 <= hd; c += 8) weighted_block<1>(p, v, vis, n, c, inv, out);
-#endif
-  if (c == hd) return;
-  std::fill(out + c, out + hd, 0.f);
+  std::fill(out, out + hd, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const float* row = v + vis[j];
     const float pj = p[j];
 #pragma omp simd
-    for (int64_t i = c; i < hd; ++i) out[i] += pj * row[i];
+    for (int64_t i = 0; i < hd; ++i) out[i] += pj * row[i];
   }
 #pragma omp simd
-  for (int64_t i = c; i < hd; ++i) out[i] *= inv;
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -168,12 +125,6 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-inline float hadd8(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-}
-
 // s[0:n] <- e^(s - max s); mx = max s, sum = sum of the new s.
 inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -188,7 +139,7 @@ inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
     _mm256_storeu_ps(s + j, e);
     acc = _mm256_add_ps(acc, e);
   }
-  sum = hadd8(acc);
+  sum = hsum8(acc);
   for (; j < n; ++j) {
     s[j] = exp_clamped(s[j] - mx);
     sum += s[j];
@@ -459,12 +410,9 @@ class FusedDecoder {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
     }
-    if (norm_w) {  // the model's final norm, in place (torch's rms_norm right after this call cost ~70 us)
-      for (int64_t d = 0; d < D; ++d) {
-        std::memcpy(h, res + d * hidden_, hidden_ * sizeof(float));
-        rms_norm(h, norm_w, hidden_, static_cast<float>(final_eps), res + d * hidden_);
-      }
-    }
+    if (norm_w)  // the model's final norm, in place (torch's rms_norm right after this call cost ~70 us)
+      for (int64_t d = 0; d < D; ++d)
+        rms_norm(res + d * hidden_, norm_w, hidden_, static_cast<float>(final_eps), res + d * hidden_);
     return out;
   }
 

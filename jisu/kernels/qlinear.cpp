@@ -15,10 +15,10 @@
 //   float32:     slice i is FMA'd into chain i % 4 (i in order); y = hsum8((c0 + c1) + (c2 + c3)), then the
 //                K % 8 leftover inputs one FMA at a time, then + bias. (The old linear_cpu.cpp kernel's order.)
 //   int8 / int4 with act_bits 16: see "16-bit activations" below (int8) and "int4 row quads" (int4).
-//   int8 / int4 with act_bits 32: per group g, in order: S = the group's slices FMA'd into one chain (q * x, q the exact integer
-//                as float), T = fma(scale_g, S, T); y = hsum8(T) [int4: + sum_g zero_g * X_g], + bias, where X_g
-//                is the sum of x over group g (computed once per call) and the zero term is 8 groups at a time
-//                (FMA), hsum8, then the leftover groups one FMA at a time.
+//   int8 / int4 with act_bits 32: per group g, in order: S = the group's slices FMA'd into one chain (q * x, q the
+//                exact integer as float), T = fma(scale_g, S, T); y = hsum8(T) [int4: + sum_g zero_g * X_g], + bias,
+//                where X_g is the sum of x over group g (computed once per call) and the zero term is 8 groups at
+//                a time (FMA), hsum8, then the leftover groups one FMA at a time.
 // That is sum_g scale_g * sum_k q_k x_k + zero_g * sum_k x_k = x . dequantize(w) up to float32 rounding. The
 // dequantized matrix itself (qweight_dequantize, the prefill GEMM) is exact: scale * q is exact in float32 (an
 // 11-bit mantissa times a <= 8-bit integer), so scale * q + zero rounds once, as torch's float32 arithmetic does.
@@ -40,27 +40,58 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define JISU_QLINEAR_VEC 1
-#include <immintrin.h>
+#include "simd.h"
 #else
 #define JISU_QLINEAR_VEC 0
 #endif
 
-// int4 rows, scales and zeros (layouts in qlinear.h) -> row quads.
-static at::Tensor pack_int4_quads(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
-                                  int64_t G) {
-  const int64_t N = q.size(0), K = q.size(1) * 2, nbg = G / 32, ng = K / G, rec = nbg * 64 + 16;
-  at::Tensor out = at::zeros({(N + 3) / 4, ng * rec}, at::kByte);
+namespace {
+
+// Where int4 row quads (qlinear.h) keep each thing: the one place that knows their layout.
+struct Int4Quads {
+  static constexpr int64_t kRowBytes = 16;                  // one row's 32-input block
+  static constexpr int64_t kBlockBytes = 4 * kRowBytes;     // the quad's 4 rows of one block
+  static constexpr int64_t kHalvesBytes = 16;               // after a group's blocks: 4 scales, then 4 zeros
+  const uint8_t* base;
+  int64_t nbg, ng, rec;  // blocks per group, groups, bytes per group record
+  Int4Quads(int64_t K, int64_t G, const uint8_t* base_ = nullptr)
+      : base(base_), nbg(G / 32), ng(K / G), rec(nbg * kBlockBytes + kHalvesBytes) {}
+  explicit Int4Quads(const QWeight& w) : Int4Quads(w.K, w.group, w.data.data_ptr<uint8_t>()) {}
+  int64_t quad_bytes() const { return ng * rec; }
+  // Offsets inside a quad: row r's i-th block of group g; group g's halves.
+  int64_t block_at(int64_t g, int64_t i, int64_t r) const { return g * rec + i * kBlockBytes + r * kRowBytes; }
+  int64_t halves_at(int64_t g) const { return g * rec + nbg * kBlockBytes; }
+  const uint8_t* quad(int64_t n) const { return base + (n / 4) * quad_bytes(); }  // the quad holding row n
+  const uint8_t* block(int64_t n, int64_t b) const { return quad(n) + block_at(b / nbg, b % nbg, n % 4); }
+  const at::Half* halves(int64_t n, int64_t g) const {
+    return reinterpret_cast<const at::Half*>(quad(n) + halves_at(g));
+  }
+  void row_scales(int64_t n, float* sc, float* zc) const {
+    for (int64_t g = 0; g < ng; ++g) {
+      const at::Half* h = halves(n, g);
+      sc[g] = static_cast<float>(h[n % 4]);
+      zc[g] = static_cast<float>(h[4 + n % 4]);
+    }
+  }
+};
+
+// int4 rows, scales and zeros (the constructor's inputs, qlinear.h) -> row quads.
+at::Tensor pack_int4_quads(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t G) {
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  const Int4Quads layout(K, G);
+  at::Tensor out = at::zeros({(N + 3) / 4, layout.quad_bytes()}, at::kByte);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::Half *sp = scales.data_ptr<at::Half>(), *zp = zeros.data_ptr<at::Half>();
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t r = n % 4;
+      uint8_t* quad = op + (n / 4) * layout.quad_bytes();
+      const int64_t r = n % 4, ng = layout.ng, nbg = layout.nbg;
       for (int64_t g = 0; g < ng; ++g) {
-        uint8_t* group = op + (n / 4) * ng * rec + g * rec;
         for (int64_t i = 0; i < nbg; ++i)
-          std::memcpy(group + 64 * i + 16 * r, qp + n * (K / 2) + (g * nbg + i) * 16, 16);
-        auto* halves = reinterpret_cast<at::Half*>(group + nbg * 64);
+          std::memcpy(quad + layout.block_at(g, i, r), qp + n * (K / 2) + (g * nbg + i) * Int4Quads::kRowBytes,
+                      Int4Quads::kRowBytes);
+        auto* halves = reinterpret_cast<at::Half*>(quad + layout.halves_at(g));
         halves[r] = sp[n * ng + g];
         halves[4 + r] = zp[n * ng + g];
       }
@@ -68,6 +99,8 @@ static at::Tensor pack_int4_quads(const at::Tensor& q, const at::Tensor& scales,
   });
   return out;
 }
+
+}  // namespace
 
 QWeight::QWeight(int64_t bits_, at::Tensor data_, c10::optional<at::Tensor> scales_, c10::optional<at::Tensor> zeros_,
                  int64_t group_, c10::optional<at::Tensor> bias_)
@@ -144,29 +177,6 @@ inline void halves_to_float(const at::Half* src, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = static_cast<float>(src[i]);
 }
 
-// Where an int4 QWeight's row quads (qlinear.h) keep each thing.
-struct Int4Quads {
-  const uint8_t* base;
-  int64_t nbg, ng, rec;  // blocks per group, groups, bytes per group record
-  explicit Int4Quads(const QWeight& w)
-      : base(w.data.data_ptr<uint8_t>()), nbg(w.group / 32), ng(w.K / w.group), rec(nbg * 64 + 16) {}
-  const uint8_t* quad(int64_t n) const { return base + (n / 4) * ng * rec; }  // the quad holding row n
-  const uint8_t* block(int64_t n, int64_t b) const {
-    return quad(n) + (b / nbg) * rec + (b % nbg) * 64 + 16 * (n % 4);
-  }
-  // The quad's 8 halves of group g: 4 scales, then 4 zeros.
-  const at::Half* halves(int64_t n, int64_t g) const {
-    return reinterpret_cast<const at::Half*>(quad(n) + g * rec + nbg * 64);
-  }
-  void row_scales(int64_t n, float* sc, float* zc) const {
-    for (int64_t g = 0; g < ng; ++g) {
-      const at::Half* h = halves(n, g);
-      sc[g] = static_cast<float>(h[n % 4]);
-      zc[g] = static_cast<float>(h[4 + n % 4]);
-    }
-  }
-};
-
 // Row n of W as float32 into out[K]; sc/zc are scratch of at least K/group floats.
 void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* zc) {
   const int64_t K = w.K, G = w.group;
@@ -224,13 +234,6 @@ void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* z
 }
 
 #if JISU_QLINEAR_VEC
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-  return _mm_cvtss_f32(s);
-}
 
 // A loaded value the compiler must keep in a register: without this GCC folds the load into every FMA that uses
 // it (one load per use), and the tiles below become load-bound.
@@ -526,7 +529,8 @@ void quant_task(const QWeight& w, const float* x, int64_t M, float* y, const flo
       for (int64_t n = n0; n < n1; n += 4) {
         const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
         rows.scales(n, nr, sc, zc);
-        group_rows_m1_any<B, NR>(rows.block(n, 0), 16, 64, 16, sc, ng, G, x, t);
+        group_rows_m1_any<B, NR>(rows.block(n, 0), Int4Quads::kRowBytes, Int4Quads::kBlockBytes,
+                                 Int4Quads::kHalvesBytes, sc, ng, G, x, t);
         for (int r = 0; r < nr; ++r) finish(0, n + r, t[r], zc + r * ng);
       }
     } else {
@@ -732,9 +736,9 @@ void act16_int8_task(const QWeight& w, int64_t M, const int16_t* xq, const float
 // alone or in a batch).
 struct QuadNibbles {
   const uint8_t* quad;
-  int64_t rec;
+  const Int4Quads& layout;
   void load(int64_t g, int64_t i, int64_t, int r, __m256i& w0, __m256i& w1) const {
-    Int4Src::load(quad + g * rec + 64 * i + 16 * r, w0, w1);
+    Int4Src::load(quad + layout.block_at(g, i, r), w0, w1);
   }
 };
 struct QuadWidened {
@@ -748,13 +752,12 @@ struct QuadWidened {
 template <class Src>
 inline void act16_quad(const Src& src, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
                        const float* xd, const float* xs, float* out) {
-  const int64_t ng = layout.ng, nbg = layout.nbg, rec = layout.rec;
+  const int64_t ng = layout.ng, nbg = layout.nbg;
   __m256 t[4];
   for (int r = 0; r < 4; ++r) t[r] = _mm256_setzero_ps();
   __m128 z = _mm_setzero_ps();
   for (int64_t g = 0, b = 0; g < ng; ++g) {
-    const __m128i h16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(quad + g * rec + nbg * 64));
-    const __m256 h = _mm256_cvtph_ps(h16);
+    const __m256 h = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quad + layout.halves_at(g))));
     z = _mm_fmadd_ps(_mm256_extractf128_ps(h, 1), _mm_broadcast_ss(xs + g), z);
     for (int64_t i = 0; i < nbg; ++i, ++b) {
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
@@ -787,7 +790,7 @@ void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float
   for (int64_t n = n0; n < n1; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
     const uint8_t* quad = layout.quad(n);
-    const QuadNibbles nibbles{quad, layout.rec};
+    const QuadNibbles nibbles{quad, layout};
     if (M == 1) {
       act16_quad(nibbles, quad, layout, xq, xd, xs, t);
       for (int r = 0; r < nr; ++r) y[n + r] = t[r] + (bp ? bp[n + r] : 0.f);
@@ -828,6 +831,17 @@ inline float dot_scalar(const float* w, const float* x, int64_t K) {
 // to hand out than they save). With 2 threads every matrix here is split in two halves anyway.
 constexpr int64_t kGrain = 64;
 
+// task(n0, n1) over the output rows, in parallel; int4 hands out whole row quads (n1 may stop short of the last
+// quad's padding).
+template <class F>
+void split_rows(const QWeight& w, const F& task) {
+  const int64_t N = w.N;
+  if (w.bits == 4)
+    at::parallel_for(0, (N + 3) / 4, kGrain / 4, [&](int64_t q0, int64_t q1) { task(4 * q0, std::min(N, 4 * q1)); });
+  else
+    at::parallel_for(0, N, kGrain, task);
+}
+
 }  // namespace
 
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
@@ -861,20 +875,16 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
     quantize_act16(x, M, K, s.xq.data(), s.xd.data());
     const int16_t* xq = s.xq.data();
     const float* xd = s.xd.data();
-    if (w.bits == 4)
-      at::parallel_for(0, (N + 3) / 4, kGrain / 4, [&](int64_t q0, int64_t q1) {
-        act16_int4_task(w, M, xq, xd, xsp, y, 4 * q0, std::min(N, 4 * q1));
-      });
-    else
-      at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { act16_int8_task(w, M, xq, xd, y, n0, n1); });
+    split_rows(w, [&](int64_t n0, int64_t n1) {
+      if (w.bits == 4) act16_int4_task(w, M, xq, xd, xsp, y, n0, n1);
+      else act16_int8_task(w, M, xq, xd, y, n0, n1);
+    });
     return;
   }
-  if (w.bits == 4)
-    at::parallel_for(0, (N + 3) / 4, kGrain / 4, [&](int64_t q0, int64_t q1) {
-      quant_task<Int4Block>(w, x, M, y, xsp, 4 * q0, std::min(N, 4 * q1));
-    });
-  else
-    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { quant_task<Int8Block>(w, x, M, y, xsp, n0, n1); });
+  split_rows(w, [&](int64_t n0, int64_t n1) {
+    if (w.bits == 4) quant_task<Int4Block>(w, x, M, y, xsp, n0, n1);
+    else quant_task<Int8Block>(w, x, M, y, xsp, n0, n1);
+  });
 #else
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     Scratch& s = scratch();
@@ -954,6 +964,9 @@ void register_qlinear(pybind11::module_& m) {
       .def_readonly("N", &QWeight::N)
       .def_readonly("K", &QWeight::K)
       .def_readonly("group", &QWeight::group)
+      .def_property_readonly(
+          "repacked", [](const QWeight& w) { return w.bits == 4; },
+          "whether the kernels hold their own copy of the blocks (int4 row quads, qlinear.h)")
       .def_property(
           "act_bits", [](const QWeight& w) { return w.act_bits; },
           [](QWeight& w, int64_t v) {

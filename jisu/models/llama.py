@@ -181,8 +181,8 @@ class LlamaForCausalLM(nn.Module):
                     kw = q.to_kernel(kernels, bias) if q is not None else kernels.QWeight(32, module.weight.data, bias=bias)
                     kw.act_bits = act_bits
                     module.use_kernels(kernels, kw)
-                    if q is not None and q.bits == 4:
-                        module.quantized = q.shape_only()  # the kernels repacked it: keep one copy, theirs
+                    if q is not None and kw.repacked:
+                        module.quantized = q.shape_only()  # keep one copy of the blocks: the kernels'
         self.model.rotary.to(device)
         self.fused_decode = FusedDecoder.build(self)
 
