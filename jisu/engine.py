@@ -18,6 +18,7 @@ from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.models.registry import model_class
 from jisu.profile.timeline import StepLog, StepRecord
+from jisu.quant.outliers import outlier_columns_for
 from jisu.quant.plan import WeightsSpec, convert_tensors
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from jisu.runner.kv_cache import KVCache, plan_num_blocks
@@ -81,7 +82,7 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config, self.device)
-        spec = WeightsSpec(config.weights, config.group_size)
+        spec = WeightsSpec(config.weights, config.group_size, config.outlier_columns)
         keep_blocks = spec.keeps_blocks and self._low_bit_kernels(config, spec)
         if checkpoint is None:
             from jisu.loader.resolve import load_checkpoint
@@ -89,7 +90,10 @@ class LLMEngine:
             checkpoint = load_checkpoint(config.model, keep_blocks=keep_blocks)
         ckpt = checkpoint
         tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
-        tensors = convert_tensors(ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied)
+        columns = outlier_columns_for(ckpt, spec.outliers) if keep_blocks and spec.outliers else None
+        tensors = convert_tensors(
+            ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, outlier_columns=columns
+        )
         self.weights = spec.label()
         self.model_config = ckpt.config
         self.model_source = ckpt.source

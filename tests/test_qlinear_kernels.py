@@ -177,6 +177,63 @@ def test_batch_invariance(fmt):
         torch.set_num_threads(threads)
 
 
+def with_outliers(bits: int, N: int, K: int, G: int, cols: list[int], bias: bool, seed: int = 0):
+    """make_weight's int8 matrix with float32 outlier columns: the blocks hold 0 there (as jisu's quantizer
+    writes them), and the documented matrix takes the float weights in those columns."""
+    qw, w, b = make_weight(bits, N, K, G, bias, seed)
+    data = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=torch.Generator().manual_seed(seed + 1))
+    c = torch.tensor(cols, dtype=torch.long)
+    data[:, c] = 0
+    scales = (torch.rand(N, K // G, generator=torch.Generator().manual_seed(seed + 2)) * 0.02 + 1e-3).half()
+    ow = torch.randn(N, len(cols), generator=torch.Generator().manual_seed(seed + 3))
+    w = scales.float().repeat_interleave(G, dim=1) * data.float()
+    w[:, c] = ow
+    return ext.QWeight(8, data, scales, None, G, b, c, ow), w, b
+
+
+# Outlier columns on every int8 path: act16 (K, G % 32 == 0), float groups of 8 (96/24), scalar groups (37/37).
+OUTLIER_FORMATS = [(8, 576, 576, [0, 17, 300, 575]), (8, 576, 32, [5, 6, 7, 200, 31, 32, 33, 400]),
+                   (8, 96, 24, [1, 50]), (8, 37, 37, [36])]
+
+
+@pytest.mark.parametrize("fmt", OUTLIER_FORMATS, ids=lambda f: _id(f[:3]))
+@pytest.mark.parametrize("act_bits", [16, 32])
+def test_outlier_columns_match_the_documented_matrix(fmt, act_bits):
+    bits, K, G, cols = fmt
+    qw, w, b = with_outliers(bits, 75, K, G, cols, bias=True, seed=K)
+    qw.act_bits = act_bits
+    assert torch.equal(ext.qweight_dequantize(qw), w)
+    g = torch.Generator().manual_seed(4)
+    for M in (1, 3, 16, 200):
+        x = torch.randn(M, K, generator=g)
+        x[:, cols] *= 300.0  # the massive inputs outlier columns are for
+        # Those inputs are left out of the int16 rounding (the blocks hold 0 there), so the bound is the one
+        # for x without them.
+        xr = x.clone()
+        xr[:, cols] = 0.0
+        y = ext.qlinear(x, qw)
+        exact = x.double() @ w.double().T + b.double()
+        mag = x.double().abs() @ w.double().abs().T + b.double().abs()
+        bound = (K + len(cols) + 3) * U * mag + 1e-30
+        if uses_act16(qw, M):
+            bound += act16_error(xr) @ w.double().abs().T
+        assert ((y.double() - exact).abs() <= bound).all(), f"M={M}"
+
+
+def test_outlier_columns_keep_batch_invariance():
+    qw, _, _ = with_outliers(8, 333, 576, 32, [3, 100, 101, 550], bias=True)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([ext.qlinear(x[m : m + 1], qw) for m in range(16)])
+    for M in (2, 5, 16):
+        assert torch.equal(ext.qlinear(x[:M], qw), alone[:M]), f"M={M}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ext.qlinear(x, qw), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_noncontiguous_and_empty():
     qw, w, _ = make_weight(4, 40, 64, 32, bias=False)
     x = torch.randn(64, 5).T  # [5, 64], not contiguous
@@ -209,6 +266,13 @@ def test_bad_weights_raise():
     _bad(8, q8, s(3), None, 32, torch.zeros(5), match=r"bias must be float32 \[4\]")
     _bad(3, q8, s(3), None, 32, None, match="bits must be 32, 8 or 4")
     _bad(32, torch.zeros(8), None, None, 0, None, match="2-D")
+    cols, ow = torch.tensor([1, 5]), torch.zeros(4, 2)
+    _bad(8, q8, s(3), None, 32, None, cols, None, match="come together")
+    _bad(4, q4, s(3), s(3), 32, None, cols, ow, match="only int8 weights take outlier columns")
+    _bad(8, q8, s(3), None, 32, None, cols.int(), ow, match="outlier_cols must be int64")
+    _bad(8, q8, s(3), None, 32, None, cols, torch.zeros(4, 3), match=r"outlier_weights must be float32 \[4, 2\]")
+    _bad(8, q8, s(3), None, 32, None, torch.tensor([1, 96]), ow, match=r"outlier column 96 is not in \[0, 96\)")
+    _bad(8, q8, s(3), None, 32, None, torch.tensor([5, 5]), ow, match="outlier column 5 is given twice")
 
 
 def test_bad_inputs_raise():

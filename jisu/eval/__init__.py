@@ -22,10 +22,18 @@ def register_weight_format(name: str, loader: Callable[..., object]) -> None:
 
 
 def check_weights(name: str) -> str:
+    """`name` if it is a registered format or one the engine parses (int8-g32-o4, ...; jisu/quant/plan.py)."""
     if name not in WEIGHT_FORMATS:
-        raise InvalidRequestError(
-            f"--weights {name!r} is not a known weight format; allowed: {', '.join(WEIGHT_FORMATS)}"
-        )
+        from jisu.quant.plan import parse_weights
+
+        try:
+            parse_weights(name)
+        except InvalidRequestError:
+            raise InvalidRequestError(
+                f"--weights {name!r} is not a known weight format; allowed: {', '.join(WEIGHT_FORMATS)} "
+                f"(int8/int4 also with -gN, a group size, and int8 with -oN, outlier columns: e.g. int8-o0)"
+            ) from None
+        register_weight_format(name, _engine_loader(name))
     return name
 
 

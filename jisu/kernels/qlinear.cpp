@@ -19,6 +19,7 @@
 //                exact integer as float), T = fma(scale_g, S, T); y = hsum8(T) [int4: + sum_g zero_g * X_g], + bias,
 //                where X_g is the sum of x over group g (computed once per call) and the zero term is 8 groups at
 //                a time (FMA), hsum8, then the leftover groups one FMA at a time.
+//   outlier columns (any of the above): y += (the fma chain over them in order, from 0), after the bias.
 // That is sum_g scale_g * sum_k q_k x_k + zero_g * sum_k x_k = x . dequantize(w) up to float32 rounding. The
 // dequantized matrix itself (qweight_dequantize, the prefill GEMM) is exact: scale * q is exact in float32 (an
 // 11-bit mantissa times a <= 8-bit integer), so scale * q + zero rounds once, as torch's float32 arithmetic does.
@@ -103,7 +104,8 @@ at::Tensor pack_int4_quads(const at::Tensor& q, const at::Tensor& scales, const 
 }  // namespace
 
 QWeight::QWeight(int64_t bits_, at::Tensor data_, c10::optional<at::Tensor> scales_, c10::optional<at::Tensor> zeros_,
-                 int64_t group_, c10::optional<at::Tensor> bias_)
+                 int64_t group_, c10::optional<at::Tensor> bias_, c10::optional<at::Tensor> outlier_cols_,
+                 c10::optional<at::Tensor> outlier_weights_)
     : bits(bits_), group(group_) {
   TORCH_CHECK(bits == 32 || bits == 8 || bits == 4, "bits must be 32, 8 or 4, got ", bits);
   TORCH_CHECK(data_.defined() && data_.dim() == 2 && data_.device().is_cpu(),
@@ -143,6 +145,27 @@ QWeight::QWeight(int64_t bits_, at::Tensor data_, c10::optional<at::Tensor> scal
     TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.numel() == N,
                 "bias must be float32 [", N, "] on CPU, got ", bias.scalar_type(), " ", bias.sizes());
   }
+  const bool has_cols = outlier_cols_.has_value() && outlier_cols_->defined();
+  const bool has_weights = outlier_weights_.has_value() && outlier_weights_->defined();
+  TORCH_CHECK(has_cols == has_weights, "outlier_cols and outlier_weights come together");
+  if (has_cols) {
+    TORCH_CHECK(bits == 8, "only int8 weights take outlier columns, got bits ", bits);
+    outlier_cols = outlier_cols_->contiguous();
+    const int64_t C = outlier_cols.numel();
+    TORCH_CHECK(outlier_cols.device().is_cpu() && outlier_cols.scalar_type() == at::kLong && outlier_cols.dim() == 1,
+                "outlier_cols must be int64 [C] on CPU, got ", outlier_cols.scalar_type(), " ", outlier_cols.sizes());
+    const at::Tensor& ow = *outlier_weights_;
+    TORCH_CHECK(ow.device().is_cpu() && ow.scalar_type() == at::kFloat && ow.dim() == 2 && ow.size(0) == N &&
+                    ow.size(1) == C,
+                "outlier_weights must be float32 [", N, ", ", C, "] on CPU, got ", outlier_weights_->scalar_type(),
+                " ", outlier_weights_->sizes());
+    outlier_weights = outlier_weights_->t().contiguous();  // [C, N]: 8 output rows per load (add_outlier_columns)
+    const int64_t* c = outlier_cols.data_ptr<int64_t>();
+    for (int64_t j = 0; j < C; ++j) {
+      TORCH_CHECK(c[j] >= 0 && c[j] < K, "outlier column ", c[j], " is not in [0, ", K, ")");
+      for (int64_t i = 0; i < j; ++i) TORCH_CHECK(c[i] != c[j], "outlier column ", c[j], " is given twice");
+    }
+  }
 }
 
 int64_t QWeight::nbytes() const {
@@ -150,6 +173,7 @@ int64_t QWeight::nbytes() const {
   if (scales.defined()) n += scales.nbytes();
   if (zeros.defined()) n += zeros.nbytes();
   if (bias.defined()) n += bias.nbytes();
+  if (outlier_cols.defined()) n += outlier_cols.nbytes() + outlier_weights.nbytes();
   return n;
 }
 
@@ -159,7 +183,7 @@ namespace {
 struct Scratch {
   std::vector<float> row, sc, zc, out;  // used inside parallel tasks
   std::vector<int16_t> row16;           // used inside parallel tasks
-  std::vector<float> xs, xd;            // used by the calling thread before its parallel_for
+  std::vector<float> xs, xd, xz;        // used by the calling thread before its parallel_for
   std::vector<int16_t> xq;              // used by the calling thread before its parallel_for
 };
 Scratch& scratch() {
@@ -177,8 +201,8 @@ inline void halves_to_float(const at::Half* src, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = static_cast<float>(src[i]);
 }
 
-// Row n of W as float32 into out[K]; sc/zc are scratch of at least K/group floats.
-void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* zc) {
+// Row n of the blocks as float32 into out[K] (outlier columns read 0); sc/zc: scratch of >= K/group floats.
+void dequantize_blocks_row(const QWeight& w, int64_t n, float* out, float* sc, float* zc) {
   const int64_t K = w.K, G = w.group;
   if (w.bits == 32) {
     std::memcpy(out, w.data.data_ptr<float>() + n * K, K * sizeof(float));
@@ -231,6 +255,44 @@ void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* z
     }
   }
 #endif
+}
+
+// Row n of W as float32 into out[K], outlier columns included.
+void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* zc) {
+  dequantize_blocks_row(w, n, out, sc, zc);
+  if (!w.outlier_cols.defined()) return;
+  const int64_t C = w.outlier_cols.numel(), N = w.N;
+  const int64_t* c = w.outlier_cols.data_ptr<int64_t>();
+  const float* ow = w.outlier_weights.data_ptr<float>();
+  for (int64_t j = 0; j < C; ++j) out[c[j]] = ow[j * N + n];
+}
+
+// y[m, n] += t, t = the fma chain over the outlier columns j in order (from 0), for output rows [n0, n1): the
+// same order in every lane, so the result depends on neither M nor the thread split. Weights are stored [C, N],
+// so 8 output rows take one load per column.
+void add_outlier_columns(const QWeight& w, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+  if (!w.outlier_cols.defined()) return;
+  const int64_t C = w.outlier_cols.numel(), N = w.N, K = w.K;
+  const int64_t* c = w.outlier_cols.data_ptr<int64_t>();
+  const float* ow = w.outlier_weights.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    int64_t n = n0;
+#if JISU_QLINEAR_VEC
+    for (; n + 8 <= n1; n += 8) {
+      __m256 t = _mm256_setzero_ps();
+      for (int64_t j = 0; j < C; ++j)
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(ow + j * N + n), _mm256_set1_ps(xm[c[j]]), t);
+      _mm256_storeu_ps(ym + n, _mm256_add_ps(_mm256_loadu_ps(ym + n), t));
+    }
+#endif
+    for (; n < n1; ++n) {
+      float t = 0.f;
+      for (int64_t j = 0; j < C; ++j) t = std::fma(ow[j * N + n], xm[c[j]], t);
+      ym[n] += t;
+    }
+  }
 }
 
 #if JISU_QLINEAR_VEC
@@ -859,6 +921,7 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
       std::vector<float> sc(K / G);
       for (int64_t n = n0; n < n1; ++n) scalar_rows(w, n, x, M, y + n, N, bp ? bp[n] : 0.f, sc.data());
+      add_outlier_columns(w, x, M, y, n0, n1);
     });
     return;
   }
@@ -872,18 +935,31 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
   if (w.act_bits == 16 && K % 32 == 0 && G % 32 == 0) {
     Scratch& s = scratch();
     if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K), s.xd.resize(M * K / 32);
-    quantize_act16(x, M, K, s.xq.data(), s.xd.data());
+    const float* xa = x;
+    if (w.outlier_cols.defined()) {
+      // The blocks hold 0 in the outlier columns: leaving their (large) inputs out of the int16 rounding keeps
+      // the other inputs of those 32-blocks finer.
+      if (static_cast<int64_t>(s.xz.size()) < M * K) s.xz.resize(M * K);
+      std::memcpy(s.xz.data(), x, M * K * sizeof(float));
+      const int64_t* c = w.outlier_cols.data_ptr<int64_t>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < w.outlier_cols.numel(); ++j) s.xz[m * K + c[j]] = 0.f;
+      xa = s.xz.data();
+    }
+    quantize_act16(xa, M, K, s.xq.data(), s.xd.data());
     const int16_t* xq = s.xq.data();
     const float* xd = s.xd.data();
     split_rows(w, [&](int64_t n0, int64_t n1) {
       if (w.bits == 4) act16_int4_task(w, M, xq, xd, xsp, y, n0, n1);
       else act16_int8_task(w, M, xq, xd, y, n0, n1);
+      add_outlier_columns(w, x, M, y, n0, n1);
     });
     return;
   }
   split_rows(w, [&](int64_t n0, int64_t n1) {
     if (w.bits == 4) quant_task<Int4Block>(w, x, M, y, xsp, n0, n1);
     else quant_task<Int8Block>(w, x, M, y, xsp, n0, n1);
+    add_outlier_columns(w, x, M, y, n0, n1);
   });
 #else
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
@@ -892,9 +968,10 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
     const int64_t ng = w.bits == 32 ? 1 : K / G;
     if (static_cast<int64_t>(s.sc.size()) < ng) s.sc.resize(ng), s.zc.resize(ng);
     for (int64_t n = n0; n < n1; ++n) {
-      dequantize_row(w, n, s.row.data(), s.sc.data(), s.zc.data());
+      dequantize_blocks_row(w, n, s.row.data(), s.sc.data(), s.zc.data());
       for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_scalar(s.row.data(), x + m * K, K) + (bp ? bp[n] : 0.f);
     }
+    add_outlier_columns(w, x, M, y, n0, n1);
   });
 #endif
 }
@@ -956,10 +1033,11 @@ at::Tensor qlinear(const at::Tensor& x, const QWeight& w) {
 void register_qlinear(pybind11::module_& m) {
   pybind11::class_<QWeight>(m, "QWeight")
       .def(pybind11::init<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
-                          c10::optional<at::Tensor>>(),
+                          c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>(),
            pybind11::arg("bits"), pybind11::arg("data"), pybind11::arg("scales") = pybind11::none(),
            pybind11::arg("zeros") = pybind11::none(), pybind11::arg("group") = 0,
-           pybind11::arg("bias") = pybind11::none())
+           pybind11::arg("bias") = pybind11::none(), pybind11::arg("outlier_cols") = pybind11::none(),
+           pybind11::arg("outlier_weights") = pybind11::none())
       .def_readonly("bits", &QWeight::bits)
       .def_readonly("N", &QWeight::N)
       .def_readonly("K", &QWeight::K)

@@ -14,6 +14,11 @@
 //            scales after all of its blocks instead measured 2x slower, qlinear.cpp).
 // G (group) divides K; for bits 4 it is a multiple of 32; for bits 8 it is 32 (Q8_0) or K (per output channel).
 // bias is float32 [N] or undefined.
+// Outlier columns (int8 / int4, optional): a few inputs whose activations run far larger than the rest (the
+// "massive activations" of the attention-sink token) keep their weights in float32 beside the blocks:
+// outlier_cols int64 [C] (distinct inputs), outlier_weights float32 [N, C]; the blocks hold zeros there, so
+// w[n, outlier_cols[j]] = outlier_weights[n, j]. Why: weight rounding error in those columns is multiplied by the
+// largest activations, and through attention it reaches every later token (jisu/quant/outliers.py).
 #pragma once
 #include <torch/extension.h>
 
@@ -24,9 +29,11 @@ struct QWeight {
   // qlinear.cpp bounds the rounding), 32 keeps x in float32. Ignored for bits 32 and for K or G not % 32.
   int64_t act_bits = 16;
   at::Tensor data, scales, zeros, bias;  // bits 4: data holds the row quads, scales / zeros are undefined
+  at::Tensor outlier_cols, outlier_weights;  // undefined when none; outlier_weights held transposed, [C, N]
 
   QWeight(int64_t bits, at::Tensor data, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
-          int64_t group, c10::optional<at::Tensor> bias);
+          int64_t group, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> outlier_cols = c10::nullopt,
+          c10::optional<at::Tensor> outlier_weights = c10::nullopt);
   int64_t nbytes() const;
 };
 
@@ -35,7 +42,8 @@ struct QWeight {
 // inside a parallel region it runs on the calling thread). Each (m, n) is summed in one order that depends on
 // neither M nor the thread split, so a sequence gets the same numbers alone or in a batch (the order is spelled
 // out in qlinear.cpp). int8 / int4 with act_bits 16 (K and G multiples of 32) round x to int16 per 32 inputs
-// first: each input moves by at most 2^-16 of its block's largest magnitude.
+// first: each input moves by at most 2^-16 of its block's largest magnitude. Outlier columns come last:
+// y[m, n] += fma-chain over j in order of outlier_weights[n, j] * x[m, outlier_cols[j]] (float x).
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 
 // Any number of rows: up to 128 (float32) / 192 (int8, int4) rows -> qweight_matvec (measured faster there, and

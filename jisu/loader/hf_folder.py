@@ -51,11 +51,12 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_bl
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(folder), metadata=metadata)
 
 
-_QUANT_PARTS = (".qweight", ".scales", ".zeros")
+_QUANT_PARTS = (".qweight", ".scales", ".zeros", ".outlier_cols", ".outlier_weights")
 
 
 def _assemble_quantized(tensors: dict[str, torch.Tensor], keep_blocks: bool, folder: Path) -> dict:
-    """`X.qweight` (+ `X.scales`, `X.zeros`) -> one QuantizedTensor under `X.weight` (or its float32 matrix).
+    """`X.qweight` (+ `X.scales`, `X.zeros`, `X.outlier_cols` / `X.outlier_weights`) -> one QuantizedTensor under
+    `X.weight` (or its float32 matrix).
     Bits and group size follow from the stored shapes and dtypes (see jisu/quant/formats.py)."""
     out: dict = {}
     for name, t in tensors.items():
@@ -72,8 +73,14 @@ def _assemble_quantized(tensors: dict[str, torch.Tensor], keep_blocks: bool, fol
         cols = t.shape[1] * (2 if bits == 4 else 1)
         if scales.shape[0] != t.shape[0] or scales.shape[1] == 0 or cols % scales.shape[1]:
             raise ModelLoadError(f"{folder}: {prefix}.scales {tuple(scales.shape)} does not fit {tuple(t.shape)}")
+        oc, ow = tensors.get(prefix + ".outlier_cols"), tensors.get(prefix + ".outlier_weights")
+        if (oc is None) != (ow is None) or (oc is not None and (
+            oc.dim() != 1 or oc.dtype != torch.int64 or ow.shape != (t.shape[0], oc.numel())
+            or (oc.numel() and (oc.min() < 0 or oc.max() >= cols)) or oc.unique().numel() != oc.numel()
+        )):
+            raise ModelLoadError(f"{folder}: the outlier columns of {prefix} are incomplete or malformed")
         q = QuantizedTensor(bits, t, scales.to(torch.float16), None if zeros is None else zeros.to(torch.float16),
-                            cols // scales.shape[1], f"int{bits}")
+                            cols // scales.shape[1], f"int{bits}", oc, None if ow is None else ow.float())
         out[prefix + ".weight"] = q if keep_blocks else q.dequantize()
     return out
 
@@ -133,7 +140,7 @@ def _load_safetensors(folder: Path, progress: ProgressFn | None = None) -> dict[
         except Exception as e:  # safetensors raises SafetensorError for a short or garbled file
             raise ModelLoadError(f"{file} is truncated or corrupt: {e}") from None
     for name, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES and not name.endswith(".qweight"):
+        if t.dtype not in _FLOAT_DTYPES and not name.endswith((".qweight", ".outlier_cols")):
             raise UnsupportedModelError(
                 f"tensor {name} is {t.dtype}; jisu loads float32, float16 and bfloat16 safetensors"
             )

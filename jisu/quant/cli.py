@@ -1,7 +1,7 @@
 """`jisu quantize MODEL --weights int4 --out DIR`: writes an int8/int4 copy of a model that jisu loads as it is.
 
 The output is a Hugging Face-style folder: each quantized matrix X is stored as X.qweight / X.scales
-(/ X.zeros) in model.safetensors, config.json carries quantization_config {"quant_method": "jisu", ...}, and
+(/ X.zeros; int8's float32 outlier columns as X.outlier_cols / X.outlier_weights) in model.safetensors, config.json carries quantization_config {"quant_method": "jisu", ...}, and
 the safetensors header records every matrix's format under "jisu.quantization".
 """
 
@@ -17,15 +17,18 @@ from jisu.errors import InvalidRequestError
 def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     q = subparsers.add_parser(
         "quantize", help="write an int8/int4 copy of a model (safetensors folder jisu loads)",
-        description="Quantize a model's linear layers to int8 (per output channel, or -g32 groups) or int4 "
-                    "(groups of 32/64/128 with scale and zero). GGUF Q4_0/Q4_1/Q8_0 blocks that already are the "
+        description="Quantize a model's linear layers to int8 (per output channel, or -g32 groups; 8 input "
+                    "columns per matrix stay float32, those with the largest activations on built-in calibration "
+                    "prompts: -oN for N, -o0 for none) or int4 (groups of 32/64/128 with scale and zero). GGUF Q4_0/Q4_1/Q8_0 blocks that already are the "
                     "asked format are copied, not requantized.",
     )
     q.add_argument("model", nargs="?", default=None, help="GGUF file, Hugging Face folder or short name "
                    "(default: smollm2-135m)")
-    q.add_argument("--weights", required=True, help="int8, int8-g32, int4 (= int4-g32), int4-g64, int4-g128")
+    q.add_argument("--weights", required=True, help="int8, int8-g32, int8-o0, int8-g32-o4, int4 (= int4-g32), int4-g64, "
+                   "int4-g128")
     q.add_argument("--out", required=True, help="output folder (safetensors), or a .gguf file: GGUF output takes "
-                   "int8-g32 (Q8_0) or int4 (Q4_1) from a GGUF source, whose metadata it keeps")
+                   "int8-g32 (Q8_0, which has no place for outlier columns: written without them) or int4 (Q4_1) "
+                   "from a GGUF source, whose metadata it keeps")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder's model files")
     return q
 
@@ -33,13 +36,15 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 def quantized_tensors(checkpoint, weights: str, output_group: int | None = None):
     """(spec, tensors to save, {matrix: format}) for `checkpoint` in format `weights`."""
     from jisu.quant.formats import QuantizedTensor
+    from jisu.quant.outliers import outlier_columns_for
     from jisu.quant.plan import convert_tensors, parse_weights
 
     spec = parse_weights(weights)
     if not spec.quantized:
         raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
     tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
-    converted = convert_tensors(checkpoint.tensors, spec, tied, output_group)
+    columns = outlier_columns_for(checkpoint, spec.outliers) if spec.outliers else None
+    converted = convert_tensors(checkpoint.tensors, spec, tied, output_group, outlier_columns=columns)
     out, formats = {}, {}
     for name, t in converted.items():
         if isinstance(t, QuantizedTensor):
@@ -86,7 +91,7 @@ def _run_gguf(ckpt, args) -> int:
     from jisu.quant.plan import convert_tensors, parse_weights
 
     spec = parse_weights(args.weights)
-    if spec.label() not in ("int8-g32", "int4-g32"):
+    if not (spec.label() == "int4-g32" or (spec.name == "int8" and spec.group_size == 32)):
         raise InvalidRequestError(
             f"GGUF output takes int8-g32 (Q8_0) or int4 (Q4_1); {args.weights!r} has no GGUF block type: write a "
             f"folder instead (--out DIR)"
@@ -100,8 +105,8 @@ def _run_gguf(ckpt, args) -> int:
     tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32)
     write_gguf(ckpt.source, out, tensors, ckpt.config, bits=int(spec.name.removeprefix("int")))
     kept = sum(1 for t in tensors.values() if isinstance(t, QuantizedTensor) and t.origin in ("Q4_1", "Q8_0"))
-    print(f"jisu quantize: {ckpt.source} -> {out} ({spec.label()}; {kept} matrices copied as they were)",
-          file=sys.stderr)
+    label = spec.label() if spec.name == "int4" else "int8-g32-o0, Q8_0 holding no outlier columns"
+    print(f"jisu quantize: {ckpt.source} -> {out} ({label}; {kept} matrices copied as they were)", file=sys.stderr)
     return 0
 
 

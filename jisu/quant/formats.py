@@ -8,6 +8,9 @@ Layouts (the C++ kernels read exactly these; see jisu/kernels/qlinear.h):
 
 Scales and zeros are rounded to float16 *before* q is chosen, so q is the best grid point for the stored
 scale rather than for one that no longer exists.
+
+Outlier columns (optional, jisu/quant/outliers.py): a few inputs keep their weights in float32 beside the blocks
+(outlier_cols int64 [C], outlier_weights float32 [N, C]); q is 0 there and the scales are chosen without them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ class QuantizedTensor:
     group_size: int
     origin: str = ""
     """Where the numbers came from: 'Q4_1' (kept from a GGUF file), 'int4' (quantized by jisu), ..."""
+    outlier_cols: torch.Tensor | None = None
+    """Inputs whose weights are kept in float32 (int64 [C]); None: none."""
+    outlier_weights: torch.Tensor | None = None
+    """Those weights, float32 [N, C]."""
+
+    @property
+    def num_outliers(self) -> int:
+        return 0 if self.outlier_cols is None else self.outlier_cols.numel()
 
     @property
     def format(self) -> str:
@@ -51,12 +62,13 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
-        return sum(t.numel() * t.element_size() for t in parts)
+        parts = [self.qweight, self.scales, self.zeros, self.outlier_cols, self.outlier_weights]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def describe(self) -> str:
         group = "per channel" if self.group_size == self.shape[1] and self.bits == 8 else f"group {self.group_size}"
-        return f"{self.format} ({group})"
+        cols = f", {self.num_outliers} float outlier columns" if self.num_outliers else ""
+        return f"{self.format} ({group}{cols})"
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] matrix (pure torch: the reference the kernels are tested against)."""
@@ -69,14 +81,18 @@ class QuantizedTensor:
         w = q * scale
         if self.zeros is not None:
             w = w + self.zeros.float().repeat_interleave(self.group_size, dim=1)
-        return w.reshape(n, k)
+        w = w.reshape(n, k)
+        if self.outlier_cols is not None:
+            w[:, self.outlier_cols] = self.outlier_weights.float()
+        return w
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
         """The same matrix with its rows rearranged by `fn` (which must only move whole rows: applied alike
         to q, scales and zeros)."""
         return QuantizedTensor(
             self.bits, fn(self.qweight), fn(self.scales), None if self.zeros is None else fn(self.zeros),
-            self.group_size, self.origin,
+            self.group_size, self.origin, self.outlier_cols,
+            None if self.outlier_weights is None else fn(self.outlier_weights),
         )
 
     def shape_only(self) -> QuantizedTensor:
@@ -86,7 +102,8 @@ class QuantizedTensor:
             return None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
 
         return QuantizedTensor(
-            self.bits, meta(self.qweight), meta(self.scales), meta(self.zeros), self.group_size, self.origin
+            self.bits, meta(self.qweight), meta(self.scales), meta(self.zeros), self.group_size, self.origin,
+            meta(self.outlier_cols), meta(self.outlier_weights),
         )
 
     def select_rows(self, ids: torch.Tensor) -> QuantizedTensor:
@@ -97,11 +114,17 @@ class QuantizedTensor:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales}
         if self.zeros is not None:
             out[f"{prefix}.zeros"] = self.zeros
+        if self.outlier_cols is not None:
+            out[f"{prefix}.outlier_cols"] = self.outlier_cols
+            out[f"{prefix}.outlier_weights"] = self.outlier_weights
         return out
 
     def to_kernel(self, kernels, bias: torch.Tensor | None = None):
         """The C++ kernels' QWeight over the same storage."""
-        return kernels.QWeight(self.bits, self.qweight, self.scales, self.zeros, self.group_size, bias)
+        return kernels.QWeight(
+            self.bits, self.qweight, self.scales, self.zeros, self.group_size, bias,
+            self.outlier_cols, None if self.outlier_weights is None else self.outlier_weights.float(),
+        )
 
 
 def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
@@ -110,11 +133,16 @@ def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
     if any(p.bits != first.bits or p.group_size != first.group_size for p in parts):
         kinds = ", ".join(p.describe() for p in parts)
         raise InvalidRequestError(f"cannot stack matrices of different formats ({kinds}) into one")
+    cols = [p.outlier_cols for p in parts]
+    if any((c is None) != (cols[0] is None) or (c is not None and not torch.equal(c, cols[0])) for c in cols):
+        # Stacked matrices read the same input, so their outlier columns are chosen alike (outliers.py).
+        raise InvalidRequestError("cannot stack matrices with different outlier columns into one")
     zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
     origin = "/".join(sorted({p.origin for p in parts}))
     return QuantizedTensor(
         first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), zeros,
-        first.group_size, origin,
+        first.group_size, origin, cols[0],
+        None if cols[0] is None else torch.cat([p.outlier_weights for p in parts]),
     )
 
 
@@ -125,17 +153,32 @@ def _check_matrix(w: torch.Tensor, what: str) -> tuple[int, int]:
     return w.shape
 
 
-def quantize_int8(w: torch.Tensor, group_size: int | None = None, name: str = "weight") -> QuantizedTensor:
-    """Symmetric int8 weight-only quantization; group_size None = one scale per output channel."""
+def quantize_int8(
+    w: torch.Tensor, group_size: int | None = None, name: str = "weight", outlier_cols: torch.Tensor | None = None
+) -> QuantizedTensor:
+    """Symmetric int8 weight-only quantization; group_size None = one scale per output channel. `outlier_cols`
+    (distinct input indices) keep their weights in float32 and are left out of the scales."""
     n, k = _check_matrix(w, name)
     g = k if group_size is None else group_size
     if g <= 0 or k % g:
         raise InvalidRequestError(f"{name}: int8 group size {g} must divide its {k} inputs")
-    groups = w.detach().float().reshape(n, k // g, g)
+    w = w.detach().float()
+    kept = None
+    if outlier_cols is not None and outlier_cols.numel():
+        cols = torch.as_tensor(outlier_cols, dtype=torch.long)
+        if cols.dim() != 1 or cols.unique().numel() != cols.numel() or cols.min() < 0 or cols.max() >= k:
+            raise InvalidRequestError(f"{name}: outlier columns must be distinct inputs in [0, {k})")
+        cols = cols.sort().values
+        kept = w[:, cols].contiguous()
+        w = w.clone()
+        w[:, cols] = 0.0
+    groups = w.reshape(n, k // g, g)
     scales = (groups.abs().amax(dim=2) / 127.0).to(torch.float16)
     s = scales.float().unsqueeze(2)
     q = torch.where(s > 0, groups / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-127, 127)
-    return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8")
+    if kept is None:
+        return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8")
+    return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8", cols, kept)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -> QuantizedTensor:

@@ -2,7 +2,8 @@
 
 - float32 / float16 / bfloat16: every matrix as that float type (quantized files are dequantized).
 - int8: every linear layer, and the output layer, int8 weight-only (one scale per output channel unless a
-  group size is given).
+  group size is given). Linear layers keep 8 input columns in float32 (-oN: N of them; -o0: none), the inputs
+  with the largest calibration activations (jisu/quant/outliers.py); a matrix already stored in int8 stays as is.
 - int4: linear layers int4 (group 32/64/128, scale and zero per group); the output layer int8 per channel.
   NOTE: like llama.cpp's 4-bit file types, the output layer keeps more bits: its error reaches every logit.
 - auto: the file's own precision, fastest way: matrices stored as Q8_0/Q4_0/Q4_1 (or saved by `jisu quantize`)
@@ -14,12 +15,14 @@ dequantized only for the tokens looked up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from jisu.errors import InvalidRequestError
-from jisu.quant.formats import INT4_GROUP_SIZES, QuantizedTensor, quantize
+from jisu.quant.formats import INT4_GROUP_SIZES, QuantizedTensor, quantize, quantize_int8
+from jisu.quant.outliers import DEFAULT_OUTLIER_COLUMNS
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
 WEIGHT_CHOICES = ("auto",) + FLOAT_WEIGHTS + ("int8", "int4")
@@ -32,6 +35,8 @@ class WeightsSpec:
     name: str = "auto"
     group_size: int | None = None
     """int4: 32, 64 or 128 (default 32); int8: None = per output channel, or a group dividing each row."""
+    outlier_columns: int | None = None
+    """int8: input columns per linear matrix kept in float32 (None = DEFAULT_OUTLIER_COLUMNS)."""
 
     def __post_init__(self):
         if self.name not in WEIGHT_CHOICES:
@@ -46,6 +51,19 @@ class WeightsSpec:
                 raise InvalidRequestError(
                     f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {g}"
                 )
+        c = self.outlier_columns
+        if c is not None:
+            if self.name != "int8":
+                raise InvalidRequestError(f"outlier columns (-oN) apply to int8 weights, not {self.name}")
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise InvalidRequestError(f"outlier columns must be a whole number >= 0, got {c!r}")
+
+    @property
+    def outliers(self) -> int:
+        """Outlier columns per linear matrix this spec asks for."""
+        if self.name != "int8":
+            return 0
+        return DEFAULT_OUTLIER_COLUMNS if self.outlier_columns is None else self.outlier_columns
 
     @property
     def quantized(self) -> bool:
@@ -59,28 +77,37 @@ class WeightsSpec:
     def label(self) -> str:
         if self.name == "int4":
             return f"int4-g{self.group_size or 32}"
-        if self.name == "int8" and self.group_size:
-            return f"int8-g{self.group_size}"
-        return self.name
+        if self.name != "int8":
+            return self.name
+        label = f"int8-g{self.group_size}" if self.group_size else "int8"
+        return label if self.outliers == DEFAULT_OUTLIER_COLUMNS else f"{label}-o{self.outliers}"
 
 
-def parse_weights(label: str, group_size: int | None = None) -> WeightsSpec:
-    """'int4', 'int4-g64', 'int8-g32', 'float32', 'auto', ... (a '-gN' suffix is the group size)."""
+def parse_weights(label: str, group_size: int | None = None, outlier_columns: int | None = None) -> WeightsSpec:
+    """'int4', 'int4-g64', 'int8-g32', 'int8-o0', 'float32', 'auto', ... (a '-gN' suffix is the group size,
+    '-oN' the int8 outlier columns per matrix)."""
     if not isinstance(label, str):
         raise InvalidRequestError(f"weights must be a string such as int4 or int4-g64, got {label!r}")
-    name, sep, group = label.partition("-g")
-    if sep:
-        if group_size is not None:
-            raise InvalidRequestError(f"weights {label!r} already names a group size; drop group_size")
-        if not group.isdigit():
-            raise InvalidRequestError(f"weights {label!r}: the group size after -g must be a number")
-        group_size = int(group)
-    if name not in WEIGHT_CHOICES:
+    name, *suffixes = label.split("-")
+    given = {"g": group_size, "o": outlier_columns}
+    what = {"g": "group size", "o": "number of outlier columns"}
+    for suffix in suffixes:
+        key, number = suffix[:1], suffix[1:]
+        if key not in given or name not in WEIGHT_CHOICES:
+            given = None
+            break
+        if given[key] is not None:
+            raise InvalidRequestError(f"weights {label!r} gives the {what[key]} twice")
+        if not number.isdigit():
+            raise InvalidRequestError(f"weights {label!r}: the {what[key]} after -{key} must be a number")
+        given[key] = int(number)
+    if name not in WEIGHT_CHOICES or given is None:
         raise InvalidRequestError(
             f"unknown weight format {label!r}; allowed: {', '.join(WEIGHT_CHOICES)} (int8/int4 may end in -gN, "
-            f"a group size: int4-g32/-g64/-g128, int8-g32)"
+            f"a group size: int4-g32/-g64/-g128, int8-g32; int8 also in -oN, outlier columns kept in float32, "
+            f"e.g. int8-g32-o8 or int8-o0)"
         )
-    return WeightsSpec(name, group_size)
+    return WeightsSpec(name, given["g"], given["o"])
 
 
 def is_linear_weight(name: str) -> bool:
@@ -88,17 +115,23 @@ def is_linear_weight(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _LINEAR_LEAVES
 
 
-def convert_tensors(tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None) -> dict:
+def convert_tensors(
+    tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None,
+    outlier_columns: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> dict:
     """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
     their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
-    asked (None = per channel)."""
+    asked (None = per channel). outlier_columns: gives {linear weight name: its float32 input columns} when
+    int8 quantizes a linear matrix (jisu/quant/outliers.py; called at most once, and only then); None: no
+    outlier columns."""
     out = {}
     for name, t in tensors.items():
-        out[name] = _convert_one(name, t, spec, tied, output_group)
+        out[name] = _convert_one(name, t, spec, tied, output_group, outlier_columns)
     return out
 
 
-def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None):
+def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None,
+                 outlier_columns: Callable[[], dict[str, torch.Tensor]] | None = None):
     if spec.name in FLOAT_WEIGHTS:
         return t.dequantize() if isinstance(t, QuantizedTensor) else t
     if spec.name == "auto":
@@ -109,6 +142,9 @@ def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int 
         return _as(t, "int8", group, name)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
+        if spec.name == "int8" and spec.outliers and outlier_columns is not None and not _kept(t, "int8", group):
+            w = t.dequantize() if isinstance(t, QuantizedTensor) else t.float()
+            return quantize_int8(w, group, name, outlier_columns().get(name))
         return _as(t, spec.name, group, name)
     return t.dequantize() if isinstance(t, QuantizedTensor) else t
 
@@ -116,11 +152,15 @@ def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int 
 def _as(t, fmt: str, group: int | None, name: str) -> QuantizedTensor:
     """`t` in `fmt`: kept when it already is (Q4_1 asked as int4 group 32 stays byte for byte; Q8_0 stays when
     int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized."""
+    if _kept(t, fmt, group):
+        return t
     if isinstance(t, QuantizedTensor):
-        if t.format == fmt and (group is None or t.group_size == group):
-            return t
         t = t.dequantize()
     return quantize(t.float(), fmt, group, name)
+
+
+def _kept(t, fmt: str, group: int | None) -> bool:
+    return isinstance(t, QuantizedTensor) and t.format == fmt and (group is None or t.group_size == group)
 
 
 def unify(parts: list[QuantizedTensor | torch.Tensor], name: str) -> list[QuantizedTensor]:
