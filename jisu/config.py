@@ -48,7 +48,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("int16", "float32")
 WEIGHTS_HELP = ("weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, "
                 "float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64; int8 keeps 8 input "
-                "columns per matrix in float32, -oN for N (-o0: none)")
+                "columns per matrix in float16, -oN for N (-o0: none)")
 ACTIVATIONS_HELP = ("int8/int4 weights at decode: int16 (default) rounds each 32 inputs to int16 for integer dot "
                     "products, within 2^-16 of their largest; float32 keeps them exact (slower)")
 
@@ -68,7 +68,7 @@ class EngineConfig:
     group_size: int | None = None
     """int4: 32/64/128 (default 32); int8: None = one scale per output channel."""
     outlier_columns: int | None = None
-    """int8: input columns per linear matrix kept in float32, those with the largest calibration activations
+    """int8: input columns per linear matrix kept in float16, those with the largest calibration activations
     (None = 8; 0 = none; see jisu/quant/outliers.py)."""
     activations: str = "int16"
     """int8/int4 weights at decode (up to 192 rows per product): int16 rounds each 32 inputs to int16 with one

@@ -178,16 +178,16 @@ def test_batch_invariance(fmt):
 
 
 def with_outliers(bits: int, N: int, K: int, G: int, cols: list[int], bias: bool, seed: int = 0):
-    """make_weight's int8 matrix with float32 outlier columns: the blocks hold 0 there (as jisu's quantizer
+    """make_weight's int8 matrix with float16 outlier columns: the blocks hold 0 there (as jisu's quantizer
     writes them), and the documented matrix takes the float weights in those columns."""
     qw, w, b = make_weight(bits, N, K, G, bias, seed)
     data = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=torch.Generator().manual_seed(seed + 1))
     c = torch.tensor(cols, dtype=torch.long)
     data[:, c] = 0
     scales = (torch.rand(N, K // G, generator=torch.Generator().manual_seed(seed + 2)) * 0.02 + 1e-3).half()
-    ow = torch.randn(N, len(cols), generator=torch.Generator().manual_seed(seed + 3))
+    ow = torch.randn(N, len(cols), generator=torch.Generator().manual_seed(seed + 3)).half()
     w = scales.float().repeat_interleave(G, dim=1) * data.float()
-    w[:, c] = ow
+    w[:, c] = ow.float()
     return ext.QWeight(8, data, scales, None, G, b, c, ow), w, b
 
 
@@ -266,11 +266,11 @@ def test_bad_weights_raise():
     _bad(8, q8, s(3), None, 32, torch.zeros(5), match=r"bias must be float32 \[4\]")
     _bad(3, q8, s(3), None, 32, None, match="bits must be 32, 8 or 4")
     _bad(32, torch.zeros(8), None, None, 0, None, match="2-D")
-    cols, ow = torch.tensor([1, 5]), torch.zeros(4, 2)
+    cols, ow = torch.tensor([1, 5]), torch.zeros(4, 2, dtype=torch.float16)
     _bad(8, q8, s(3), None, 32, None, cols, None, match="come together")
     _bad(4, q4, s(3), s(3), 32, None, cols, ow, match="only int8 weights take outlier columns")
     _bad(8, q8, s(3), None, 32, None, cols.int(), ow, match="outlier_cols must be int64")
-    _bad(8, q8, s(3), None, 32, None, cols, torch.zeros(4, 3), match=r"outlier_weights must be float32 \[4, 2\]")
+    _bad(8, q8, s(3), None, 32, None, cols, torch.zeros(4, 2), match=r"outlier_weights must be float16 \[4, 2\]")
     _bad(8, q8, s(3), None, 32, None, torch.tensor([1, 96]), ow, match=r"outlier column 96 is not in \[0, 96\)")
     _bad(8, q8, s(3), None, 32, None, torch.tensor([5, 5]), ow, match="outlier column 5 is given twice")
 

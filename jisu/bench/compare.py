@@ -43,7 +43,8 @@ def parse_engines(text: str) -> list[str]:
         if weights:
             from jisu.quant.plan import parse_weights
 
-            name = f"jisu:{parse_weights(weights).name}"
+            parse_weights(weights)  # a clear error for a format the engine does not know
+            name = f"jisu:{weights}"
         if name not in out:
             out.append(name)
     return out

@@ -16,7 +16,7 @@
 // bias is float32 [N] or undefined.
 // Outlier columns (int8 / int4, optional): a few inputs whose activations run far larger than the rest (the
 // "massive activations" of the attention-sink token) keep their weights in float32 beside the blocks:
-// outlier_cols int64 [C] (distinct inputs), outlier_weights float32 [N, C]; the blocks hold zeros there, so
+// outlier_cols int64 [C] (distinct inputs), outlier_weights float16 [N, C]; the blocks hold zeros there, so
 // w[n, outlier_cols[j]] = outlier_weights[n, j]. Why: weight rounding error in those columns is multiplied by the
 // largest activations, and through attention it reaches every later token (jisu/quant/outliers.py).
 #pragma once
@@ -29,7 +29,7 @@ struct QWeight {
   // qlinear.cpp bounds the rounding), 32 keeps x in float32. Ignored for bits 32 and for K or G not % 32.
   int64_t act_bits = 16;
   at::Tensor data, scales, zeros, bias;  // bits 4: data holds the row quads, scales / zeros are undefined
-  at::Tensor outlier_cols, outlier_weights;  // undefined when none; outlier_weights held transposed, [C, N]
+  at::Tensor outlier_cols, outlier_weights;  // undefined when none; weights held as row octets (qlinear.cpp)
 
   QWeight(int64_t bits, at::Tensor data, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
           int64_t group, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> outlier_cols = c10::nullopt,

@@ -80,7 +80,7 @@ def _assemble_quantized(tensors: dict[str, torch.Tensor], keep_blocks: bool, fol
         )):
             raise ModelLoadError(f"{folder}: the outlier columns of {prefix} are incomplete or malformed")
         q = QuantizedTensor(bits, t, scales.to(torch.float16), None if zeros is None else zeros.to(torch.float16),
-                            cols // scales.shape[1], f"int{bits}", oc, None if ow is None else ow.float())
+                            cols // scales.shape[1], f"int{bits}", oc, None if ow is None else ow.to(torch.float16))
         out[prefix + ".weight"] = q if keep_blocks else q.dequantize()
     return out
 

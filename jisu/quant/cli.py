@@ -1,8 +1,9 @@
 """`jisu quantize MODEL --weights int4 --out DIR`: writes an int8/int4 copy of a model that jisu loads as it is.
 
 The output is a Hugging Face-style folder: each quantized matrix X is stored as X.qweight / X.scales
-(/ X.zeros; int8's float32 outlier columns as X.outlier_cols / X.outlier_weights) in model.safetensors, config.json carries quantization_config {"quant_method": "jisu", ...}, and
-the safetensors header records every matrix's format under "jisu.quantization".
+(/ X.zeros; int8's float16 outlier columns as X.outlier_cols / X.outlier_weights) in model.safetensors,
+config.json carries quantization_config {"quant_method": "jisu", ...}, and the safetensors header records every
+matrix's format under "jisu.quantization".
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     q = subparsers.add_parser(
         "quantize", help="write an int8/int4 copy of a model (safetensors folder jisu loads)",
         description="Quantize a model's linear layers to int8 (per output channel, or -g32 groups; 8 input "
-                    "columns per matrix stay float32, those with the largest activations on built-in calibration "
-                    "prompts: -oN for N, -o0 for none) or int4 (groups of 32/64/128 with scale and zero). GGUF Q4_0/Q4_1/Q8_0 blocks that already are the "
-                    "asked format are copied, not requantized.",
+                    "columns per matrix stay float16, those with the largest activations on built-in calibration "
+                    "prompts: -oN for N, -o0 for none) or int4 (groups of 32/64/128 with scale and zero). GGUF "
+                    "Q4_0/Q4_1/Q8_0 blocks that already are the asked format are copied, not requantized.",
     )
     q.add_argument("model", nargs="?", default=None, help="GGUF file, Hugging Face folder or short name "
                    "(default: smollm2-135m)")
-    q.add_argument("--weights", required=True, help="int8, int8-g32, int8-o0, int8-g32-o4, int4 (= int4-g32), int4-g64, "
-                   "int4-g128")
+    q.add_argument("--weights", required=True, help="int8, int8-g32, int8-o0, int8-g32-o4, int4 (= int4-g32), "
+                   "int4-g64, int4-g128")
     q.add_argument("--out", required=True, help="output folder (safetensors), or a .gguf file: GGUF output takes "
                    "int8-g32 (Q8_0, which has no place for outlier columns: written without them) or int4 (Q4_1) "
                    "from a GGUF source, whose metadata it keeps")

@@ -10,7 +10,7 @@ Scales and zeros are rounded to float16 *before* q is chosen, so q is the best g
 scale rather than for one that no longer exists.
 
 Outlier columns (optional, jisu/quant/outliers.py): a few inputs keep their weights in float32 beside the blocks
-(outlier_cols int64 [C], outlier_weights float32 [N, C]); q is 0 there and the scales are chosen without them.
+(outlier_cols int64 [C], outlier_weights float16 [N, C]); q is 0 there and the scales are chosen without them.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ class QuantizedTensor:
     origin: str = ""
     """Where the numbers came from: 'Q4_1' (kept from a GGUF file), 'int4' (quantized by jisu), ..."""
     outlier_cols: torch.Tensor | None = None
-    """Inputs whose weights are kept in float32 (int64 [C]); None: none."""
+    """Inputs whose weights are kept in float16 (int64 [C]); None: none."""
     outlier_weights: torch.Tensor | None = None
-    """Those weights, float32 [N, C]."""
+    """Those weights, float16 [N, C]."""
 
     @property
     def num_outliers(self) -> int:
@@ -123,7 +123,7 @@ class QuantizedTensor:
         """The C++ kernels' QWeight over the same storage."""
         return kernels.QWeight(
             self.bits, self.qweight, self.scales, self.zeros, self.group_size, bias,
-            self.outlier_cols, None if self.outlier_weights is None else self.outlier_weights.float(),
+            self.outlier_cols, self.outlier_weights,
         )
 
 
@@ -157,7 +157,7 @@ def quantize_int8(
     w: torch.Tensor, group_size: int | None = None, name: str = "weight", outlier_cols: torch.Tensor | None = None
 ) -> QuantizedTensor:
     """Symmetric int8 weight-only quantization; group_size None = one scale per output channel. `outlier_cols`
-    (distinct input indices) keep their weights in float32 and are left out of the scales."""
+    (distinct input indices) keep their weights in float16 and are left out of the scales."""
     n, k = _check_matrix(w, name)
     g = k if group_size is None else group_size
     if g <= 0 or k % g:
@@ -169,7 +169,7 @@ def quantize_int8(
         if cols.dim() != 1 or cols.unique().numel() != cols.numel() or cols.min() < 0 or cols.max() >= k:
             raise InvalidRequestError(f"{name}: outlier columns must be distinct inputs in [0, {k})")
         cols = cols.sort().values
-        kept = w[:, cols].contiguous()
+        kept = w[:, cols].to(torch.float16)
         w = w.clone()
         w[:, cols] = 0.0
     groups = w.reshape(n, k // g, g)

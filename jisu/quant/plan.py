@@ -2,7 +2,7 @@
 
 - float32 / float16 / bfloat16: every matrix as that float type (quantized files are dequantized).
 - int8: every linear layer, and the output layer, int8 weight-only (one scale per output channel unless a
-  group size is given). Linear layers keep 8 input columns in float32 (-oN: N of them; -o0: none), the inputs
+  group size is given). Linear layers keep 8 input columns in float16 (-oN: N of them; -o0: none), the inputs
   with the largest calibration activations (jisu/quant/outliers.py); a matrix already stored in int8 stays as is.
 - int4: linear layers int4 (group 32/64/128, scale and zero per group); the output layer int8 per channel.
   NOTE: like llama.cpp's 4-bit file types, the output layer keeps more bits: its error reaches every logit.
@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from jisu.errors import InvalidRequestError
-from jisu.quant.formats import INT4_GROUP_SIZES, QuantizedTensor, quantize, quantize_int8
+from jisu.quant.formats import (
+    INT4_GROUP_SIZES,
+    QuantizedTensor,
+    quantize,
+    quantize_int8,
+)
 from jisu.quant.outliers import DEFAULT_OUTLIER_COLUMNS
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
@@ -36,7 +41,7 @@ class WeightsSpec:
     group_size: int | None = None
     """int4: 32, 64 or 128 (default 32); int8: None = per output channel, or a group dividing each row."""
     outlier_columns: int | None = None
-    """int8: input columns per linear matrix kept in float32 (None = DEFAULT_OUTLIER_COLUMNS)."""
+    """int8: input columns per linear matrix kept in float16 (None = DEFAULT_OUTLIER_COLUMNS)."""
 
     def __post_init__(self):
         if self.name not in WEIGHT_CHOICES:
@@ -104,7 +109,7 @@ def parse_weights(label: str, group_size: int | None = None, outlier_columns: in
     if name not in WEIGHT_CHOICES or given is None:
         raise InvalidRequestError(
             f"unknown weight format {label!r}; allowed: {', '.join(WEIGHT_CHOICES)} (int8/int4 may end in -gN, "
-            f"a group size: int4-g32/-g64/-g128, int8-g32; int8 also in -oN, outlier columns kept in float32, "
+            f"a group size: int4-g32/-g64/-g128, int8-g32; int8 also in -oN, outlier columns kept in float16, "
             f"e.g. int8-g32-o8 or int8-o0)"
         )
     return WeightsSpec(name, given["g"], given["o"])
@@ -121,8 +126,8 @@ def convert_tensors(
 ) -> dict:
     """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
     their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
-    asked (None = per channel). outlier_columns: gives {linear weight name: its float32 input columns} when
-    int8 quantizes a linear matrix (jisu/quant/outliers.py; called at most once, and only then); None: no
+    asked (None = per channel). outlier_columns: gives {linear weight name: its input columns kept in float16}
+    when int8 quantizes a linear matrix (jisu/quant/outliers.py; called at most once, and only then); None: no
     outlier columns."""
     out = {}
     for name, t in tensors.items():
