@@ -21,9 +21,10 @@ from jisu.scheduler.scheduler import ScheduledRequest, SchedulerOutput
 _ids = itertools.count()
 
 
-def score_batch(engine, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """float32 logits [len(seq), vocab] for every position of each sequence, all in one forward step.
-    Every KV block taken is given back, also on error."""
+def score_batch(engine, sequences: list[list[int]], every_row: bool = True) -> list[torch.Tensor]:
+    """float32 logits [len(seq), vocab] for every position of each sequence, all in one forward step (every_row
+    False: only each sequence's last position, [1, vocab], for callers that want the step's activations, not
+    its scores). Every KV block taken is given back, also on error."""
     if not sequences:
         return []
     limit = engine.max_model_len
@@ -46,15 +47,15 @@ def score_batch(engine, sequences: list[list[int]]) -> list[torch.Tensor]:
                 )
         out = SchedulerOutput([ScheduledRequest(req, req.num_tokens, samples=True) for req in requests])
         step = runner.prepare(out)
-        # Ask the runner for every row's logits instead of only the last one's.
-        step.sample_rows = torch.arange(out.num_tokens, device=step.input_ids.device)
+        if every_row:  # the runner's logits for every row instead of only each sequence's last one
+            step.sample_rows = torch.arange(out.num_tokens, device=step.input_ids.device)
         logits = runner.execute(step).cpu()
     finally:
         for req in requests:
             blocks.free(req.request_id)
     # prepare() lays single-token sequences (decodes) out first, then the rest, each group in order.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]) != 1)
-    parts = logits.split([len(sequences[i]) for i in order])
+    parts = logits.split([len(sequences[i]) if every_row else 1 for i in order])
     result: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
     for i, part in zip(order, parts):
         result[i] = part

@@ -112,7 +112,7 @@ class SwiGLU(nn.Module):
 
 def weight_bytes_held(model: nn.Module) -> int:
     """Bytes of distinct weight storage a loaded model holds: parameters, int8/int4 blocks with their scales and
-    zeros, and int4 matrices whose only copy is the C++ kernels' row quads (their layer keeps a shape-only
+    zeros (and int8's outlier columns), and int4 matrices whose only copy is the C++ kernels' row quads (their layer keeps a shape-only
     QuantizedTensor; counted at its block bytes, without the padding of a last partial quad)."""
     seen: dict[object, int] = {}
     for p in model.parameters():
@@ -124,7 +124,7 @@ def weight_bytes_held(model: nn.Module) -> int:
         if q.qweight.is_meta:
             seen[("kernels", id(m))] = q.nbytes
             continue
-        for t in (q.qweight, q.scales, q.zeros):
+        for t in (q.qweight, q.scales, q.zeros, q.outlier_cols, q.outlier_weights):
             if t is not None:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
