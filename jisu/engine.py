@@ -90,7 +90,7 @@ class LLMEngine:
             checkpoint = load_checkpoint(config.model, keep_blocks=keep_blocks)
         ckpt = checkpoint
         tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
-        columns = outlier_columns_for(ckpt, spec.outliers) if keep_blocks and spec.outliers else None
+        columns = outlier_columns_for(ckpt, spec.outliers) if keep_blocks else None
         tensors = convert_tensors(
             ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, outlier_columns=columns
         )

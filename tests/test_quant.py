@@ -89,7 +89,7 @@ def test_constant_and_zero_rows_quantize_without_nan():
         (lambda: parse_weights("int8-g32-g64"), "gives the group size twice"),
         (lambda: parse_weights("int8-x3"), "unknown weight format 'int8-x3'"),
         (lambda: quantize_int8(_rand(4, 64), None, "w", torch.tensor([3, 3])), "outlier columns must be distinct"),
-        (lambda: quantize_int8(_rand(4, 64), None, "w", torch.tensor([64])), "outlier columns must be distinct inputs in"),
+        (lambda: quantize_int8(_rand(4, 64), None, "w", torch.tensor([64])), "outlier columns must be distinct int64 inputs in"),
     ],
 )
 def test_bad_quantization_requests_say_what_is_allowed(call, message):
@@ -302,6 +302,27 @@ def test_jisu_quantize_writes_a_folder_that_loads_as_the_same_model(tiny_llama_d
     # Asked for float, the same folder dequantizes.
     dense = LLM(model=str(out), weights="float32", max_model_len=128, max_num_seqs=1)
     assert dense.engine.model.model.layers[1].mlp.down_proj.weight is not None
+
+
+def test_a_folder_with_broken_outlier_columns_is_refused(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from jisu.cli import main
+    from jisu.errors import ModelLoadError
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "--weights", "int8-o2", "--out", str(out)]) == 0
+    tensors = load_file(str(out / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.outlier_cols"
+    for broken, message in [(torch.tensor([3, 3]), "must be distinct int64 inputs"), (None, "not both")]:
+        changed = dict(tensors)
+        if broken is None:
+            del changed[key]
+        else:
+            changed[key] = broken
+        save_file(changed, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ModelLoadError, match=message):
+            LLM(model=str(out), max_model_len=64, max_num_seqs=1)
 
 
 @pytest.mark.parametrize("weights, message", [("float32", "jisu quantize writes int8 or int4 weights"),

@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from jisu.errors import ModelLoadError, UnsupportedModelError
+from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from jisu.loader.checkpoint import Checkpoint, TokenizerSpec
 from jisu.loader.gguf import ProgressFn, check_complete, check_shape, expected_shapes
 from jisu.models.config import ModelConfig
-from jisu.quant.formats import QuantizedTensor
+from jisu.quant.formats import QuantizedTensor, check_outlier_columns
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX = "model.safetensors.index.json"
@@ -74,13 +74,15 @@ def _assemble_quantized(tensors: dict[str, torch.Tensor], keep_blocks: bool, fol
         if scales.shape[0] != t.shape[0] or scales.shape[1] == 0 or cols % scales.shape[1]:
             raise ModelLoadError(f"{folder}: {prefix}.scales {tuple(scales.shape)} does not fit {tuple(t.shape)}")
         oc, ow = tensors.get(prefix + ".outlier_cols"), tensors.get(prefix + ".outlier_weights")
-        if (oc is None) != (ow is None) or (oc is not None and (
-            oc.dim() != 1 or oc.dtype != torch.int64 or ow.shape != (t.shape[0], oc.numel())
-            or (oc.numel() and (oc.min() < 0 or oc.max() >= cols)) or oc.unique().numel() != oc.numel()
-        )):
-            raise ModelLoadError(f"{folder}: the outlier columns of {prefix} are incomplete or malformed")
+        if (oc is None) != (ow is None):
+            raise ModelLoadError(f"{folder}: {prefix} has outlier columns or their weights, not both")
+        if oc is not None:
+            try:
+                check_outlier_columns(bits, oc, ow, t.shape[0], cols, prefix)
+            except InvalidRequestError as e:
+                raise ModelLoadError(f"{folder}: {e}") from None
         q = QuantizedTensor(bits, t, scales.to(torch.float16), None if zeros is None else zeros.to(torch.float16),
-                            cols // scales.shape[1], f"int{bits}", oc, None if ow is None else ow.to(torch.float16))
+                            cols // scales.shape[1], f"int{bits}", oc, ow)
         out[prefix + ".weight"] = q if keep_blocks else q.dequantize()
     return out
 

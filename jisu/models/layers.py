@@ -112,8 +112,9 @@ class SwiGLU(nn.Module):
 
 def weight_bytes_held(model: nn.Module) -> int:
     """Bytes of distinct weight storage a loaded model holds: parameters, int8/int4 blocks with their scales and
-    zeros (and int8's outlier columns), and int4 matrices whose only copy is the C++ kernels' row quads (their layer keeps a shape-only
-    QuantizedTensor; counted at its block bytes, without the padding of a last partial quad)."""
+    zeros (and int8's outlier columns), and int4 matrices whose only copy is the C++ kernels' row quads (their
+    layer keeps a shape-only QuantizedTensor; counted at its block bytes, without the padding of a last partial
+    quad)."""
     seen: dict[object, int] = {}
     for p in model.parameters():
         seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()

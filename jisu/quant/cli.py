@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from jisu.errors import InvalidRequestError
 
@@ -44,7 +45,7 @@ def quantized_tensors(checkpoint, weights: str, output_group: int | None = None)
     if not spec.quantized:
         raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
     tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
-    columns = outlier_columns_for(checkpoint, spec.outliers) if spec.outliers else None
+    columns = outlier_columns_for(checkpoint, spec.outliers)
     converted = convert_tensors(checkpoint.tensors, spec, tied, output_group, outlier_columns=columns)
     out, formats = {}, {}
     for name, t in converted.items():
@@ -102,12 +103,14 @@ def _run_gguf(ckpt, args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InvalidRequestError(f"{out} exists; pass --overwrite to replace it")
+    if spec.name == "int8":
+        spec = replace(spec, outlier_columns=0)  # Q8_0 has no place for float outlier columns
     tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
     tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32)
     write_gguf(ckpt.source, out, tensors, ckpt.config, bits=int(spec.name.removeprefix("int")))
     kept = sum(1 for t in tensors.values() if isinstance(t, QuantizedTensor) and t.origin in ("Q4_1", "Q8_0"))
-    label = spec.label() if spec.name == "int4" else "int8-g32-o0, Q8_0 holding no outlier columns"
-    print(f"jisu quantize: {ckpt.source} -> {out} ({label}; {kept} matrices copied as they were)", file=sys.stderr)
+    print(f"jisu quantize: {ckpt.source} -> {out} ({spec.label()}; {kept} matrices copied as they were)",
+          file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,7 @@ Layouts (the C++ kernels read exactly these; see jisu/kernels/qlinear.h):
 Scales and zeros are rounded to float16 *before* q is chosen, so q is the best grid point for the stored
 scale rather than for one that no longer exists.
 
-Outlier columns (optional, jisu/quant/outliers.py): a few inputs keep their weights in float32 beside the blocks
+Outlier columns (optional, jisu/quant/outliers.py): a few inputs keep their weights in float16 beside the blocks
 (outlier_cols int64 [C], outlier_weights float16 [N, C]); q is 0 there and the scales are chosen without them.
 """
 
@@ -166,8 +166,7 @@ def quantize_int8(
     kept = None
     if outlier_cols is not None and outlier_cols.numel():
         cols = torch.as_tensor(outlier_cols, dtype=torch.long)
-        if cols.dim() != 1 or cols.unique().numel() != cols.numel() or cols.min() < 0 or cols.max() >= k:
-            raise InvalidRequestError(f"{name}: outlier columns must be distinct inputs in [0, {k})")
+        check_outlier_columns(8, cols, None, n, k, name)
         cols = cols.sort().values
         kept = w[:, cols].to(torch.float16)
         w = w.clone()
@@ -179,6 +178,23 @@ def quantize_int8(
     if kept is None:
         return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8")
     return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8", cols, kept)
+
+
+def check_outlier_columns(bits: int, cols: torch.Tensor, weights: torch.Tensor | None, n: int, k: int,
+                          name: str) -> None:
+    """The rules the kernels hold outlier columns to: int8 only, distinct int64 inputs in [0, k), and (when given)
+    float16 weights [n, len(cols)]."""
+    if bits != 8:
+        raise InvalidRequestError(f"{name}: only int8 matrices keep outlier columns, not int{bits}")
+    if cols.dtype != torch.int64 or cols.dim() != 1 or cols.unique().numel() != cols.numel() or (
+        cols.numel() and (cols.min() < 0 or cols.max() >= k)
+    ):
+        raise InvalidRequestError(f"{name}: outlier columns must be distinct int64 inputs in [0, {k})")
+    if weights is not None and (weights.dtype != torch.float16 or tuple(weights.shape) != (n, cols.numel())):
+        raise InvalidRequestError(
+            f"{name}: outlier weights must be float16 [{n}, {cols.numel()}], got {weights.dtype} "
+            f"{tuple(weights.shape)}"
+        )
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -> QuantizedTensor:

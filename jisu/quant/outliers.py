@@ -52,7 +52,6 @@ def input_mean_squares(checkpoint, texts: list[str] | None = None) -> dict[str, 
     from jisu.engine import LLMEngine
     from jisu.eval.scoring import score_batch
     from jisu.models.layers import Linear, MergedLinear
-
     from jisu.tokenizer import Tokenizer
 
     texts = calibration_texts() if texts is None else texts
@@ -102,9 +101,11 @@ def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:
     return mean_squares.topk(k).indices.sort().values
 
 
-def outlier_columns_for(checkpoint, k: int) -> Callable[[], dict[str, torch.Tensor]]:
+def outlier_columns_for(checkpoint, k: int) -> Callable[[], dict[str, torch.Tensor]] | None:
     """A function giving {linear weight name: its k outlier columns}, calibrating on its first call only (a
-    checkpoint whose int8 matrices are all kept as they are never needs it)."""
+    checkpoint whose int8 matrices are all kept as they are never needs it); None when k is 0."""
+    if not k:
+        return None
     found: dict[str, torch.Tensor] = {}
 
     def columns() -> dict[str, torch.Tensor]:

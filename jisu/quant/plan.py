@@ -147,25 +147,22 @@ def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int 
         return _as(t, "int8", group, name)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
-        if spec.name == "int8" and spec.outliers and outlier_columns is not None and not _kept(t, "int8", group):
-            w = t.dequantize() if isinstance(t, QuantizedTensor) else t.float()
-            return quantize_int8(w, group, name, outlier_columns().get(name))
-        return _as(t, spec.name, group, name)
+        return _as(t, spec.name, group, name, outlier_columns if spec.outliers else None)
     return t.dequantize() if isinstance(t, QuantizedTensor) else t
 
 
-def _as(t, fmt: str, group: int | None, name: str) -> QuantizedTensor:
+def _as(t, fmt: str, group: int | None, name: str,
+        outlier_columns: Callable[[], dict[str, torch.Tensor]] | None = None) -> QuantizedTensor:
     """`t` in `fmt`: kept when it already is (Q4_1 asked as int4 group 32 stays byte for byte; Q8_0 stays when
-    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized."""
-    if _kept(t, fmt, group):
-        return t
+    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized, int8 with the outlier
+    columns `outlier_columns` gives for `name`."""
     if isinstance(t, QuantizedTensor):
+        if t.format == fmt and (group is None or t.group_size == group):
+            return t
         t = t.dequantize()
+    if fmt == "int8" and outlier_columns is not None:
+        return quantize_int8(t.float(), group, name, outlier_columns().get(name))
     return quantize(t.float(), fmt, group, name)
-
-
-def _kept(t, fmt: str, group: int | None) -> bool:
-    return isinstance(t, QuantizedTensor) and t.format == fmt and (group is None or t.group_size == group)
 
 
 def unify(parts: list[QuantizedTensor | torch.Tensor], name: str) -> list[QuantizedTensor]:
