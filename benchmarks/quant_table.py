@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
-# (label, --weights, pruning: (method, amount) or None[, --activations]). Pruned models are written once, then
-# loaded.
+# (label, --weights, a model written first or None[, --activations]): ("prune", method, amount) runs `jisu prune`,
+# ("gptq", weights) runs `jisu quantize --method gptq`; the setting then loads what they wrote.
 SETTINGS = [
     ("float32 (reference)", "float32", None),
     ("Q4_1 kept native (auto)", "auto", None),
@@ -39,15 +39,16 @@ SETTINGS = [
     ("int8 per channel, no outlier columns", "int8-o0", None),
     ("int8 group 32, 8 outlier columns", "int8-g32", None),
     ("int8 group 32, no outlier columns", "int8-g32-o0", None),
+    ("int8 per channel, 8 outlier columns, GPTQ (jisu quantize --method gptq)", "auto", ("gptq", "int8")),
     ("int4 group 32", "int4", None),
     ("int4 group 64", "int4-g64", None),
     ("int4 group 128", "int4-g128", None),
-    ("unstructured 50%, float32", "float32", ("unstructured", "0.5")),
-    ("2:4 sparse, float32", "float32", ("2:4", None)),
-    ("FFN channels -25%, float32", "float32", ("ffn", "0.25")),
-    ("FFN channels -25%, int4", "int4", ("ffn", "0.25")),
-    ("kv-head groups -1 of 3, float32", "float32", ("heads", "1")),
-    ("layers -4 of 30, float32", "float32", ("layers", "4")),
+    ("unstructured 50%, float32", "float32", ("prune", "unstructured", "0.5")),
+    ("2:4 sparse, float32", "float32", ("prune", "2:4", None)),
+    ("FFN channels -25%, float32", "float32", ("prune", "ffn", "0.25")),
+    ("FFN channels -25%, int4", "int4", ("prune", "ffn", "0.25")),
+    ("kv-head groups -1 of 3, float32", "float32", ("prune", "heads", "1")),
+    ("layers -4 of 30, float32", "float32", ("prune", "layers", "4")),
 ]
 
 
@@ -94,10 +95,16 @@ def run_one(model: str, reference_model: str, weights: str, activations: str, te
     return out
 
 
-def prune_model(model: str, method: str, amount: str | None, out_dir: Path) -> str:
-    cmd = [sys.executable, "-m", "jisu.cli", "prune", *([model] if model else []), "--method", method,
-           *(["--amount", amount] if amount is not None else []), "--out", str(out_dir)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+def write_model(model: str, step: tuple, out_dir: Path) -> str:
+    """Runs `jisu prune` (step: ("prune", method, amount)) or `jisu quantize --method gptq` (("gptq", weights)) on
+    `model` into `out_dir`."""
+    if step[0] == "gptq":
+        cmd = [sys.executable, "-m", "jisu.cli", "quantize", model, "--weights", step[1], "--method", "gptq"]
+    else:
+        _, method, amount = step
+        cmd = [sys.executable, "-m", "jisu.cli", "prune", model, "--method", method,
+               *(["--amount", amount] if amount is not None else [])]
+    subprocess.run(cmd + ["--out", str(out_dir)], check=True, stdout=subprocess.DEVNULL)
     return str(out_dir)
 
 
@@ -148,10 +155,10 @@ def main() -> int:
     start = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n, (label, weights, pruning, *acts) in enumerate(chosen):
+        for n, (label, weights, step, *acts) in enumerate(chosen):
             print(f"== {label}", file=sys.stderr, flush=True)
             try:
-                path = model if pruning is None else prune_model(model, *pruning, Path(tmp) / f"pruned-{n}")
+                path = model if step is None else write_model(model, step, Path(tmp) / f"model-{n}")
                 child = subprocess.run(
                     [sys.executable, __file__, "--one", json.dumps([path, model, weights, *(acts or ["int16"])]), "--text", args.text,
                      "--chunks", str(args.chunks), "--runs", str(args.runs)],

@@ -180,6 +180,19 @@ def test_cli_perplexity_json(tiny_llama_dir, text, tmp_path, capsys):
     assert rc == 1 and "int9" in capsys.readouterr().err
 
 
+def test_cli_kl_against_another_model(tiny_llama_dir, text, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text(text[:4000])
+    base = ["eval", "kl", str(f), "--model", str(tiny_llama_dir), "--weights", "float32", "--ctx", str(CTX), "--json"]
+    assert eval_main(base) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["kl_mean"] == 0 and same["top1_agreement"] == 1
+    other = make_tiny_hf_model(tmp_path / "other", arch="llama", num_kv_heads=2, seed=7)
+    assert eval_main(base + ["--reference-model", str(other)]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert diff["kl_mean"] > 0.01 and diff["ppl"] == same["ppl"] and diff["reference_ppl"] != same["reference_ppl"]
+
+
 @pytest.mark.real_model
 def test_real_model_perplexity_matches_transformers(real_model_path):
     if not WIKITEXT.is_file():

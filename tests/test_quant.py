@@ -119,39 +119,63 @@ def test_int8_outlier_columns_stay_float_and_leave_the_scales_alone():
     assert kept.describe() == "int8 (per channel, 2 float outlier columns)"
 
 
-def test_outlier_columns_are_asked_for_only_when_int8_quantizes_a_linear_matrix():
+def test_int8_rounding_is_asked_for_only_when_int8_quantizes_a_linear_matrix():
+    from jisu.quant.formats import quantize_int8
+
     raw = gguf_quants.quantize(_rand(64, 64).numpy(), Q.Q8_0)
     q80 = block_tensor(raw, Q.Q8_0, (64, 64), "t")
     calls = []
 
-    def columns():
-        calls.append(1)
-        return {"model.layers.0.mlp.down_proj.weight": torch.tensor([1, 2, 3])}
+    def round_int8(name, w, group):
+        calls.append(name)
+        return quantize_int8(w, group, name, torch.tensor([1, 2, 3]))
 
     tensors = {"model.layers.0.mlp.up_proj.weight": q80, "model.embed_tokens.weight": _rand(100, 64)}
-    out = convert_tensors(tensors, parse_weights("int8"), tied=True, outlier_columns=columns)
+    out = convert_tensors(tensors, parse_weights("int8"), tied=True, round_int8=round_int8)
     assert out["model.layers.0.mlp.up_proj.weight"] is q80 and not calls  # Q8_0 kept: no calibration
     tensors["model.layers.0.mlp.down_proj.weight"] = _rand(64, 64, seed=3)
-    out = convert_tensors(tensors, parse_weights("int8"), tied=True, outlier_columns=columns)
-    assert calls == [1]
+    out = convert_tensors(tensors, parse_weights("int8"), tied=True, round_int8=round_int8)
+    assert calls == ["model.layers.0.mlp.down_proj.weight"]
     assert out["model.layers.0.mlp.down_proj.weight"].outlier_cols.tolist() == [1, 2, 3]
     assert out["model.embed_tokens.weight"].outlier_cols is None  # the output layer: every logit, no columns
-    out = convert_tensors(tensors, parse_weights("int8-o0"), tied=True, outlier_columns=columns)
+    out = convert_tensors(tensors, parse_weights("int8-o0"), tied=True)
     assert out["model.layers.0.mlp.down_proj.weight"].outlier_cols is None
+
+
+def test_outlier_rounding_is_none_for_no_columns_and_calibrates_once(tiny_llama_dir, monkeypatch):
+    import jisu.quant.outliers as outliers
+    from jisu.loader.resolve import load_checkpoint
+
+    ckpt = load_checkpoint(str(tiny_llama_dir), keep_blocks=True)
+    assert outliers.outlier_rounding(ckpt, 0) is None
+    runs = []
+    real = outliers.input_statistics
+    monkeypatch.setattr(outliers, "input_statistics", lambda *a, **k: runs.append(1) or real(*a, **k))
+    rounding = outliers.outlier_rounding(ckpt, 2)
+    name = "model.layers.0.mlp.down_proj.weight"
+    w = ckpt.tensors[name].float()
+    first, second = rounding(name, w, None), rounding(name, w, 32 if w.shape[1] % 32 == 0 else None)
+    assert runs == [1] and first.num_outliers == 2 and torch.equal(first.outlier_cols, second.outlier_cols)
 
 
 def test_calibration_finds_the_inputs_with_the_largest_activations(tiny_llama_dir):
     from jisu.loader.resolve import load_checkpoint
-    from jisu.quant.outliers import choose_columns, input_mean_squares
+    from jisu.quant.calibration import input_statistics
+    from jisu.quant.outliers import choose_columns
 
     ckpt = load_checkpoint(str(tiny_llama_dir), keep_blocks=True)
-    ms = input_mean_squares(ckpt, ["The capital of France is", "def f(x): return x"])
+    texts = ["The capital of France is", "def f(x): return x"]
+    ms = input_statistics(ckpt, texts)
     attn = "model.layers.0.self_attn."
     assert set(ms) == {n for n in ckpt.tensors if n.startswith("model.layers.") and n.endswith("proj.weight")}
     assert ms[attn + "q_proj.weight"] is ms[attn + "v_proj.weight"]  # one input, one choice
     assert ms[attn + "o_proj.weight"].shape == (ckpt.config.num_attention_heads * ckpt.config.head_dim,)
     assert (ms[attn + "q_proj.weight"] > 0).all()
     assert choose_columns(torch.tensor([0.1, 5.0, 0.2, 7.0, 0.3]), 2).tolist() == [1, 3]
+    h = input_statistics(ckpt, texts, second_moments=True)
+    k = ms[attn + "q_proj.weight"].numel()
+    assert h[attn + "q_proj.weight"].shape == (k, k) and h[attn + "q_proj.weight"] is h[attn + "k_proj.weight"]
+    torch.testing.assert_close(torch.diag(h[attn + "q_proj.weight"]), ms[attn + "q_proj.weight"], rtol=1e-5, atol=1e-6)
 
 
 def test_convert_keeps_matching_blocks_and_requantizes_the_rest():

@@ -21,6 +21,8 @@ def _common(p: argparse.ArgumentParser, weights_required: bool) -> None:
     if weights_required:
         p.add_argument("--weights", required=True, help=f"weight format under test: {formats}")
         p.add_argument("--reference-weights", default="float32", help="weight format of the reference run (default float32)")
+        p.add_argument("--reference-model", default=None, help="model of the reference run (default: --model), e.g. "
+                       "the file a `jisu quantize` or `jisu prune` output was made from")
     else:
         p.add_argument("--weights", default="float32", help=f"weight format: {formats} (default float32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -93,6 +95,10 @@ def _cmd_perplexity(args) -> int:
     return 0
 
 
+def _reference_model(args):
+    return args.model if args.reference_model is None else args.reference_model
+
+
 def _cmd_kl(args) -> int:
     from jisu.eval.kl import kl_divergence
     from jisu.eval.perplexity import check_ctx, read_text
@@ -101,7 +107,7 @@ def _cmd_kl(args) -> int:
     check_weights(args.reference_weights)
     check_ctx(args.ctx)
     text = read_text(args.file)
-    ref = open_llm(args.model, args.reference_weights, args.ctx, 1, args.device)
+    ref = open_llm(_reference_model(args), args.reference_weights, args.ctx, 1, args.device)
     test = open_llm(args.model, args.weights, args.ctx, 1, args.device)
     with _progress("kl") as progress:
         r = kl_divergence(test.engine, ref.engine, text, args.ctx, args.chunks, progress)
@@ -124,7 +130,7 @@ def _cmd_greedy(args) -> int:
     prompts = load_prompts(args.prompts)
     # Room for a few hundred prompt tokens plus the continuation, for every prompt at once.
     window = 256 + max(1, args.max_tokens)
-    ref = open_llm(args.model, args.reference_weights, window, len(prompts), args.device)
+    ref = open_llm(_reference_model(args), args.reference_weights, window, len(prompts), args.device)
     test = open_llm(args.model, args.weights, window, len(prompts), args.device)
     with _progress("greedy") as progress:
         r = greedy_agreement(test, ref, prompts, args.max_tokens, progress)

@@ -15,7 +15,6 @@ dequantized only for the tokens looked up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +24,8 @@ from jisu.quant.formats import (
     INT4_GROUP_SIZES,
     QuantizedTensor,
     quantize,
-    quantize_int8,
 )
-from jisu.quant.outliers import DEFAULT_OUTLIER_COLUMNS
+from jisu.quant.outliers import DEFAULT_OUTLIER_COLUMNS, Int8Rounding
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
 WEIGHT_CHOICES = ("auto",) + FLOAT_WEIGHTS + ("int8", "int4")
@@ -122,21 +120,21 @@ def is_linear_weight(name: str) -> bool:
 
 def convert_tensors(
     tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-    outlier_columns: Callable[[], dict[str, torch.Tensor]] | None = None,
+    round_int8: Int8Rounding | None = None,
 ) -> dict:
     """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
     their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
-    asked (None = per channel). outlier_columns: gives {linear weight name: its input columns kept in float16}
-    when int8 quantizes a linear matrix (jisu/quant/outliers.py; called at most once, and only then); None: no
-    outlier columns."""
+    asked (None = per channel). round_int8: how int8 rounds a linear matrix it quantizes (with outlier columns,
+    jisu/quant/outliers.py, or by GPTQ, jisu/quant/gptq.py; called only then); None: to nearest, no outlier
+    columns."""
     out = {}
     for name, t in tensors.items():
-        out[name] = _convert_one(name, t, spec, tied, output_group, outlier_columns)
+        out[name] = _convert_one(name, t, spec, tied, output_group, round_int8)
     return out
 
 
 def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-                 outlier_columns: Callable[[], dict[str, torch.Tensor]] | None = None):
+                 round_int8: Int8Rounding | None = None):
     if spec.name in FLOAT_WEIGHTS:
         return t.dequantize() if isinstance(t, QuantizedTensor) else t
     if spec.name == "auto":
@@ -147,21 +145,19 @@ def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int 
         return _as(t, "int8", group, name)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
-        return _as(t, spec.name, group, name, outlier_columns if spec.outliers else None)
+        return _as(t, spec.name, group, name, round_int8)
     return t.dequantize() if isinstance(t, QuantizedTensor) else t
 
 
-def _as(t, fmt: str, group: int | None, name: str,
-        outlier_columns: Callable[[], dict[str, torch.Tensor]] | None = None) -> QuantizedTensor:
+def _as(t, fmt: str, group: int | None, name: str, round_int8: Int8Rounding | None = None) -> QuantizedTensor:
     """`t` in `fmt`: kept when it already is (Q4_1 asked as int4 group 32 stays byte for byte; Q8_0 stays when
-    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized, int8 with the outlier
-    columns `outlier_columns` gives for `name`."""
+    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized, int8 by `round_int8`."""
     if isinstance(t, QuantizedTensor):
         if t.format == fmt and (group is None or t.group_size == group):
             return t
         t = t.dequantize()
-    if fmt == "int8" and outlier_columns is not None:
-        return quantize_int8(t.float(), group, name, outlier_columns().get(name))
+    if fmt == "int8" and round_int8 is not None:
+        return round_int8(name, t.float(), group)
     return quantize(t.float(), fmt, group, name)
 
 

@@ -1,0 +1,103 @@
+"""GPTQ for int8 weights: rounding that compensates each column's error in the columns not yet rounded.
+
+Rounding each weight to nearest treats the inputs as independent. They are not: with H = mean(x xᵀ) over
+calibration text, a layer's output error is (W - Q) H (W - Q)ᵀ, and GPTQ (Frantar et al., 2022, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers") rounds one input column at a time, spreading
+its error over the columns still to come along the Cholesky factor of H⁻¹, largest-input columns first. The
+scales are those of rounding to nearest (jisu/quant/formats.py), so the blocks are plain int8 the kernels run
+unchanged; outlier columns stay float16 and take no part.
+
+Measured on SmolLM2-135M (`jisu eval kl` on WikiText-2, 20 chunks, against the float32 run of the same file):
+int8 per channel with 8 outlier columns agrees on the top-1 token 97.68% rounded to nearest (KL 0.00132) and
+98.03% by GPTQ over jisu's sampled calibration text (KL 0.00097). Over only the ~1,200 tokens of built-in prompts
+GPTQ did worse than rounding to nearest (97.29%, a float32 simulation): too few tokens for a 1,536-input down
+projection, whose H is then far from full rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jisu.errors import InvalidRequestError
+from jisu.quant.calibration import input_statistics, sample_text
+from jisu.quant.formats import QuantizedTensor, quantize_int8
+from jisu.quant.outliers import Int8Rounding, choose_columns
+
+DEFAULT_DAMP = 0.01
+"""Added to H's diagonal, as a fraction of its mean: keeps the Cholesky factor stable where inputs correlate. 0.01
+is the GPTQ paper's; on SmolLM2-135M 0.1 measured top-1 97.87% / KL 0.00093 against 0.01's 98.03% / 0.00097, the
+same within the measurement's noise, so the paper's value stays."""
+_BLOCK = 128
+"""Columns whose error is spread lazily, one matrix product per block (GPTQ's "lazy batch" update)."""
+
+
+def gptq_int8(
+    w: torch.Tensor, hessian: torch.Tensor, group_size: int | None = None, name: str = "weight",
+    outlier_cols: torch.Tensor | None = None, damp: float = DEFAULT_DAMP,
+) -> QuantizedTensor:
+    """`w` [N, K] in int8 (scales and outlier columns as quantize_int8 chooses them), each column rounded with the
+    error of the columns before it compensated; hessian: [K, K] mean(x xᵀ) of the inputs."""
+    base = quantize_int8(w, group_size, name, outlier_cols)
+    n, k = base.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise InvalidRequestError(f"{name}: GPTQ needs a [{k}, {k}] input second-moment matrix, got {shape}")
+    if not 0 <= damp < 1:
+        raise InvalidRequestError(f"{name}: GPTQ damping must lie in [0, 1), got {damp}")
+    h = hessian.detach().double().clone()
+    work = w.detach().double().clone()
+    if base.outlier_cols is not None:
+        # Exact in float16: nothing to round and no error to take.
+        h[base.outlier_cols, :] = 0
+        h[:, base.outlier_cols] = 0
+        work[:, base.outlier_cols] = 0
+    silent = torch.diag(h) <= 0  # inputs never active in calibration: rounded to nearest, no error spread
+    h[silent, silent] = 1.0
+    h += torch.eye(k, dtype=torch.float64) * (damp * torch.diag(h).mean())
+    order = torch.argsort(torch.diag(h), descending=True)  # largest inputs first ("act order")
+    work, h = work[:, order], h[order][:, order]
+    try:
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise InvalidRequestError(
+            f"{name}: the calibration inputs' second-moment matrix is not positive definite even damped; "
+            f"use more calibration text or rounding to nearest"
+        ) from None
+    scales = base.scales.double().repeat_interleave(base.group_size, dim=1)[:, order]
+    q = torch.zeros(n, k, dtype=torch.float64)
+    for start in range(0, k, _BLOCK):
+        stop = min(start + _BLOCK, k)
+        block = work[:, start:stop].clone()
+        errors = torch.zeros_like(block)
+        u = upper[start:stop, start:stop]
+        for j in range(stop - start):
+            s = scales[:, start + j]
+            col = block[:, j]
+            qj = torch.where(s > 0, col / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-127, 127)
+            q[:, start + j] = qj
+            err = (col - qj * s) / u[j, j]
+            block[:, j:] -= err[:, None] * u[j, j:][None, :]
+            errors[:, j] = err
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
+    q = q[:, torch.argsort(order)].to(torch.int8)
+    return QuantizedTensor(8, q, base.scales, None, base.group_size, "gptq", base.outlier_cols, base.outlier_weights)
+
+
+def gptq_rounding(checkpoint, outlier_columns: int, texts: list[str] | None = None,
+                  damp: float = DEFAULT_DAMP) -> Int8Rounding:
+    """int8 rounding by GPTQ for `checkpoint`'s linear matrices, with input statistics from a run of the model
+    over `texts` (default: jisu's sampled calibration text), taken on the first call. Outlier columns are chosen
+    from the same statistics (the diagonal). Holds every distinct input's [K, K] matrix at once: for SmolLM2-135M
+    400 MB."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def round_int8(name: str, w: torch.Tensor, group: int | None) -> QuantizedTensor:
+        if not stats:
+            stats.update(input_statistics(checkpoint, sample_text() if texts is None else texts, second_moments=True))
+        if name not in stats:
+            raise InvalidRequestError(f"{name}: no calibration statistics (not a linear layer the model runs)")
+        h = stats[name]
+        cols = choose_columns(torch.diag(h), outlier_columns) if outlier_columns else None
+        return gptq_int8(w, h, group, name, cols, damp)
+
+    return round_int8
