@@ -101,3 +101,28 @@ def test_jisu_quantize_method_errors(tiny_llama_dir, tmp_path, capsys, extra, me
 
     assert main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "q"), *extra]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_gguf_output_by_gptq_is_q8_0_with_the_same_scales(tiny_llama_gguf, tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from jisu.cli import main
+    from jisu.loader.gguf import open_gguf
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("Once upon a time there was a small model that counted to ten. " * 40)
+    files = {}
+    for method in ("rtn", "gptq"):
+        files[method] = tmp_path / f"{method}.gguf"
+        extra = ["--calibration", str(text)] if method == "gptq" else []
+        args = ["quantize", str(tiny_llama_gguf), "--weights", "int8-g32", "--method", method, *extra]
+        assert main(args + ["--out", str(files[method])]) == 0
+    rtn, gptq = ({t.name: t for t in open_gguf(files[m]).tensors} for m in ("rtn", "gptq"))
+    down_rtn, down_gptq = rtn["blk.0.ffn_down.weight"], gptq["blk.0.ffn_down.weight"]
+    assert down_gptq.tensor_type == Q.Q8_0
+    blocks_rtn = np.asarray(down_rtn.data).reshape(-1, 34)
+    blocks_gptq = np.asarray(down_gptq.data).reshape(-1, 34)
+    assert np.array_equal(blocks_rtn[:, :2], blocks_gptq[:, :2])  # each block's float16 scale
+    assert not np.array_equal(blocks_rtn[:, 2:], blocks_gptq[:, 2:])  # the rounding differs
+    LLM(model=str(files["gptq"]), max_model_len=64, max_num_seqs=1)
