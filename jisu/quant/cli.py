@@ -1,7 +1,7 @@
 """`jisu quantize MODEL --weights int4 --out DIR`: writes an int8/int4 copy of a model that jisu loads as it is.
 
 int8 is rounded to nearest (with outlier columns, as at load) or, with --method gptq, by GPTQ over calibration text
-(jisu/quant/gptq.py): slower (about a minute for SmolLM2-135M) and closer to the float model.
+(jisu/quant/gptq.py): slower (~1.5 min for SmolLM2-135M here) and closer to the float model.
 
 The output is a Hugging Face-style folder: each quantized matrix X is stored as X.qweight / X.scales
 (/ X.zeros; int8's float16 outlier columns as X.outlier_cols / X.outlier_weights) in model.safetensors,
@@ -46,34 +46,35 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 METHODS = ("rtn", "gptq")
 
 
-def _check_method(spec, method: str, calibration: str | None) -> None:
+def _int8_rounding(checkpoint, spec, method: str, calibration: str | None):
+    """How int8 rounds `checkpoint`'s linear matrices for `method` (see plan.convert_tensors' round_int8)."""
+    from jisu.quant.calibration import sample_text
+    from jisu.quant.gptq import gptq_rounding
+    from jisu.quant.outliers import outlier_rounding
+
     if method not in METHODS:
         raise InvalidRequestError(f"unknown rounding method {method!r}; allowed: {', '.join(METHODS)}")
     if method == "gptq" and spec.name != "int8":
         raise InvalidRequestError(f"--method gptq rounds int8 weights, not {spec.name}")
     if calibration is not None and method != "gptq":
         raise InvalidRequestError("--calibration applies to --method gptq")
+    if method == "gptq":
+        return gptq_rounding(checkpoint, spec.outliers, sample_text(calibration))
+    return outlier_rounding(checkpoint, spec.outliers)
 
 
 def quantized_tensors(checkpoint, weights: str, output_group: int | None = None, method: str = "rtn",
                       calibration: str | None = None):
     """(spec, tensors to save, {matrix: format}) for `checkpoint` in format `weights`, int8 linear layers rounded
     by `method` (gptq over the text of file `calibration`, default jisu's)."""
-    from jisu.quant.calibration import sample_text
     from jisu.quant.formats import QuantizedTensor
-    from jisu.quant.gptq import gptq_rounding
-    from jisu.quant.outliers import outlier_rounding
     from jisu.quant.plan import convert_tensors, parse_weights
 
     spec = parse_weights(weights)
     if not spec.quantized:
         raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
-    _check_method(spec, method, calibration)
+    rounding = _int8_rounding(checkpoint, spec, method, calibration)
     tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
-    if method == "gptq":
-        rounding = gptq_rounding(checkpoint, spec.outliers, sample_text(calibration))
-    else:
-        rounding = outlier_rounding(checkpoint, spec.outliers)
     converted = convert_tensors(checkpoint.tensors, spec, tied, output_group, round_int8=rounding)
     out, formats = {}, {}
     for name, t in converted.items():
@@ -138,13 +139,7 @@ def _run_gguf(ckpt, args) -> int:
         raise InvalidRequestError(f"{out} exists; pass --overwrite to replace it")
     if spec.name == "int8":
         spec = replace(spec, outlier_columns=0)  # Q8_0 has no place for float outlier columns
-    _check_method(spec, args.method, args.calibration)
-    rounding = None
-    if args.method == "gptq":
-        from jisu.quant.calibration import sample_text
-        from jisu.quant.gptq import gptq_rounding
-
-        rounding = gptq_rounding(ckpt, 0, sample_text(args.calibration))
+    rounding = _int8_rounding(ckpt, spec, args.method, args.calibration)
     tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
     tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32, round_int8=rounding)
     write_gguf(ckpt.source, out, tensors, ckpt.config, bits=int(spec.name.removeprefix("int")))
