@@ -67,10 +67,13 @@ def input_statistics(checkpoint, texts: list[str], second_moments: bool = False)
     tokenizer = Tokenizer(checkpoint.tokenizer)
     pieces = [ids[i:i + longest] for ids in (tokenizer.encode(t) for t in texts) for i in range(0, len(ids), longest)]
     steps: list[list[list[int]]] = []
+    filled = STEP_TOKENS  # tokens in the last step
     for piece in pieces:
-        if not steps or sum(map(len, steps[-1])) + len(piece) > STEP_TOKENS:
+        if filled + len(piece) > STEP_TOKENS:
             steps.append([])
+            filled = 0
         steps[-1].append(piece)
+        filled += len(piece)
     block = 16
     config = EngineConfig(
         model=checkpoint.source, weights="auto", max_model_len=max(map(len, pieces), default=1),

@@ -91,6 +91,7 @@ def quantized_tensors(checkpoint, weights: str, output_group: int | None = None,
 def run_quantize(args) -> int:
     from jisu.loader.resolve import load_checkpoint
     from jisu.loader.save import save_hf_folder
+    from jisu.quant.calibration import SAMPLE_TEXT
 
     ckpt = load_checkpoint(args.model, keep_blocks=True)
     if str(args.out).lower().endswith(".gguf"):
@@ -100,7 +101,7 @@ def run_quantize(args) -> int:
     after = sum(t.nbytes for t in tensors.values())
     record = {"weights": spec.label(), "method": args.method, "source": ckpt.source, "matrices": formats}
     if args.method == "gptq":
-        record["calibration"] = str(args.calibration or "jisu/quant/data/calibration.txt")
+        record["calibration"] = str(args.calibration or SAMPLE_TEXT.relative_to(SAMPLE_TEXT.parents[3]))
     folder = save_hf_folder(
         args.out, ckpt.config, tensors, ckpt.tokenizer,
         metadata={"format": "pt", "jisu.quantization": json.dumps(record)},

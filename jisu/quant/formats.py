@@ -163,7 +163,7 @@ def quantize_int8(
     if g <= 0 or k % g:
         raise InvalidRequestError(f"{name}: int8 group size {g} must divide its {k} inputs")
     w = w.detach().float()
-    kept = None
+    cols = kept = None
     if outlier_cols is not None and outlier_cols.numel():
         cols = torch.as_tensor(outlier_cols, dtype=torch.long)
         check_outlier_columns(8, cols, None, n, k, name)
@@ -175,8 +175,6 @@ def quantize_int8(
     scales = (groups.abs().amax(dim=2) / 127.0).to(torch.float16)
     s = scales.float().unsqueeze(2)
     q = torch.where(s > 0, groups / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-127, 127)
-    if kept is None:
-        return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8")
     return QuantizedTensor(8, q.to(torch.int8).reshape(n, k), scales, None, g, "int8", cols, kept)
 
 

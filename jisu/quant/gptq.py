@@ -65,6 +65,7 @@ def gptq_int8(
             f"use more calibration text or rounding to nearest"
         ) from None
     scales = base.scales.double().repeat_interleave(base.group_size, dim=1)[:, order]
+    divisors = torch.where(scales > 0, scales, 1.0)  # an all-zero group (scale 0) rounds to 0, as quantize_int8's
     q = torch.zeros(n, k, dtype=torch.float64)
     for start in range(0, k, _BLOCK):
         stop = min(start + _BLOCK, k)
@@ -72,11 +73,10 @@ def gptq_int8(
         errors = torch.zeros_like(block)
         u = upper[start:stop, start:stop]
         for j in range(stop - start):
-            s = scales[:, start + j]
             col = block[:, j]
-            qj = torch.where(s > 0, col / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-127, 127)
+            qj = (col / divisors[:, start + j]).round().clamp(-127, 127)
             q[:, start + j] = qj
-            err = (col - qj * s) / u[j, j]
+            err = (col - qj * scales[:, start + j]) / u[j, j]
             block[:, j:] -= err[:, None] * u[j, j:][None, :]
             errors[:, j] = err
         work[:, stop:] -= errors @ upper[start:stop, stop:]

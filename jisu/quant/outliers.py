@@ -3,16 +3,17 @@
 Why: a few inputs of each linear layer run far above the rest. In SmolLM2-135M the same hidden dimensions lead
 the attention inputs of layers 2, 10 and 20 on every token (507, 260, 247, ...), and the FFN down projections
 of early layers see "massive activations" on the first token (layer 2: 80 against a median token maximum of
-1.1). A layer's rounding error in those columns is multiplied by the largest activations. Measured on SmolLM2-135M (WikiText-2, 20 chunks,
-against the float32 run of the same weights): int8 per channel agrees on the top-1 token 96.45% of the time,
+1.1). A layer's rounding error in those columns is multiplied by the largest activations. Measured on SmolLM2-135M
+(WikiText-2, 20 chunks, against the float32 run of the same weights): int8 per channel agrees on the top-1 token 96.45% of the time,
 97.68% with 8 such columns per matrix kept in float16; int8 group 32: 97.44% -> 98.46%. (The first 8 chunks:
 the same weights rounded to bfloat16 agree 99.71%, per-channel int8 96.53%, so int8's rounding flips tokens that
 a finer rounding keeps.)
 (LLM.int8() splits outlier features out of int8 matmuls for the same reason; here only the weights are int8.)
 
 A column is chosen by the mean square of its input over calibration text: jisu's built-in prompts, never the
-text a model is evaluated on. Projections stacked into one matrix (q/k/v, gate/up) read the same input, so
-they get the same columns.
+text a model is evaluated on (`jisu quantize --method gptq` takes them from its own calibration text instead,
+jisu/quant/gptq.py). Projections stacked into one matrix (q/k/v, gate/up) read the same input, so they get the
+same columns.
 """
 
 from __future__ import annotations
