@@ -901,47 +901,65 @@ inline float dot_scalar(const float* w, const float* x, int64_t K) {
 // to hand out than they save). With 2 threads every matrix here is split in two halves anyway.
 constexpr int64_t kGrain = 64;
 
-// task(n0, n1) over the output rows, in parallel; int4 hands out whole row quads (n1 may stop short of the last
-// quad's padding).
+// Row units a matrix is split in: int4 hands out whole row quads, the others single rows.
+inline int64_t row_unit(const QWeight& w) { return w.bits == 4 ? 4 : 1; }
+
+// task(n0, n1) over the output rows, in parallel (n1 may stop short of an int4 quad's padding).
 template <class F>
 void split_rows(const QWeight& w, const F& task) {
-  const int64_t N = w.N;
-  if (w.bits == 4)
-    at::parallel_for(0, (N + 3) / 4, kGrain / 4, [&](int64_t q0, int64_t q1) { task(4 * q0, std::min(N, 4 * q1)); });
-  else
-    at::parallel_for(0, N, kGrain, task);
+  const int64_t N = w.N, u = row_unit(w);
+  at::parallel_for(0, (N + u - 1) / u, kGrain / u, [&](int64_t a, int64_t b) { task(u * a, std::min(N, u * b)); });
+}
+
+// Output rows [n0, n1) of y = x W^T (+ bias) from a prepared input, on the calling thread.
+void matvec_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t n0, int64_t n1) {
+  const int64_t N = w.N, K = w.K, G = w.group, M = in.M;
+  const float* x = in.x;
+  const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
+#if JISU_QLINEAR_VEC
+  if (w.bits == 32) {
+    f32_task(w.data.data_ptr<float>(), x, M, K, y, N, bp, n0, n1);
+    return;
+  }
+  if (G % 8 != 0) {
+    std::vector<float> sc(K / G);
+    for (int64_t n = n0; n < n1; ++n) scalar_rows(w, n, x, M, y + n, N, bp ? bp[n] : 0.f, sc.data());
+  } else if (in.xq) {
+    if (w.bits == 4) act16_int4_task(w, M, in.xq, in.xd, in.xs, y, n0, n1);
+    else act16_int8_task(w, M, in.xq, in.xd, y, n0, n1);
+  } else if (w.bits == 4) {
+    quant_task<Int4Block>(w, x, M, y, in.xs, n0, n1);
+  } else {
+    quant_task<Int8Block>(w, x, M, y, in.xs, n0, n1);
+  }
+#else
+  Scratch& s = scratch();
+  if (static_cast<int64_t>(s.row.size()) < K) s.row.resize(K);
+  const int64_t ng = w.bits == 32 ? 1 : K / G;
+  if (static_cast<int64_t>(s.sc.size()) < ng) s.sc.resize(ng), s.zc.resize(ng);
+  for (int64_t n = n0; n < n1; ++n) {
+    dequantize_blocks_row(w, n, s.row.data(), s.sc.data(), s.zc.data());
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_scalar(s.row.data(), x + m * K, K) + (bp ? bp[n] : 0.f);
+  }
+#endif
+  add_outlier_columns(w, x, M, y, n0, n1);
 }
 
 }  // namespace
 
-void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
-  TORCH_CHECK(M >= 0, "qweight_matvec: M must be >= 0, got ", M);
-  const int64_t N = w.N, K = w.K, G = w.group;
-  if (M == 0 || N == 0) return;
-  const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
+MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M) {
+  MatvecInput in{x, M, nullptr, nullptr, nullptr};
 #if JISU_QLINEAR_VEC
-  if (w.bits == 32) {
-    const float* wp = w.data.data_ptr<float>();
-    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { f32_task(wp, x, M, K, y, N, bp, n0, n1); });
-    return;
-  }
-  if (G % 8 != 0) {
-    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      std::vector<float> sc(K / G);
-      for (int64_t n = n0; n < n1; ++n) scalar_rows(w, n, x, M, y + n, N, bp ? bp[n] : 0.f, sc.data());
-      add_outlier_columns(w, x, M, y, n0, n1);
-    });
-    return;
-  }
+  const int64_t K = w.K, G = w.group;
+  if (w.bits == 32 || G % 8 != 0 || M == 0) return in;
+  Scratch& s = scratch();
   // Group sums of x for the zero-point term (int4), once per call.
-  std::vector<float>& xs = scratch().xs;
   if (w.bits == 4) {
-    if (static_cast<int64_t>(xs.size()) < M * (K / G)) xs.resize(M * (K / G));
-    group_sums(x, M, K, G, xs.data());
+    if (static_cast<int64_t>(s.xs.size()) < M * (K / G)) s.xs.resize(M * (K / G));
+    group_sums(x, M, K, G, s.xs.data());
+    in.xs = s.xs.data();
   }
-  const float* xsp = xs.data();
   if (w.act_bits == 16 && K % 32 == 0 && G % 32 == 0) {
-    Scratch& s = scratch();
     if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K), s.xd.resize(M * K / 32);
     const float* xa = x;
     if (w.outlier_cols.defined()) {
@@ -955,33 +973,26 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
       xa = s.xz.data();
     }
     quantize_act16(xa, M, K, s.xq.data(), s.xd.data());
-    const int16_t* xq = s.xq.data();
-    const float* xd = s.xd.data();
-    split_rows(w, [&](int64_t n0, int64_t n1) {
-      if (w.bits == 4) act16_int4_task(w, M, xq, xd, xsp, y, n0, n1);
-      else act16_int8_task(w, M, xq, xd, y, n0, n1);
-      add_outlier_columns(w, x, M, y, n0, n1);
-    });
-    return;
+    in.xq = s.xq.data();
+    in.xd = s.xd.data();
   }
-  split_rows(w, [&](int64_t n0, int64_t n1) {
-    if (w.bits == 4) quant_task<Int4Block>(w, x, M, y, xsp, n0, n1);
-    else quant_task<Int8Block>(w, x, M, y, xsp, n0, n1);
-    add_outlier_columns(w, x, M, y, n0, n1);
-  });
-#else
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    Scratch& s = scratch();
-    if (static_cast<int64_t>(s.row.size()) < K) s.row.resize(K);
-    const int64_t ng = w.bits == 32 ? 1 : K / G;
-    if (static_cast<int64_t>(s.sc.size()) < ng) s.sc.resize(ng), s.zc.resize(ng);
-    for (int64_t n = n0; n < n1; ++n) {
-      dequantize_blocks_row(w, n, s.row.data(), s.sc.data(), s.zc.data());
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_scalar(s.row.data(), x + m * K, K) + (bp ? bp[n] : 0.f);
-    }
-    add_outlier_columns(w, x, M, y, n0, n1);
-  });
 #endif
+  return in;
+}
+
+void qweight_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t part, int64_t parts) {
+  if (in.M == 0 || w.N == 0) return;
+  // The split at::parallel_for makes (equal parts of whole units), so a team computes what qweight_matvec does.
+  const int64_t u = row_unit(w), units = (w.N + u - 1) / u, per = (units + parts - 1) / parts;
+  const int64_t n0 = std::min(w.N, part * per * u), n1 = std::min(w.N, (part + 1) * per * u);
+  if (n0 < n1) matvec_rows(w, in, y, n0, n1);
+}
+
+void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
+  TORCH_CHECK(M >= 0, "qweight_matvec: M must be >= 0, got ", M);
+  if (M == 0 || w.N == 0) return;
+  const MatvecInput in = qweight_prepare(w, x, M);
+  split_rows(w, [&](int64_t n0, int64_t n1) { matvec_rows(w, in, y, n0, n1); });
 }
 
 at::Tensor qweight_dequantize(const QWeight& w) {

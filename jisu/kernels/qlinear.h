@@ -46,6 +46,21 @@ struct QWeight {
 // y[m, n] += fma-chain over j in order of outlier_weights[n, j] * x[m, outlier_cols[j]] (float x).
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 
+// The same product split in two steps, for a team of threads already inside one parallel region (the fused
+// decoder runs a whole decode step in one): one thread prepares x once (int8 / int4: x rounded to int16 per
+// 32-input block, group sums for the zero term; held in that thread's scratch until its next prepare), then
+// each of `parts` threads computes its share of the output rows (part = its index); the caller puts a barrier
+// between the two and after. The numbers are qweight_matvec's, bit for bit, whatever the split.
+struct MatvecInput {
+  const float* x;
+  int64_t M;
+  const int16_t* xq;  // null: float32 activations
+  const float* xd;
+  const float* xs;    // int4: per-group sums of x
+};
+MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M);
+void qweight_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t part, int64_t parts);
+
 // Any number of rows: up to 128 (float32) / 192 (int8, int4) rows -> qweight_matvec (measured faster there, and
 // batch-invariant); more (prefill) -> a float32 GEMM over tiles of W dequantized one at a time (the whole matrix
 // is never dequantized at once).
