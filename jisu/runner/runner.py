@@ -35,10 +35,15 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInput:
         # Single-token steps (decodes) first so attention can batch them; then prefill chunks.
+        # NOTE: a decode row is built from Python ints (its slot straight from the block table) and all decodes'
+        # gather/mask in a few vectorised ops: at batch 1 this step's Python is a visible share of a 4-bit decode
+        # step (per-sequence tensor ops measured 0.22 ms of a ~4.5 ms SmolLM2 step).
         ordered = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        decode_slots: list[int] = []
+        prefill_slots: list[torch.Tensor] = []
         decode_tables, decode_lens = [], []
         prefills: list[PrefillChunk] = []
         sample_rows, sampled = [], []
@@ -46,25 +51,26 @@ class ModelRunner:
             req, n = s.request, s.num_new_tokens
             start_pos = req.num_computed_tokens
             row = len(ids)
-            ids.extend(req.all_token_ids[start_pos : start_pos + n])
-            pos = torch.arange(start_pos, start_pos + n)
-            positions.extend(range(start_pos, start_pos + n))
-            table = torch.tensor(self.blocks.table(req.request_id), dtype=torch.long)
-            slots.append(self._slots(table, pos))
-            ctx = start_pos + n
+            table = self.blocks.table(req.request_id)
             if n == 1:
+                ids.append(_token_at(req, start_pos))
+                positions.append(start_pos)
+                decode_slots.append(table[start_pos // bs] * bs + start_pos % bs)
                 decode_tables.append(table)
-                decode_lens.append(ctx)
+                decode_lens.append(start_pos + 1)
             else:
-                prefills.append(self._prefill_chunk(row, n, start_pos, table))
+                ids.extend(req.all_token_ids[start_pos : start_pos + n])
+                positions.extend(range(start_pos, start_pos + n))
+                table_t = torch.tensor(table, dtype=torch.long)
+                prefill_slots.append(self._slots(table_t, torch.arange(start_pos, start_pos + n)))
+                prefills.append(self._prefill_chunk(row, n, start_pos, table_t))
             if s.samples:
                 sample_rows.append(row + n - 1)
                 sampled.append(s)
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(self.device),
-            num_decodes=len(decode_lens),
-            prefills=prefills,
-        )
+        slots = torch.tensor(decode_slots, dtype=torch.long)
+        if prefill_slots:
+            slots = torch.cat([slots, *prefill_slots])
+        meta = AttentionMetadata(slot_mapping=slots.to(self.device), num_decodes=len(decode_lens), prefills=prefills)
         if decode_lens:
             meta.decode_gather, meta.decode_mask = self._decode_index(decode_tables, decode_lens)
         return StepInput(
@@ -116,15 +122,27 @@ class ModelRunner:
         mask = visible(q_pos, k_pos, window)
         return PrefillChunk(row, n, ctx, gather=_to(gather, self.device), mask=mask.to(self.device))
 
-    def _decode_index(self, tables: list[torch.Tensor], lens: list[int]):
-        max_ctx = max(lens)
+    def _decode_index(self, tables: list[list[int]], lens: list[int]):
+        """[D, max_ctx] slots of every decoding sequence's positions 0..ctx-1 (0 past its context) and the
+        [D, 1, 1, max_ctx] mask of those it attends (all of them, or its sliding window)."""
+        bs, max_ctx = self.block_size, max(lens)
+        num_blocks = -(-max_ctx // bs)
+        padded = [t[:num_blocks] + [0] * (num_blocks - min(len(t), num_blocks)) for t in tables]
+        block_slots = torch.tensor(padded, dtype=torch.long).mul_(bs).unsqueeze(2)  # [D, blocks, 1]
+        gather = (block_slots + torch.arange(bs)).reshape(len(lens), num_blocks * bs)[:, :max_ctx]
         k_pos = torch.arange(max_ctx)
-        gather = torch.zeros(len(lens), max_ctx, dtype=torch.long)
-        mask = torch.zeros(len(lens), max_ctx, dtype=torch.bool)
-        for i, (table, ctx) in enumerate(zip(tables, lens)):
-            gather[i, :ctx] = self._slots(table, k_pos[:ctx])
-            mask[i] = visible(torch.tensor([ctx - 1]), k_pos, self.config.sliding_window)[0]
+        last = torch.tensor(lens, dtype=torch.long).sub_(1).unsqueeze(1)  # each sequence's own position
+        in_context = k_pos <= last
+        gather = gather * in_context
+        window = self.config.sliding_window
+        mask = in_context if window is None else in_context & (k_pos > last - window)
         return gather.to(self.device), mask[:, None, None, :].to(self.device)
+
+
+def _token_at(req, pos: int) -> int:
+    """Token `pos` of a sequence (prompt, then output) without building the whole list."""
+    prompt = req.prompt_token_ids
+    return prompt[pos] if pos < len(prompt) else req.output_token_ids[pos - len(prompt)]
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
