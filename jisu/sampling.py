@@ -205,6 +205,9 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         device = logits.device
         params = [row.params for row in rows]
+        if all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params):
+            # Nothing rewrites the logits and nothing else is asked: the argmax is all (the usual greedy step).
+            return SamplerOutput(token_ids=logits.argmax(dim=1).tolist(), logprobs=[None] * n)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
 
