@@ -171,6 +171,14 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first one on ties; a NaN counts as the largest, as in torch)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        # numpy's argmax over a 49k vocabulary: ~5 us against torch's 40-80 us here (2 threads).
+        return logits.numpy().argmax(axis=1).tolist()
+    return logits.argmax(dim=1).tolist()
+
+
 def _rows_selector(indices: list[int], n: int, device: torch.device) -> slice | torch.Tensor:
     # A slice avoids a gather/scatter copy when every row is selected, the usual case.
     return slice(None) if len(indices) == n else torch.tensor(indices, dtype=torch.long, device=device)
@@ -207,7 +215,7 @@ class Sampler:
         params = [row.params for row in rows]
         if all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params):
             # Nothing rewrites the logits and nothing else is asked: the argmax is all (the usual greedy step).
-            return SamplerOutput(token_ids=logits.argmax(dim=1).tolist(), logprobs=[None] * n)
+            return SamplerOutput(token_ids=_argmax_rows(logits), logprobs=[None] * n)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
 

@@ -133,6 +133,18 @@ def test_greedy_is_argmax():
     assert out.logprobs == [None] * 6
 
 
+def test_greedy_argmax_breaks_ties_and_nans_as_torch_does():
+    # The all-greedy path takes numpy's argmax on CPU: first index on ties, a NaN wins, any row layout.
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    logits[1, [4, 9]] = 50.0
+    logits[2, [7, 3]] = float("nan")
+    logits[3] = float("-inf")
+    for x in (logits, logits[::2], logits.t().contiguous().t()):
+        with torch.inference_mode():
+            out = Sampler()(x, [row(temperature=0)] * x.shape[0])
+        assert out.token_ids == x.argmax(dim=1).tolist()
+
+
 def test_penalties_apply_to_greedy_rows():
     logits = torch.tensor([[3.0, 2.9, 0.0]] * 4)
     rows = [
