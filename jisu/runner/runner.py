@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from jisu.models.config import ModelConfig
@@ -125,18 +126,20 @@ class ModelRunner:
     def _decode_index(self, tables: list[list[int]], lens: list[int]):
         """[D, max_ctx] slots of every decoding sequence's positions 0..ctx-1 (0 past its context) and the
         [D, 1, 1, max_ctx] mask of those it attends (all of them, or its sliding window)."""
+        # numpy, not torch: these few small ops are dispatch-bound (measured 18 vs 62 us for one sequence).
         bs, max_ctx = self.block_size, max(lens)
         num_blocks = -(-max_ctx // bs)
         padded = [t[:num_blocks] + [0] * (num_blocks - min(len(t), num_blocks)) for t in tables]
-        block_slots = torch.tensor(padded, dtype=torch.long).mul_(bs).unsqueeze(2)  # [D, blocks, 1]
-        gather = (block_slots + torch.arange(bs)).reshape(len(lens), num_blocks * bs)[:, :max_ctx]
-        k_pos = torch.arange(max_ctx)
-        last = torch.tensor(lens, dtype=torch.long).sub_(1).unsqueeze(1)  # each sequence's own position
-        in_context = k_pos <= last
-        gather = gather * in_context
+        block_slots = np.array(padded, dtype=np.int64)[:, :, None] * bs
+        gather = (block_slots + np.arange(bs)).reshape(len(lens), num_blocks * bs)[:, :max_ctx]
+        k_pos = np.arange(max_ctx)
+        last = np.array(lens, dtype=np.int64)[:, None] - 1  # each sequence's own position
+        mask = k_pos <= last
+        gather = gather * mask
         window = self.config.sliding_window
-        mask = in_context if window is None else in_context & (k_pos > last - window)
-        return gather.to(self.device), mask[:, None, None, :].to(self.device)
+        if window is not None:
+            mask &= k_pos > last - window
+        return torch.from_numpy(gather).to(self.device), torch.from_numpy(mask)[:, None, None, :].to(self.device)
 
 
 def _token_at(req, pos: int) -> int:
