@@ -376,46 +376,37 @@ class FusedDecoder {
 #pragma omp parallel num_threads(T)
     {
       const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      // y = x W^T by the whole team: thread 0 prepares x (after its own serial work), each thread computes its
+      // share of the rows; all of y is there after.
+      auto product = [&](const QWeight& w, const float* x_in, float* y) {
+        if (tid == 0) in = qweight_prepare(w, x_in, D);
+#pragma omp barrier
+        qweight_rows(w, in, y, tid, nt);
+#pragma omp barrier
+      };
       for (int64_t l = 0; l < L; ++l) {
         const Layer& ly = layers_[l];
         float* kc = k_caches[l].data_ptr<float>();
         float* vc = v_caches[l].data_ptr<float>();
-        if (tid == 0) {
+        if (tid == 0)
           for (int64_t d = 0; d < D; ++d)
             rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
-          in = qweight_prepare(ly.qkv, h, D);
-        }
-#pragma omp barrier
-        qweight_rows(ly.qkv, in, qkv, tid, nt);
-#pragma omp barrier
+        product(ly.qkv, h, qkv);
         if (tid == 0) rotate_and_cache(D, qkv, rot, sm, kc, vc);
 #pragma omp barrier
         attention_tasks(tid, nt, ctx, qkv, kc, vc);
 #pragma omp barrier
-        if (tid == 0) {
-          merge_attention(D, attn);
-          in = qweight_prepare(ly.o, attn, D);
-        }
-#pragma omp barrier
-        qweight_rows(ly.o, in, proj, tid, nt);
-#pragma omp barrier
+        if (tid == 0) merge_attention(D, attn);
+        product(ly.o, attn, proj);
         if (tid == 0) {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
           for (int64_t d = 0; d < D; ++d)
             rms_norm(res + d * hidden_, ly.post_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
-          in = qweight_prepare(ly.gate_up, h, D);
         }
-#pragma omp barrier
-        qweight_rows(ly.gate_up, in, gu, tid, nt);
-#pragma omp barrier
-        if (tid == 0) {
-          swiglu(D, gu, h);  // h is free again until the next norm; [D, I] fits (sized for max(hidden, I))
-          in = qweight_prepare(ly.down, h, D);
-        }
-#pragma omp barrier
-        qweight_rows(ly.down, in, proj, tid, nt);
-#pragma omp barrier
+        product(ly.gate_up, h, gu);
+        if (tid == 0) swiglu(D, gu, h);  // h is free again until the next norm; [D, I] fits (max(hidden, I))
+        product(ly.down, h, proj);
         if (tid == 0) {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
