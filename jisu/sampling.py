@@ -234,7 +234,7 @@ class Sampler:
         tokens = torch.empty(n, dtype=torch.long, device=device)
         if greedy:
             sel = _rows_selector(greedy, n, device)
-            tokens[sel] = x[sel].argmax(dim=1)
+            tokens[sel] = torch.tensor(_argmax_rows(x[sel]), dtype=torch.long, device=device)
         if sampled:
             sel = _rows_selector(sampled, n, device)
             xs = x[sel]
