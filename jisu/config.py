@@ -99,8 +99,14 @@ class EngineConfig:
             if self.dtype not in ("auto", spec.name):
                 raise InvalidRequestError(f"weights={spec.name} contradicts dtype={self.dtype}; give one of them")
             self.dtype = spec.name
+        elif spec.quantized and kind == "cuda":
+            # On CUDA only int4 has a fast kernel (torch's, jisu/kernels/torch_int4.py), computing in bfloat16.
+            if spec.name != "int4":
+                raise InvalidRequestError(
+                    f"{spec.name} weights run on jisu's CPU kernels (use device cpu); on cuda use int4 or bfloat16"
+                )
+            if self.dtype not in ("auto", "bfloat16"):
+                raise InvalidRequestError(f"int4 weights on cuda compute in bfloat16, not {self.dtype}")
         elif spec.quantized:
-            if kind != "cpu":
-                raise InvalidRequestError(f"{spec.name} weights run on jisu's CPU kernels; use device cpu")
             if self.dtype not in ("auto", "float32"):
                 raise InvalidRequestError(f"{spec.name} weights compute in float32, not {self.dtype}")

@@ -64,26 +64,36 @@ class _Group:
 
 class LLMEngine:
     @staticmethod
-    def _low_bit_kernels(config: EngineConfig, spec: WeightsSpec) -> bool:
-        """Whether int8/int4 matrices can run here; asking for int8/int4 where they cannot is an error, auto
-        then just loads floats."""
-        ok = config.device.startswith("cpu") and config.dtype in ("auto", "float32") and config.cpu_kernels
-        if ok:
+    def _low_bit_formats(config: EngineConfig, spec: WeightsSpec, device: torch.device) -> tuple[str, ...]:
+        """The low-bit formats matrices can run in here: int8 and int4 on jisu's C++ kernels (CPU, float32),
+        int4 alone on torch's int4 kernel (CUDA; on CPU only for int4 asked where the C++ kernels are not in use,
+        being 10-30x slower than float32 there); () = floats only. Asking for a format that cannot run here is an
+        error; auto then loads floats."""
+        cpp = device.type == "cpu" and config.dtype in ("auto", "float32") and config.cpu_kernels
+        if cpp:
             from jisu.kernels.build import cpu_linear_kernels
 
-            ok = cpu_linear_kernels() is not None
-        if spec.quantized and not ok:
-            raise InvalidRequestError(
-                f"{spec.name} weights need jisu's C++ CPU kernels (device cpu, cpu_kernels on, a C++ toolchain)"
-            )
-        return ok
+            if cpu_linear_kernels() is not None:
+                return ("int8", "int4")
+        from jisu.kernels.torch_int4 import torch_int4_available
+
+        why_not = torch_int4_available(device)
+        if why_not is None and (device.type == "cuda" or spec.name == "int4"):
+            return ("int4",)
+        if spec.quantized:
+            needs = "jisu's C++ CPU kernels (device cpu, float32 compute, cpu_kernels on, a C++ toolchain)"
+            if spec.name == "int4":
+                needs += f" or torch's int4 kernel ({why_not})"
+            raise InvalidRequestError(f"{spec.name} weights need {needs}")
+        return ()
 
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, progress: Callable | None = None):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config, self.device)
         spec = WeightsSpec(config.weights, config.group_size, config.outlier_columns)
-        keep_blocks = spec.keeps_blocks and self._low_bit_kernels(config, spec)
+        formats = self._low_bit_formats(config, spec, self.device)
+        keep_blocks = spec.keeps_blocks and bool(formats)
         if checkpoint is None:
             from jisu.loader.resolve import load_checkpoint
 
@@ -92,7 +102,8 @@ class LLMEngine:
         tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
         rounding = outlier_rounding(ckpt, spec.outliers) if keep_blocks else None
         tensors = convert_tensors(
-            ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, round_int8=rounding
+            ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, round_int8=rounding,
+            int8="int8" in formats,
         )
         self.weights = spec.label()
         self.model_config = ckpt.config

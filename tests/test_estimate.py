@@ -177,3 +177,16 @@ def test_default_model_matches_what_jisu_allocates(real_llm, real_model_path):
     assert e.weights_stored_bytes == 96_576_768
     # weights=auto keeps the Q4_1 / Q8_0 blocks: loaded as stored, not 538 MB of float32
     assert e.dtype == "float32" and e.weights_loaded_bytes == e.weights_stored_bytes
+
+
+def test_on_cuda_only_4_bit_blocks_stay_and_8_bit_load_as_bfloat16(real_model_path):
+    # torch's int4 kernel holds Q4_1 in as many bytes; Q8_0 (the tied embedding / output layer) has no CUDA kernel.
+    e = estimate(str(real_model_path), 4 << 30, "auto", 512, device="cuda")
+    cpu = estimate(str(real_model_path), 4 << 30, "auto", 512)
+    assert e.dtype == "bfloat16"
+    embedding = 49152 * 576
+    q8_0 = embedding // 32 * 34
+    # CPU keeps every block; CUDA trades the Q8_0 blocks for bfloat16 and halves the float32 norms.
+    norms = (30 * 2 + 1) * 576
+    assert e.weights_loaded_bytes == cpu.weights_loaded_bytes - q8_0 + embedding * 2 - norms * 2
+    assert any("(Q4_1) stay in their blocks" in n for n in e.notes)

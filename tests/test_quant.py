@@ -221,11 +221,14 @@ def test_a_layer_shape_the_format_cannot_hold_is_named(tiny_llama_dir):
         LLM(model=str(tiny_llama_dir), weights="int4-g128", max_model_len=64)
 
 
-def test_quantized_weights_need_cpu_kernels(tiny_llama_dir):
-    with pytest.raises(JisuError, match="int4 weights need jisu's C\\+\\+ CPU kernels"):
-        LLM(model=str(tiny_llama_dir), weights="int4", cpu_kernels=False, max_model_len=64)
-    with pytest.raises(JisuError, match="int8 weights run on jisu's CPU kernels; use device cpu"):
+def test_quantized_weights_need_a_kernel_that_runs_them(tiny_llama_dir):
+    # int4 without the C++ kernels runs on torch's (tests/test_torch_int4.py); int8 has no other kernel.
+    with pytest.raises(JisuError, match="int8 weights need jisu's C\\+\\+ CPU kernels"):
+        LLM(model=str(tiny_llama_dir), weights="int8", cpu_kernels=False, max_model_len=64)
+    with pytest.raises(JisuError, match="int8 weights run on jisu's CPU kernels \\(use device cpu\\); on cuda"):
         LLM(model=str(tiny_llama_dir), weights="int8", device="cuda", max_model_len=64)
+    with pytest.raises(JisuError, match="int4 weights on cuda compute in bfloat16, not float32"):
+        LLM(model=str(tiny_llama_dir), weights="int4", device="cuda", dtype="float32", max_model_len=64)
     with pytest.raises(JisuError, match="weights=float32 contradicts dtype=bfloat16"):
         LLM(model=str(tiny_llama_dir), weights="float32", dtype="bfloat16", max_model_len=64)
 

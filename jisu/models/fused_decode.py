@@ -53,7 +53,8 @@ class FusedDecoder:
     @classmethod
     def build(cls, model) -> FusedDecoder | None:
         """The fused stack for a loaded LlamaForCausalLM, or None where it cannot run: no C++ kernels, a Linear
-        without `kernel_weight` (torch's kernels are in use), or weights not float32 on CPU."""
+        whose `kernel_weight` is not the C++ kernels' QWeight (torch's kernels are in use), or weights not float32
+        on CPU."""
         kernels = cpu_linear_kernels()
         if kernels is None or not hasattr(kernels, "FusedDecoder"):
             return None
@@ -67,8 +68,8 @@ class FusedDecoder:
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(getattr(lin, "kernel_weight", None) is None for lin in linears):
-                return None
+            if not all(isinstance(getattr(lin, "kernel_weight", None), kernels.QWeight) for lin in linears):
+                return None  # torch's kernels (floats, or int4 on torch's int4 kernel) run these layers
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             for norm in norms:
                 w = norm.weight

@@ -54,13 +54,15 @@ class QuantizedEmbedding(nn.Module):
     """Token embedding over an int8/int4 matrix (usually the one a tied output layer multiplies by): only the
     rows looked up are dequantized."""
 
-    def __init__(self, quantized):
+    def __init__(self, quantized, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.quantized = quantized
+        self.dtype = dtype
         self.num_embeddings, self.embedding_dim = quantized.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.quantized.select_rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, self.embedding_dim)
+        rows = self.quantized.select_rows(ids.reshape(-1)).dequantize().to(self.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
 
 class MergedLinear(Linear):

@@ -8,6 +8,7 @@ from torch import nn
 from jisu.errors import ModelLoadError
 from jisu.models.config import ModelConfig
 from jisu.kernels.build import cpu_linear_kernels
+from jisu.kernels.torch_int4 import TorchInt4Kernels, TorchInt4Weight, torch_int4_available
 from jisu.models.fused_decode import FusedDecoder
 from jisu.models.layers import Linear, MergedLinear, QuantizedEmbedding, RMSNorm, SwiGLU
 from jisu.quant.formats import QuantizedTensor, concat_rows
@@ -110,18 +111,25 @@ class LlamaForCausalLM(nn.Module):
         self, tensors: dict, dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True, act_bits: int = 16
     ) -> None:
         """Materialises every parameter from checkpoint tensors named as in Hugging Face. Tensors may be
-        QuantizedTensor (see jisu/quant/plan.py): those matrices run on the int8/int4 kernels as they are, with
-        activations rounded to int16 (act_bits 16) or kept float32 (32) at decode (see jisu/kernels/qlinear.h)."""
+        QuantizedTensor (see jisu/quant/plan.py): those matrices run on jisu's int8/int4 C++ kernels as they are, with
+        activations rounded to int16 (act_bits 16) or kept float32 (32) at decode (see jisu/kernels/qlinear.h);
+        where those are not in use (CUDA), int4 runs on torch's int4 kernel (jisu/kernels/torch_int4.py)."""
         kernels = None
         if cpu_kernels and device.type == "cpu" and dtype == torch.float32:
             kernels = cpu_linear_kernels()
         blocks = {n: t for n, t in tensors.items() if isinstance(t, QuantizedTensor)}
         if blocks and kernels is None:
-            kinds = ", ".join(sorted({t.describe() for t in blocks.values()}))
-            raise ModelLoadError(
-                f"{kinds} weights run on jisu's C++ CPU kernels, which are not in use here (they need a CPU "
-                f"device, float32 compute and a C++ toolchain); load with weights=float32 instead"
-            )
+            # Without jisu's C++ kernels only int4 runs, on torch's int4 kernel (the CUDA path).
+            why_not = torch_int4_available(device)
+            others = sorted({t.describe() for t in blocks.values() if t.bits != 4})
+            if why_not or others:
+                kinds = ", ".join(others or sorted({t.describe() for t in blocks.values()}))
+                raise ModelLoadError(
+                    f"{kinds} weights run on jisu's C++ CPU kernels, which are not in use here (they need a CPU "
+                    f"device, float32 compute and a C++ toolchain)"
+                    + (f", nor on torch's int4 kernel ({why_not})" if why_not else " (only int4 runs on torch's)")
+                    + "; load with float weights instead"
+                )
         params = dict(self.named_parameters())
         filled: dict[str, torch.Tensor] = {}
         shards: dict[str, list] = {}
@@ -168,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
             module_name = name.rpartition(".")[0]
             module = self.get_submodule(module_name)
             if isinstance(module, nn.Embedding):
-                self.model.embed_tokens = QuantizedEmbedding(value)
+                self.model.embed_tokens = QuantizedEmbedding(value.to(device), dtype)
             else:
                 module.weight = None
                 module.quantized = value
@@ -183,6 +191,12 @@ class LlamaForCausalLM(nn.Module):
                     module.use_kernels(kernels, kw)
                     if q is not None and kw.repacked:
                         module.quantized = q.shape_only()  # keep one copy of the blocks: the kernels'
+        elif quantized:
+            for module in self.modules():
+                if isinstance(module, Linear) and module.quantized is not None:
+                    bias = None if module.bias is None else module.bias.data
+                    module.use_kernels(TorchInt4Kernels, TorchInt4Weight(module.quantized, bias, device))
+                    module.quantized = module.quantized.shape_only()  # torch's tiles are the only copy
         self.model.rotary.to(device)
         self.fused_decode = FusedDecoder.build(self)
 

@@ -258,11 +258,16 @@ def estimate(
     shapes = expected_shapes(config)
     loaded = sum(math.prod(s) for s in shapes.values()) * elem
     kept = dict(stored.kept_blocks) if device.startswith("cpu") and cpu_kernels and torch_dtype == torch.float32 else {}
+    if device.startswith("cuda"):
+        # torch's int4 kernel holds 4-bit blocks (under a byte a weight) in as many bytes (jisu/kernels/torch_int4.py);
+        # 8-bit blocks load as floats there
+        kept = {n: b for n, b in stored.kept_blocks if b < math.prod(shapes.get(n, (0,)))}
     if kept:
         # weights=auto keeps these blocks (jisu/quant/plan.py); everything else loads as float32
         loaded += sum(b - math.prod(shapes[n]) * elem for n, b in kept.items() if n in shapes)
-        notes.append(f"{len(kept)} quantized matrices ({'/'.join(sorted(set(stored.tensor_types) & {'Q8_0', 'Q4_0', 'Q4_1'}))}) "
-                     "stay in their blocks on jisu's low-bit kernels")
+        types = {"Q4_0", "Q4_1"} | (set() if device.startswith("cuda") else {"Q8_0"})
+        notes.append(f"{len(kept)} quantized matrices ({'/'.join(sorted(set(stored.tensor_types) & types))}) "
+                     "stay in their blocks on low-bit kernels")
     if config.tie_word_embeddings and device.startswith("cpu") and not (cpu_kernels and torch_dtype == torch.float32):
         # NOTE: without jisu's kernel the CPU output layer is stored column-major (faster in torch), a copy.
         loaded += config.vocab_size * config.hidden_size * elem

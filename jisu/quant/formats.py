@@ -106,6 +106,16 @@ class QuantizedTensor:
             meta(self.outlier_cols), meta(self.outlier_weights),
         )
 
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """The same matrix with every tensor on `device` (itself when it is there already: a tied output layer
+        and its embedding keep sharing one copy)."""
+        if self.qweight.device == torch.device(device):
+            return self
+        moved = self.map_rows(lambda t: t.to(device))
+        if moved.outlier_cols is not None:
+            moved.outlier_cols = moved.outlier_cols.to(device)
+        return moved
+
     def select_rows(self, ids: torch.Tensor) -> QuantizedTensor:
         return self.map_rows(lambda t: t[ids])
 

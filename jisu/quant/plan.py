@@ -11,6 +11,8 @@
   (ask for int4/int8 to requantize them).
 A tied embedding shares the output layer's matrix, so it takes the output layer's format; rows are
 dequantized only for the tokens looked up.
+On CUDA only int4 runs on a low-bit kernel (torch's, jisu/kernels/torch_int4.py): there every matrix that would
+be int8 (a Q8_0 matrix under auto, int4's output layer) loads as a float in the compute dtype, and int8 is refused.
 """
 
 from __future__ import annotations
@@ -120,33 +122,39 @@ def is_linear_weight(name: str) -> bool:
 
 def convert_tensors(
     tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-    round_int8: Int8Rounding | None = None,
+    round_int8: Int8Rounding | None = None, int8: bool = True,
 ) -> dict:
     """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
     their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
     asked (None = per channel). round_int8: how int8 rounds a linear matrix it quantizes (with outlier columns,
     jisu/quant/outliers.py, or by GPTQ, jisu/quant/gptq.py; called only then); None: to nearest, no outlier
-    columns."""
+    columns. int8: whether int8 matrices can run where the model loads; where not, what would be int8 stays
+    float (the caller refuses an int8 spec there)."""
     out = {}
     for name, t in tensors.items():
-        out[name] = _convert_one(name, t, spec, tied, output_group, round_int8)
+        out[name] = _convert_one(name, t, spec, tied, output_group, round_int8, int8)
     return out
 
 
 def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-                 round_int8: Int8Rounding | None = None):
-    if spec.name in FLOAT_WEIGHTS:
+                 round_int8: Int8Rounding | None = None, int8: bool = True):
+    def as_float():
         return t.dequantize() if isinstance(t, QuantizedTensor) else t
+
+    if spec.name in FLOAT_WEIGHTS:
+        return as_float()
     if spec.name == "auto":
-        return t
+        return as_float() if not int8 and isinstance(t, QuantizedTensor) and t.bits == 8 else t
     output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
+    if output and not int8:
+        return as_float()
     if output:
         group = spec.group_size if spec.name == "int8" else output_group
         return _as(t, "int8", group, name)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
         return _as(t, spec.name, group, name, round_int8)
-    return t.dequantize() if isinstance(t, QuantizedTensor) else t
+    return as_float()
 
 
 def _as(t, fmt: str, group: int | None, name: str, round_int8: Int8Rounding | None = None) -> QuantizedTensor:
