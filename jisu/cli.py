@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from jisu.bench.cli import add_bench_parser, cmd_bench
-from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP, WEIGHTS_HELP
+from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, WEIGHTS_HELP
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune
@@ -28,6 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--weights", default="auto", help=WEIGHTS_HELP)
     p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, float16, bfloat16")
     est.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     est.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs --memory-budget)")
+    est.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     est.add_argument("--json", action="store_true", help="print every figure as JSON")
 
     add_eval_parser(sub)
@@ -147,7 +149,8 @@ def load_llm(args, quiet: bool = False):
     with _loading(quiet) as progress:
         checkpoint = load_checkpoint(args.model, progress=progress, keep_blocks=True)
     return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               checkpoint=checkpoint, weights=args.weights, activations=args.activations)
+               checkpoint=checkpoint, weights=args.weights, activations=args.activations,
+               kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _print_stats(metrics, stream=sys.stderr) -> None:

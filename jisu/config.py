@@ -26,6 +26,11 @@ class SchedulerConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPE_HELP = ("KV cache element type: auto (default: the compute dtype), float32, float16 (llama.cpp's "
+                       "default: half the memory and half the reads per decode step), bfloat16")
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -36,8 +41,16 @@ class CacheConfig:
     """Exact block count; overrides kv_cache_memory_bytes (used by tests to force preemption)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of token prefixes seen before (system prompts, multi-turn chats)."""
+    dtype: str = "auto"
+    """What the cache stores K/V in: auto (the compute dtype), float32, float16 or bfloat16 (half the bytes of
+    float32: twice the context in the same memory, half the reads per decode step; attention still computes in
+    the compute dtype)."""
 
     def __post_init__(self):
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(
+                f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.dtype!r}"
+            )
         _check_int("block_size", self.block_size, 1)
         _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, allow_none=True)
         _check_int("num_blocks", self.num_blocks, 1, allow_none=True)

@@ -114,8 +114,9 @@ class LLMEngine:
         cache = config.cache
         # Every running sequence at full length is all the cache can ever hold at once.
         longest = config.max_model_len or self.model_config.max_position_embeddings
+        self.kv_dtype = self.dtype if cache.dtype == "auto" else getattr(torch, cache.dtype)
         num_blocks = plan_num_blocks(
-            self.model_config, cache, self.dtype, self.device, longest * config.scheduler.max_num_seqs
+            self.model_config, cache, self.kv_dtype, self.device, longest * config.scheduler.max_num_seqs
         )
         kv_capacity = num_blocks * cache.block_size
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, kv_capacity)
@@ -136,7 +137,7 @@ class LLMEngine:
         self.model = model
 
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.kv_cache = KVCache(self.model_config, num_blocks, cache.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(self.model_config, num_blocks, cache.block_size, self.kv_dtype, self.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(model, self.model_config, self.kv_cache, self.blocks, self.device)
         self.sampler = Sampler()

@@ -37,6 +37,7 @@ class LLM:
         weights: str = "auto",
         group_size: int | None = None,
         activations: str = "int16",
+        kv_cache_dtype: str = "auto",
     ):
         config = EngineConfig(
             model=model,
@@ -54,6 +55,7 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enable_prefix_caching=enable_prefix_caching,
+                dtype=kv_cache_dtype,
             ),
         )
         self.engine = LLMEngine(config, checkpoint=checkpoint)

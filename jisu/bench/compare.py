@@ -30,7 +30,8 @@ INSTALL = {"transformers": "pip install transformers accelerate", "llama.cpp": "
 
 
 def parse_engines(text: str) -> list[str]:
-    """Engine names; `jisu:WEIGHTS` is jisu loaded with --weights WEIGHTS (e.g. jisu:float32 beside jisu)."""
+    """Engine names; `jisu:WEIGHTS` is jisu loaded with --weights WEIGHTS (e.g. jisu:float32 beside jisu), and
+    `jisu:WEIGHTS:KV` also with --kv-cache-dtype KV (e.g. jisu:auto:float16)."""
     out = []
     for part in text.split(","):
         base, _, weights = part.strip().partition(":")
@@ -38,12 +39,16 @@ def parse_engines(text: str) -> list[str]:
         if name is None or (weights and name != "jisu"):
             raise InvalidRequestError(
                 f"--engines: unknown engine {part.strip()!r}; use jisu, jisu:WEIGHTS (e.g. jisu:float32), "
-                f"transformers, llama.cpp"
+                f"jisu:WEIGHTS:KV (e.g. jisu:auto:float16), transformers, llama.cpp"
             )
         if weights:
+            from jisu.config import CacheConfig
             from jisu.quant.plan import parse_weights
 
-            parse_weights(weights)  # a clear error for a format the engine does not know
+            fmt, _, kv = weights.partition(":")
+            parse_weights(fmt)  # a clear error for a format the engine does not know
+            if kv:
+                CacheConfig(dtype=kv)  # likewise for a KV cache dtype
             name = f"jisu:{weights}"
         if name not in out:
             out.append(name)
@@ -59,17 +64,19 @@ class JisuEngine:
     note = ""
 
     def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int, weights: str = "auto"):
+        """weights: a --weights format, optionally followed by ':' and a --kv-cache-dtype (auto:float16)."""
         from jisu.llm import LLM
 
         from jisu.loader.resolve import load_checkpoint
 
         # Its own load, keeping GGUF's Q4_1/Q8_0 blocks (the checkpoint shared with the others is float).
         del checkpoint
+        fmt, _, kv = weights.partition(":")
         self.llm = LLM(model=str(path), checkpoint=load_checkpoint(path, keep_blocks=True), max_model_len=max_len,
-                       max_num_seqs=max_seqs, weights=weights)
+                       max_num_seqs=max_seqs, weights=fmt, kv_cache_dtype=kv or "auto")
         if weights != "auto":
             self.name = f"jisu:{weights}"
-        self.kv_dtype = str(self.llm.engine.dtype).removeprefix("torch.")
+        self.kv_dtype = str(self.llm.engine.kv_dtype).removeprefix("torch.")
         self.version = _version("jisu")
 
     def _run(self, prompts: list[list[int]], output_len: int) -> TimedRun:
@@ -349,8 +356,9 @@ def format_compare(result: dict) -> str:
             ("decode_tokens_per_s", "decode", "decode b1")]
     cols += [(f"concurrent_{c}_output_tokens_per_s", f"concurrent_{c}", f"{c} concurrent")
              for c in result["concurrency"] if c > 1]
+    width = max([14] + [len(name) + 2 for name in engines])
     lines = [f"medians of {result['runs']} runs, tokens/s (% of roofline bound); model {result['model']}",
-             f"{'engine':14s}" + "".join(f"{label:>22s}" for _, _, label in cols)]
+             f"{'engine':{width}s}" + "".join(f"{label:>22s}" for _, _, label in cols)]
     for name, e in engines.items():
         roof = e.get("roofline") or {}
         cells = []
@@ -358,7 +366,7 @@ def format_compare(result: dict) -> str:
             v = e["medians"].get(key)
             pct = (roof.get(roof_key) or {}).get("percent")
             cells.append("-" if v is None else f"{v:.1f}" + (f" ({pct:.0f}%)" if pct is not None else ""))
-        lines.append(f"{name:14s}" + "".join(f"{c:>22s}" for c in cells))
+        lines.append(f"{name:{width}s}" + "".join(f"{c:>22s}" for c in cells))
     for name, r in result.get("ratios_vs_jisu", {}).items():
         lines.append(f"{name} / jisu: " + ", ".join(f"{k.replace('_tokens_per_s', '')} {v:.2f}x" for k, v in r.items()))
     for name, e in engines.items():

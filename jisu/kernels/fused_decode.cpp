@@ -13,6 +13,7 @@
 //   h / (H / KVH)); x += attn W_o^T;
 //   h = rms_norm(x) * w2; gu = h W_gate_up^T; x += (silu(gate) * up) W_down^T.
 // The stack's output is returned before the model's final norm (the caller applies it).
+// The KV cache is float32 or float16 (one dtype for every layer); attention computes in float32 either way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -22,6 +23,7 @@
 #include <limits>
 #include <mutex>
 #include <omp.h>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -46,6 +48,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+
+// A KV cache element as float32 (the cache holds float or c10::Half).
+inline float kv_float(float x) { return x; }
+inline float kv_float(c10::Half x) { return static_cast<float>(x); }
 
 // e^x, within 1.2 ulp of the exact value for x in [-87.3, 88.3] (measured over 4M points; inputs are clamped
 // there: smaller gives ~1e-38
@@ -81,27 +87,41 @@ inline void rms_norm(const float* x, const float* w, int64_t n, float eps, float
 // The portable attention chunk (no AVX2, or a head_dim that is not a multiple of 8; the vector path is below).
 
 // sc[j] = scale * q . k_j for the rows k_j = k + vis[j] of a KV cache (j < n), each of length hd.
-inline void qk_scores(const float* q, const float* k, const int64_t* vis, int64_t n, int64_t hd, float scale,
+template <typename KV>
+inline void qk_scores(const float* q, const KV* k, const int64_t* vis, int64_t n, int64_t hd, float scale,
                       float* sc) {
-  for (int64_t j = 0; j < n; ++j) sc[j] = dot(q, k + vis[j], hd) * scale;
+  for (int64_t j = 0; j < n; ++j) {
+    const KV* row = k + vis[j];
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * kv_float(row[i]);
+    sc[j] = s * scale;
+  }
 }
 
 // out[hd] = inv * sum_j p[j] v_j for the rows v_j = v + vis[j] of a KV cache (j < n).
-inline void weighted_rows(const float* p, const float* v, const int64_t* vis, int64_t n, int64_t hd, float inv,
+template <typename KV>
+inline void weighted_rows(const float* p, const KV* v, const int64_t* vis, int64_t n, int64_t hd, float inv,
                           float* out) {
   std::fill(out, out + hd, 0.f);
   for (int64_t j = 0; j < n; ++j) {
-    const float* row = v + vis[j];
+    const KV* row = v + vis[j];
     const float pj = p[j];
 #pragma omp simd
-    for (int64_t i = 0; i < hd; ++i) out[i] += pj * row[i];
+    for (int64_t i = 0; i < hd; ++i) out[i] += pj * kv_float(row[i]);
   }
 #pragma omp simd
   for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define JISU_ATTN_VEC 1
+// 8 cache elements as float32 lanes (float16: F16C's conversion, exact).
+inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_kv8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // ---- softmax on 8 lanes ----
 // Its max was a scalar dependency chain and its exp did not vectorise: 8.7 -> 1.1 cycles per (slot, q head).
 
@@ -162,19 +182,19 @@ inline __m256 sum_lanes8(const __m256* a) {
 
 // s[h * ld + j] = scale * q_h . k_j for q heads h0 .. h0 + NH - 1 (head h reads kv head h / G of the row) over the
 // n rows k + vis[j], each row once and in order.
-template <int NH>
-inline void qk_rows(const float* q, int64_t h0, int64_t G, int64_t hd, const float* k, const int64_t* vis,
+template <int NH, typename KV>
+inline void qk_rows(const float* q, int64_t h0, int64_t G, int64_t hd, const KV* k, const int64_t* vis,
                     int64_t n, float scale, float* s, int64_t ld) {
   const __m256 sv = _mm256_set1_ps(scale);
   alignas(32) float out[8];
   for (int64_t j = 0; j < n; ++j) {
-    const float* row = k + vis[j];
+    const KV* row = k + vis[j];
     __m256 a[8];
     for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
     for (int64_t i = 0; i < hd; i += 8)
       for (int u = 0; u < NH; ++u)
         a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (h0 + u) * hd + i),
-                               _mm256_loadu_ps(row + ((h0 + u) / G) * hd + i), a[u]);
+                               load_kv8(row + ((h0 + u) / G) * hd + i), a[u]);
     _mm256_store_ps(out, _mm256_mul_ps(sum_lanes8(a), sv));
     for (int u = 0; u < NH; ++u) s[(h0 + u) * ld + j] = out[u];
   }
@@ -182,20 +202,21 @@ inline void qk_rows(const float* q, int64_t h0, int64_t G, int64_t hd, const flo
 
 // Scores of all H q heads, in passes of at most 8 heads of near-equal size (a lone head's chain of FMAs would
 // wait on its own latency).
-inline void qk_all_heads(const float* q, int64_t H, int64_t G, int64_t hd, const float* k, const int64_t* vis,
+template <typename KV>
+inline void qk_all_heads(const float* q, int64_t H, int64_t G, int64_t hd, const KV* k, const int64_t* vis,
                          int64_t n, float scale, float* s, int64_t ld) {
   const int64_t passes = (H + 7) / 8;
   for (int64_t p = 0, h0 = 0; p < passes; ++p) {
     const int64_t nh = (H - h0 + (passes - p) - 1) / (passes - p);
     switch (nh) {
-      case 8: qk_rows<8>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      case 7: qk_rows<7>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      case 6: qk_rows<6>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      case 5: qk_rows<5>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      case 4: qk_rows<4>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      case 3: qk_rows<3>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      case 2: qk_rows<2>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
-      default: qk_rows<1>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 8: qk_rows<8, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 7: qk_rows<7, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 6: qk_rows<6, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 5: qk_rows<5, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 4: qk_rows<4, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 3: qk_rows<3, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      case 2: qk_rows<2, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
+      default: qk_rows<1, KV>(q, h0, G, hd, k, vis, n, scale, s, ld); break;
     }
     h0 += nh;
   }
@@ -203,17 +224,18 @@ inline void qk_all_heads(const float* q, int64_t H, int64_t G, int64_t hd, const
 
 // acc[h * hd + c] = sum_j p[h * ld + j] v_j[(h / G) * hd + c] for all H heads, each row once and in order; the
 // accumulators (H * hd floats) stay in L1.
-inline void pv_all_heads(const float* p, int64_t ld, int64_t H, int64_t G, int64_t hd, const float* v,
+template <typename KV>
+inline void pv_all_heads(const float* p, int64_t ld, int64_t H, int64_t G, int64_t hd, const KV* v,
                          const int64_t* vis, int64_t n, float* acc) {
   std::fill(acc, acc + H * hd, 0.f);
   for (int64_t j = 0; j < n; ++j) {
-    const float* row = v + vis[j];
+    const KV* row = v + vis[j];
     for (int64_t h = 0; h < H; ++h) {
       const __m256 pj = _mm256_broadcast_ss(p + h * ld + j);
-      const float* x = row + (h / G) * hd;
+      const KV* x = row + (h / G) * hd;
       float* a = acc + h * hd;
       for (int64_t i = 0; i < hd; i += 8)
-        _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pj, _mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i)));
+        _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pj, load_kv8(x + i), _mm256_loadu_ps(a + i)));
     }
   }
 }
@@ -313,11 +335,15 @@ class FusedDecoder {
     TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
                 "expected ", L, " K and V caches");
     int64_t num_slots = std::numeric_limits<int64_t>::max();
+    const at::ScalarType kv_type = k_caches[0].scalar_type();
+    TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kHalf, "KV caches must be float32 or float16, got ", kv_type);
+    const bool half = kv_type == at::kHalf;
     for (int64_t l = 0; l < L; ++l) {
       for (const at::Tensor* c : {&k_caches[l], &v_caches[l]}) {
-        TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 3 && c->size(1) == KVH_ &&
+        TORCH_CHECK(c->scalar_type() == kv_type && c->is_contiguous() && c->dim() == 3 && c->size(1) == KVH_ &&
                         c->size(2) == hd_ && c->device().is_cpu(),
-                    "layer ", l, ": KV caches must be contiguous float32 [slots, ", KVH_, ", ", hd_, "] on CPU");
+                    "layer ", l, ": KV caches must be contiguous [slots, ", KVH_, ", ", hd_, "] on CPU, all ",
+                    kv_type);
         num_slots = std::min(num_slots, c->size(0));
       }
     }
@@ -386,15 +412,23 @@ class FusedDecoder {
       };
       for (int64_t l = 0; l < L; ++l) {
         const Layer& ly = layers_[l];
-        float* kc = k_caches[l].data_ptr<float>();
-        float* vc = v_caches[l].data_ptr<float>();
+        void* kc = k_caches[l].data_ptr();
+        void* vc = v_caches[l].data_ptr();
         if (tid == 0)
           for (int64_t d = 0; d < D; ++d)
             rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
         product(ly.qkv, h, qkv);
-        if (tid == 0) rotate_and_cache(D, qkv, rot, sm, kc, vc);
+        if (tid == 0) {
+          if (half)
+            rotate_and_cache(D, qkv, rot, sm, static_cast<c10::Half*>(kc), static_cast<c10::Half*>(vc));
+          else
+            rotate_and_cache(D, qkv, rot, sm, static_cast<float*>(kc), static_cast<float*>(vc));
+        }
 #pragma omp barrier
-        attention_tasks(tid, nt, ctx, qkv, kc, vc);
+        if (half)
+          attention_tasks(tid, nt, ctx, qkv, static_cast<const c10::Half*>(kc), static_cast<const c10::Half*>(vc));
+        else
+          attention_tasks(tid, nt, ctx, qkv, static_cast<const float*>(kc), static_cast<const float*>(vc));
 #pragma omp barrier
         if (tid == 0) merge_attention(D, attn);
         product(ly.o, attn, proj);
@@ -423,8 +457,9 @@ class FusedDecoder {
 
  private:
   // Rotary on the q and k heads of every sequence (pairs adjacent, see rotary.py), then this step's k and v into
-  // the layer's cache at the sequence's slot.
-  void rotate_and_cache(int64_t D, float* qkv, const float* rot, const int64_t* sm, float* kc, float* vc) const {
+  // the layer's cache at the sequence's slot (a float16 cache rounds to nearest even, as torch's .half()).
+  template <typename KV>
+  void rotate_and_cache(int64_t D, float* qkv, const float* rot, const int64_t* sm, KV* kc, KV* vc) const {
     const int64_t row = KVH_ * hd_;
     for (int64_t d = 0; d < D; ++d) {
       float* q = qkv + d * qkvN_;
@@ -438,8 +473,17 @@ class FusedDecoder {
           p[2 * i + 1] = a * s + b * c;
         }
       }
-      std::memcpy(kc + sm[d] * row, q + H_ * hd_, row * sizeof(float));
-      std::memcpy(vc + sm[d] * row, q + (H_ + KVH_) * hd_, row * sizeof(float));
+      const float* k = q + H_ * hd_;
+      const float* v = k + KVH_ * hd_;
+      if constexpr (std::is_same_v<KV, float>) {
+        std::memcpy(kc + sm[d] * row, k, row * sizeof(float));
+        std::memcpy(vc + sm[d] * row, v, row * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < row; ++i) {
+          kc[sm[d] * row + i] = KV(k[i]);
+          vc[sm[d] * row + i] = KV(v[i]);
+        }
+      }
     }
   }
 
@@ -473,7 +517,8 @@ class FusedDecoder {
   // between threads even at batch 1.
   // A task leaves, per q head, its chunk's max score m, sum of e^(s - m) and unnormalised e^(s - m)-weighted
   // sum of v; the chunks of a (sequence, head) are then merged exactly (rescaled to the common max).
-  void attention_tasks(int tid, int nt, int64_t ctx, const float* qkv, const float* kc, const float* vc) {
+  template <typename KV>
+  void attention_tasks(int tid, int nt, int64_t ctx, const float* qkv, const KV* kc, const KV* vc) {
     const int64_t G = H_ / KVH_, stride = hd_ + 2;
     const int64_t ntasks = static_cast<int64_t>(tasks_.size()), per = (ntasks + nt - 1) / nt;
     const int64_t t0 = std::min(ntasks, tid * per), t1 = std::min(ntasks, (tid + 1) * per);

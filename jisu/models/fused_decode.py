@@ -23,6 +23,10 @@ from jisu.kernels.build import cpu_linear_kernels
 from jisu.runner.attention import AttentionMetadata
 
 MAX_FUSED_SEQS = 16
+"""The most sequences one fused call takes: the kernels' matrix-vector path (SMALL_BATCH_ROWS) and the C++
+scratch buffers are sized for it; larger batches take the eager layers."""
+FUSED_KV_DTYPES = (torch.float32, torch.float16)
+"""KV caches the C++ attention reads (float16 through F16C's exact conversion); others take the eager layers."""
 
 
 @contextmanager
@@ -38,8 +42,6 @@ def layer_by_layer(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.use_fused_decode = before
-"""The most sequences one fused call takes: the kernels' matrix-vector path (SMALL_BATCH_ROWS) and the C++
-scratch buffers are sized for it; larger batches take the eager layers."""
 
 
 class FusedDecoder:
@@ -93,10 +95,12 @@ class FusedDecoder:
         return cls(impl, len(layers))
 
     @staticmethod
-    def applies(meta: AttentionMetadata, num_tokens: int) -> bool:
-        """A pure decode step (no prefill chunk, every token a decode) of 1 to MAX_FUSED_SEQS sequences."""
+    def applies(meta: AttentionMetadata, num_tokens: int, kv_caches=None) -> bool:
+        """A pure decode step (no prefill chunk, every token a decode) of 1 to MAX_FUSED_SEQS sequences, over a
+        float32 or float16 KV cache."""
         return (
-            not meta.prefills
+            (kv_caches is None or kv_caches[0][0].dtype in FUSED_KV_DTYPES)
+            and not meta.prefills
             and meta.num_decodes == num_tokens
             and 1 <= num_tokens <= MAX_FUSED_SEQS
             and meta.decode_gather is not None

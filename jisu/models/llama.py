@@ -96,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rotation = self.model.rotary.for_positions(positions)
         fused = self.fused_decode
-        if fused is not None and self.use_fused_decode and fused.applies(meta, x.shape[0]):
+        if fused is not None and self.use_fused_decode and fused.applies(meta, x.shape[0], kv_caches):
             # A pure decode step of few sequences: every layer and the final norm in one C++ call (see
             # jisu/models/fused_decode.py).
             return fused(x, rotation, meta, kv_caches, final_norm=self.model.norm)

@@ -233,6 +233,7 @@ def estimate(
     max_num_seqs: int = 64,
     cpu_kernels: bool = True,
     calibration: Any = None,
+    kv_cache_dtype: str = "auto",
 ) -> Estimate:
     """Memory for `model_name_or_path` without loading its weights.
 
@@ -240,6 +241,7 @@ def estimate(
     the weights. max_model_len: None = the model's context window. block_size, max_num_seqs: as LLM(...). cpu_kernels: as LLM(cpu_kernels=...); with
     them off, a tied CPU model keeps a second, column-major copy of the output layer.
     calibration: a jisu.profile.calibrate.Calibration to turn bytes per token into a decode bound.
+    kv_cache_dtype: as LLM(kv_cache_dtype=...): auto = `dtype`.
     """
     _check_positive("memory_budget_bytes", memory_budget_bytes)
     _check_positive("max_model_len", max_model_len)
@@ -274,7 +276,8 @@ def estimate(
         notes.append("tied output layer kept as a second, column-major copy (no jisu CPU kernel)")
     stored_weights = sum(b for _, _, b in stored.tensors)
 
-    per_token = kv_bytes_per_token(config, torch_dtype)
+    kv_dtype = torch_dtype if kv_cache_dtype == "auto" else _resolve_dtype(kv_cache_dtype, device)
+    per_token = kv_bytes_per_token(config, kv_dtype)
     seq_len = max_model_len or config.max_position_embeddings
     budget, kv_budget, blocks = _kv_plan(memory_budget_bytes, loaded, seq_len, config.head_dim, per_token, block_size)
     if max_model_len is None and 0 < blocks * block_size < seq_len:
@@ -387,7 +390,8 @@ def cmd_estimate(args: Any) -> int:
     usable = device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())
     calibration = load_calibration(device) if usable else None
     e = estimate(getattr(args, "model", None), budget, getattr(args, "dtype", "auto") or "auto",
-                 getattr(args, "max_model_len", None), device=device, calibration=calibration)
+                 getattr(args, "max_model_len", None), device=device, calibration=calibration,
+                 kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto") or "auto")
     if getattr(args, "json", False):
         print(json.dumps(e.to_dict(), indent=2))
     else:

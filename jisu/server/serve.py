@@ -52,7 +52,7 @@ def cmd_serve(args) -> int:
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks, checkpoint=load_checkpoint(args.model, keep_blocks=True),
-        weights=args.weights, activations=args.activations,
+        weights=args.weights, activations=args.activations, kv_cache_dtype=args.kv_cache_dtype,
     )
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(llm.engine, model_name=args.served_model_name, api_key=api_key, max_queue=args.max_queue)
