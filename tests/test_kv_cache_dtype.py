@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -89,3 +91,14 @@ def test_bench_compare_takes_a_kv_cache_dtype_per_jisu_engine():
         parse_engines("jisu:auto:fp8")
     with pytest.raises(InvalidRequestError, match="unknown weight format"):
         parse_engines("jisu:int3:float16")
+
+
+def test_cli_takes_the_option_and_refuses_unknown_ones(tiny_llama_gguf):
+    from test_cli import assert_clean_error, jisu
+
+    common = ["generate", "hello world", "--model", str(tiny_llama_gguf), "--json", "--temperature", "0",
+              "--max-tokens", "5", "--ignore-eos"]
+    plain, kv16 = jisu(*common), jisu(*common, "--kv-cache-dtype", "float16")
+    assert kv16.returncode == 0, kv16.stderr
+    assert json.loads(kv16.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert_clean_error(jisu(*common, "--kv-cache-dtype", "fp8"), "--kv-cache-dtype", "float16")
