@@ -8,7 +8,13 @@ import sys
 from contextlib import contextmanager
 
 from jisu.bench.cli import add_bench_parser, cmd_bench
-from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, WEIGHTS_HELP
+from jisu.config import (
+    ACTIVATIONS,
+    ACTIVATIONS_HELP,
+    KV_CACHE_DTYPE_HELP,
+    KV_CACHE_DTYPES,
+    WEIGHTS_HELP,
+)
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune

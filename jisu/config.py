@@ -120,6 +120,5 @@ class EngineConfig:
                 )
             if self.dtype not in ("auto", "bfloat16"):
                 raise InvalidRequestError(f"int4 weights on cuda compute in bfloat16, not {self.dtype}")
-        elif spec.quantized:
-            if self.dtype not in ("auto", "float32"):
-                raise InvalidRequestError(f"{spec.name} weights compute in float32, not {self.dtype}")
+        elif spec.quantized and self.dtype not in ("auto", "float32"):
+            raise InvalidRequestError(f"{spec.name} weights compute in float32, not {self.dtype}")
