@@ -98,3 +98,27 @@ def test_logits_and_text_equal_the_float_run_of_the_same_int4_numbers(on_torch_a
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     t, r = on_torch.generate([ids[:8]], params)[0], reference.generate([ids[:8]], params)[0]
     assert t.outputs[0].token_ids == r.outputs[0].token_ids and len(t.outputs[0].token_ids) == 12
+
+
+def test_which_low_bit_formats_run_where(monkeypatch):
+    from jisu.config import EngineConfig
+    from jisu.engine import LLMEngine
+    from jisu.errors import InvalidRequestError
+    from jisu.kernels import torch_int4
+    from jisu.quant.plan import WeightsSpec
+
+    formats = LLMEngine._low_bit_formats
+    # A GPU torch's int4 kernel runs on (this machine has none: the check is stood in for).
+    monkeypatch.setattr(torch_int4, "torch_int4_available", lambda device: None)
+    cuda = torch.device("cuda")
+    assert formats(EngineConfig(device="cuda"), WeightsSpec("auto"), cuda) == ("int4",)  # Q4_1 stays 4-bit
+    assert formats(EngineConfig(device="cuda", weights="int4"), WeightsSpec("int4"), cuda) == ("int4",)
+    # CPU without jisu's C++ kernels: int4 only when asked for (torch's CPU kernel is slower than float32).
+    cpu = torch.device("cpu")
+    assert formats(EngineConfig(cpu_kernels=False), WeightsSpec("auto"), cpu) == ()
+    assert formats(EngineConfig(cpu_kernels=False, weights="int4"), WeightsSpec("int4"), cpu) == ("int4",)
+    # An old GPU: int4 is refused with the reason, auto loads floats.
+    monkeypatch.setattr(torch_int4, "torch_int4_available", lambda device: "compute capability 7.5 < 8.0")
+    assert formats(EngineConfig(device="cuda"), WeightsSpec("auto"), cuda) == ()
+    with pytest.raises(InvalidRequestError, match=r"int4 weights need .* or torch's int4 kernel \(compute capability"):
+        formats(EngineConfig(device="cuda", weights="int4"), WeightsSpec("int4"), cuda)
