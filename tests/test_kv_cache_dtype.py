@@ -102,3 +102,15 @@ def test_cli_takes_the_option_and_refuses_unknown_ones(tiny_llama_gguf):
     assert kv16.returncode == 0, kv16.stderr
     assert json.loads(kv16.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
     assert_clean_error(jisu(*common, "--kv-cache-dtype", "fp8"), "--kv-cache-dtype", "float16")
+
+
+def test_profile_counts_the_cache_bytes_it_reads(kv16, tiny_llm):
+    from jisu.profile.run import _cost
+
+    costs = []
+    for llm in (kv16, tiny_llm):
+        llm.generate(_prompts()[:1], GREEDY)
+        step = list(llm.engine.step_log.records)[-1]  # a decode step
+        costs.append(_cost(llm.engine, step).bytes)
+    assert costs[0].kv_read * 2 == costs[1].kv_read > 0
+    assert costs[0].weights_total == costs[1].weights_total

@@ -115,7 +115,7 @@ def _cost(engine, step: StepRecord):
     weights = getattr(engine, "_weight_format", None)
     if weights is None:
         weights = engine._weight_format = WeightFormat.from_model(engine.model)
-    return step_cost(engine.model_config, batch, weights, dtype=engine.dtype)
+    return step_cost(engine.model_config, batch, weights, dtype=engine.dtype, kv_dtype=engine.kv_dtype)
 
 
 def phase_verdicts(engine, steps: list[StepRecord], calibration) -> dict[str, dict[str, Any]]:
