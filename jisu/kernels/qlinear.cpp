@@ -365,16 +365,29 @@ inline void f32_rows(const float* w, int64_t K, const float* x, float* out) {
   }
 }
 
+// Up to this many rows of x read the weights directly, one row of x after another over the same few weight rows
+// (they stay in L1 after the first); more rows take the tiled forms: several float32 weight rows side by side, or
+// int8/int4 weights widened to int16 once first. Those cost more than they saved at few rows. Measured (2 threads):
+// - SmolLM2 int4 with its Q8_0 output layer, decode tok/s of all sequences together: 2 sequences 207 -> 303 (one
+//   alone: ~240), 4: 276 -> 326; the output layer at 2 rows 1.42 -> 1.10 ms.
+// - cache-hot int4 3072x576, cycles per (block, row of x): M = 2 5.5 -> 3.4, 4 4.4 -> 3.4, 8 and 16 the same
+//   either way (~3.1); streamed from memory at 16 rows widening measured 6% faster.
+// - float32, 40 distinct 3072x576 matrices streamed, ms: M = 2 14.6 -> 7.4, 3 14.6 -> 7.6, 4 15.2 -> 9.7,
+//   6 17.5 -> 15.8, 8 19.6 -> 25.0 (there the tiles win).
+// Either way the sums are the same, bit for bit.
+constexpr int64_t kDirectRows = 4;
+
 // Output rows [n0, n1) of a float32 matvec. (noinline: inlined into the OpenMP region, GCC keeps the
 // accumulators in memory and stores each one after every FMA.)
 __attribute__((noinline)) void f32_task(const float* wp, const float* x, int64_t M, int64_t K, float* y, int64_t N,
                                         const float* bp, int64_t n0, int64_t n1) {
   float r[3];
-  if (M == 1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      f32_rows<1>(wp + n * K, K, x, r);
-      y[n] = r[0] + (bp ? bp[n] : 0.f);
-    }
+  if (M <= kDirectRows) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        f32_rows<1>(wp + n * K, K, x + m * K, r);
+        y[m * N + n] = r[0] + (bp ? bp[n] : 0.f);
+      }
     return;
   }
   int64_t n = n0;
@@ -741,14 +754,6 @@ inline void act16_rows(const typename S::T* q, int64_t row_stride, const float* 
 constexpr int kAct16Rows = 4;
 // Weight rows per widened tile at M > 1.
 constexpr int kAct16Tile = 4;
-// Up to this many rows of x read the weight blocks directly, one row of x after another over the same few weight
-// rows (they stay in L1 after the first); more rows widen the weights to int16 once first. Widening cost more
-// than it saved at few rows. Measured (2 threads, SmolLM2 int4 with its Q8_0 output layer, decode tok/s of all
-// sequences together): 2 sequences 207 -> 303 (one sequence alone: ~240), 4: 276 -> 326; the output layer at
-// 2 rows 1.42 -> 1.10 ms. Cache-hot int4 3072x576, cycles per (block, row of x): M = 2 5.5 -> 3.4, M = 4
-// 4.4 -> 3.4, M = 8 and 16 the same either way (~3.1), while streamed from memory at 16 rows widening measured
-// 6% faster. Either way the sums are the same, bit for bit.
-constexpr int64_t kDirectRows = 4;
 
 // One parallel task of an int8 act16 matvec: output rows [n0, n1).
 void act16_int8_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd, float* y, int64_t n0,
