@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _build():
 
         # NOTE: named instruction sets rather than -march=native, and the set is part of the extension's name:
         # a build cached on disk must never be loaded on a CPU that lacks its instructions (VMs move).
-        vector = {"avx2", "fma", "f16c"} <= _cpu_flags()
+        # JISU_KERNELS=portable builds the fallback on any CPU (how tests check it).
+        vector = {"avx2", "fma", "f16c"} <= _cpu_flags() and os.environ.get("JISU_KERNELS") != "portable"
         # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; compiled without it the "parallel"
         # loop silently runs on one thread (measured: 20.5 -> 15.4 ms over SmolLM2's layers at batch 1).
         flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if vector else [])
