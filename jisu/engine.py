@@ -21,7 +21,7 @@ from jisu.profile.timeline import StepLog, StepRecord
 from jisu.quant.outliers import outlier_rounding
 from jisu.quant.plan import WeightsSpec, convert_tensors
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
-from jisu.runner.kv_cache import KVCache, plan_num_blocks
+from jisu.runner.kv_cache import KVCache, plan_num_blocks, resolve_kv_dtype
 from jisu.runner.runner import ModelRunner
 from jisu.sampling import Sampler, SamplingRow, make_generator
 from jisu.sampling_params import SamplingParams
@@ -114,7 +114,7 @@ class LLMEngine:
         cache = config.cache
         # Every running sequence at full length is all the cache can ever hold at once.
         longest = config.max_model_len or self.model_config.max_position_embeddings
-        self.kv_dtype = self.dtype if cache.dtype == "auto" else getattr(torch, cache.dtype)
+        self.kv_dtype = resolve_kv_dtype(cache.dtype, self.dtype)
         num_blocks = plan_num_blocks(
             self.model_config, cache, self.kv_dtype, self.device, longest * config.scheduler.max_num_seqs
         )

@@ -120,15 +120,13 @@ class LlamaForCausalLM(nn.Module):
         blocks = {n: t for n, t in tensors.items() if isinstance(t, QuantizedTensor)}
         if blocks and kernels is None:
             # Without jisu's C++ kernels only int4 runs, on torch's int4 kernel (the CUDA path).
-            why_not = torch_int4_available(device)
-            others = sorted({t.describe() for t in blocks.values() if t.bits != 4})
-            if why_not or others:
-                kinds = ", ".join(others or sorted({t.describe() for t in blocks.values()}))
+            int8 = any(t.bits != 4 for t in blocks.values())
+            why_not = "it runs int4 only" if int8 else torch_int4_available(device)
+            if why_not:
+                kinds = ", ".join(sorted({t.describe() for t in blocks.values()}))
                 raise ModelLoadError(
-                    f"{kinds} weights run on jisu's C++ CPU kernels, which are not in use here (they need a CPU "
-                    f"device, float32 compute and a C++ toolchain)"
-                    + (f", nor on torch's int4 kernel ({why_not})" if why_not else " (only int4 runs on torch's)")
-                    + "; load with float weights instead"
+                    f"{kinds} weights need jisu's C++ CPU kernels, which are not in use here (a CPU device, float32 "
+                    f"compute and a C++ toolchain), or torch's int4 kernel ({why_not}); load float weights instead"
                 )
         params = dict(self.named_parameters())
         filled: dict[str, torch.Tensor] = {}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from jisu.config import CacheConfig
 from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from jisu.loader.gguf import (
     KEPT_BLOCK_FORMATS,
@@ -31,7 +32,7 @@ from jisu.loader.gguf import (
 from jisu.loader.resolve import resolve_model
 from jisu.models.config import ModelConfig
 from jisu.profile.roofline import WeightFormat, decode_cost, parameter_count
-from jisu.runner.kv_cache import DEFAULT_CPU_KV_BYTES, kv_bytes_per_token
+from jisu.runner.kv_cache import DEFAULT_CPU_KV_BYTES, kv_bytes_per_token, resolve_kv_dtype
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -276,8 +277,8 @@ def estimate(
         notes.append("tied output layer kept as a second, column-major copy (no jisu CPU kernel)")
     stored_weights = sum(b for _, _, b in stored.tensors)
 
-    kv_dtype = torch_dtype if kv_cache_dtype == "auto" else _resolve_dtype(kv_cache_dtype, device)
-    per_token = kv_bytes_per_token(config, kv_dtype)
+    CacheConfig(dtype=kv_cache_dtype)  # a clear error for a dtype the engine would refuse
+    per_token = kv_bytes_per_token(config, resolve_kv_dtype(kv_cache_dtype, torch_dtype))
     seq_len = max_model_len or config.max_position_embeddings
     budget, kv_budget, blocks = _kv_plan(memory_budget_bytes, loaded, seq_len, config.head_dim, per_token, block_size)
     if max_model_len is None and 0 < blocks * block_size < seq_len:

@@ -91,16 +91,20 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [slots, KVH, D], in q's dtype or a narrower one (K/V are
     rounded to it when written, and every read, fresh or cached, sees the rounded values). Returns [T, H, D]."""
-    kv_dtype = k_cache.dtype
-    if kv_dtype != q.dtype:
+    narrow = k_cache.dtype != q.dtype
+    if narrow:
         # Attention reads what the cache holds, so a token's result does not depend on how its prompt was chunked.
-        k, v = k.to(kv_dtype), v.to(kv_dtype)
+        k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return t.to(q.dtype) if narrow else t
+
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     d = meta.num_decodes
     if d:
-        keys = k_cache[meta.decode_gather].transpose(1, 2).to(q.dtype)  # [D, KVH, ctx, Dh]
-        values = v_cache[meta.decode_gather].transpose(1, 2).to(q.dtype)
+        keys = widen(k_cache[meta.decode_gather].transpose(1, 2))  # [D, KVH, ctx, Dh]
+        values = widen(v_cache[meta.decode_gather].transpose(1, 2))
         query = q[:d].unsqueeze(2)  # [D, H, 1, Dh]
         o = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
@@ -114,9 +118,9 @@ def paged_attention(
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.length)
         if c.gather is None:
-            keys, values = k[rows].to(q.dtype), v[rows].to(q.dtype)
+            keys, values = widen(k[rows]), widen(v[rows])
         else:
-            keys, values = k_cache[c.gather].to(q.dtype), v_cache[c.gather].to(q.dtype)
+            keys, values = widen(k_cache[c.gather]), widen(v_cache[c.gather])
         qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[rows], keys, values))  # [1, heads, len, Dh]
         if c.query_blocks:
             for b in c.query_blocks:

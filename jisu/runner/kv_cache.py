@@ -13,6 +13,11 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 CUDA_FREE_MEMORY_SHARE = 0.8
 
 
+def resolve_kv_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """CacheConfig.dtype -> the cache's element type: 'auto' is the compute dtype."""
+    return compute_dtype if name == "auto" else getattr(torch, name)
+
+
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * elem
