@@ -99,6 +99,21 @@ def test_dequantize_matches_documented_layout(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_id)
+def test_dequantize_selected_rows(fmt):
+    """The embedding lookup: only the rows asked for, in the asked order and shape flattened, repeats allowed."""
+    bits, K, G = fmt
+    qw, w, _ = make_weight(bits, 67, K, G, bias=False)
+    ids = torch.tensor([[66, 0], [3, 66]])
+    assert torch.equal(ext.qweight_dequantize(qw, ids), w[ids.reshape(-1)])
+    assert ext.qweight_dequantize(qw, torch.tensor([], dtype=torch.long)).shape == (0, K)
+    for bad in ([67], [-1]):
+        with pytest.raises(RuntimeError, match="outside the matrix's 67 rows"):
+            ext.qweight_dequantize(qw, torch.tensor(bad))
+    with pytest.raises(RuntimeError, match="int64"):
+        ext.qweight_dequantize(qw, torch.tensor([1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_id)
 @pytest.mark.parametrize("bias", [False, True])
 def test_qlinear_matches_dequantized_matmul(fmt, bias):
     bits, K, G = fmt
@@ -209,6 +224,7 @@ def test_outlier_columns_match_the_documented_matrix(fmt, act_bits):
     qw, w, b = with_outliers(bits, 75, K, G, cols, bias=True, seed=K)
     qw.act_bits = act_bits
     assert torch.equal(ext.qweight_dequantize(qw), w)
+    assert torch.equal(ext.qweight_dequantize(qw, torch.tensor([74, 2])), w[[74, 2]])
     g = torch.Generator().manual_seed(4)
     for M in (1, 3, 16, 200):
         x = torch.randn(M, K, generator=g)

@@ -11,6 +11,7 @@ from gguf import quants as gguf_quants
 from jisu import LLM
 from jisu.errors import InvalidRequestError, JisuError
 from jisu.loader.gguf import block_tensor
+from jisu.loader.resolve import load_checkpoint
 from jisu.quant.formats import pack_int4, quantize, quantize_int4, quantize_int8, unpack_int4
 from jisu.quant.plan import convert_tensors, parse_weights
 
@@ -214,6 +215,28 @@ def test_tiny_model_runs_in_every_format_close_to_float(tiny_llama_dir, weights)
     a, b = _prefill_logits(ref, ids), _prefill_logits(llm, ids)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= (0.9 if weights.startswith("int8") else 0.6), agree
+
+
+@pytest.mark.parametrize("tensor_type", ["Q4_0", "Q8_0"])
+def test_quantized_embeddings_look_up_rows_on_the_kernels(tmp_path, tensor_type):
+    """A quantized token embedding dequantizes only the looked-up rows, in C++ from the kernels' copy (the tied
+    output layer's own, or its own when untied), to the same numbers as dequantizing the blocks in torch."""
+    from tiny_models import make_tiny_hf_model, write_gguf_from_hf
+
+    from jisu.models.layers import QuantizedEmbedding
+
+    for tie in (True, False):
+        folder = make_tiny_hf_model(tmp_path / f"hf-{tie}", tie=tie)
+        path = write_gguf_from_hf(folder, tmp_path / f"tiny-{tie}.gguf", tensor_type)
+        model = LLM(model=str(path), max_model_len=64).engine.model
+        embed = model.model.embed_tokens
+        assert isinstance(embed, QuantizedEmbedding) and embed.kernel_weight is not None
+        assert (embed.kernel_weight is model.lm_head.kernel_weight) == tie
+        ids = torch.tensor([[5, 0], [5, embed.num_embeddings - 1]])
+        blocks = load_checkpoint(path, keep_blocks=True).tensors["model.embed_tokens.weight"]
+        assert blocks.origin == tensor_type
+        expected = blocks.select_rows(ids.reshape(-1)).dequantize().reshape(2, 2, -1)
+        assert torch.equal(embed(ids), expected)
 
 
 def test_a_layer_shape_the_format_cannot_hold_is_named(tiny_llama_dir):

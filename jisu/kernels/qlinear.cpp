@@ -1014,13 +1014,29 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
   split_rows(w, [&](int64_t n0, int64_t n1) { matvec_rows(w, in, y, n0, n1); });
 }
 
-at::Tensor qweight_dequantize(const QWeight& w) {
-  at::Tensor out = at::empty({w.N, w.K}, at::kFloat);
+at::Tensor qweight_dequantize(const QWeight& w, const c10::optional<at::Tensor>& rows) {
+  const int64_t K = w.K;
+  if (!rows) {
+    at::Tensor out = at::empty({w.N, K}, at::kFloat);
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, w.N, kGrain, [&](int64_t n0, int64_t n1) {
+      std::vector<float> sc(K / std::max<int64_t>(w.group, 1) + 1), zc(sc.size());
+      for (int64_t n = n0; n < n1; ++n) dequantize_row(w, n, op + n * K, sc.data(), zc.data());
+    });
+    return out;
+  }
+  // A few rows (an embedding lookup), on the calling thread: one call instead of ~10 torch ops on the blocks.
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->device().is_cpu(),
+              "qweight_dequantize: rows must be int64 CPU indices, got ", toString(rows->scalar_type()));
+  const at::Tensor ids = rows->contiguous().view({-1});
+  const int64_t R = ids.numel();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < w.N, "qweight_dequantize: row ", ip[i], " outside the matrix's ", w.N, " rows");
+  at::Tensor out = at::empty({R, K}, at::kFloat);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, w.N, kGrain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> sc(w.K / std::max<int64_t>(w.group, 1) + 1), zc(sc.size());
-    for (int64_t n = n0; n < n1; ++n) dequantize_row(w, n, op + n * w.K, sc.data(), zc.data());
-  });
+  std::vector<float> sc(K / std::max<int64_t>(w.group, 1) + 1), zc(sc.size());
+  for (int64_t i = 0; i < R; ++i) dequantize_row(w, ip[i], op + i * K, sc.data(), zc.data());
   return out;
 }
 
@@ -1091,7 +1107,9 @@ void register_qlinear(pybind11::module_& m) {
           })
       .def("nbytes", &QWeight::nbytes);
   m.def("qlinear", &qlinear, "y = x @ W.T + b for a QWeight W (float32 x on CPU)");
-  m.def("qweight_dequantize", &qweight_dequantize, "a QWeight as a float32 [N, K] matrix");
+  m.def("qweight_dequantize", &qweight_dequantize,
+        "a QWeight as a float32 [N, K] matrix, or only the rows given (int64 indices, flattened): [len(rows), K]",
+        pybind11::arg("weight"), pybind11::arg("rows") = pybind11::none());
   // For benchmarks/bench_qlinear.py: the weights' qweight_matvec calls back to back from C++, as a fused decoder
   // makes them (no Python or tensor overhead between calls); seconds for each of `passes` passes.
   m.def(

@@ -66,8 +66,8 @@ void qweight_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t par
 // is never dequantized at once).
 at::Tensor qlinear(const at::Tensor& x, const QWeight& w);
 
-// The float32 [N, K] matrix (tests, and exporting to other formats).
-at::Tensor qweight_dequantize(const QWeight& w);
+// The float32 [N, K] matrix (tests, and exporting to other formats), or only `rows` of it (embedding lookups).
+at::Tensor qweight_dequantize(const QWeight& w, const c10::optional<at::Tensor>& rows = c10::nullopt);
 
 namespace pybind11 { class module_; }
 void register_qlinear(pybind11::module_& m);

@@ -189,6 +189,13 @@ class LlamaForCausalLM(nn.Module):
                     module.use_kernels(kernels, kw)
                     if q is not None and kw.repacked:
                         module.quantized = q.shape_only()  # keep one copy of the blocks: the kernels'
+            embed = self.model.embed_tokens
+            if isinstance(embed, QuantizedEmbedding):
+                tied = quantized.get("lm_head.weight") is quantized.get("model.embed_tokens.weight")
+                kw = self.lm_head.kernel_weight if tied else embed.quantized.to_kernel(kernels)
+                embed.use_kernels(kernels, kw)
+                if kw.repacked:
+                    embed.quantized = embed.quantized.shape_only()
         elif quantized:
             for module in self.modules():
                 if isinstance(module, Linear) and module.quantized is not None:
