@@ -15,8 +15,9 @@ zeros, which round them to 8 significant bits: a weight moves by at most ~1/64 o
 
 NOTE: written against torch's documented layouts (aten/src/ATen/native/cuda/int4mm.cu: [N, K/2] uint8 with
 the even input in the high nibble, converted on the device; tiles of 8 output rows and innerKTiles*16 inputs)
-and tested on CPU through the CPU operations, which share everything here but the packing call. No session of
-this project has had a GPU to run the CUDA branch.
+and tested on CPU through the CPU operations, which share everything here but the packing call. The packing and
+the zero convention (zero = min + 8 * scale) agree with how torch's own int4 test and torchao's tensor-core tiled
+layout prepare the CUDA operation's inputs. No session of this project has had a GPU to run the CUDA branch.
 """
 
 from __future__ import annotations
