@@ -1,5 +1,5 @@
-// The whole decoder stack of a Llama-family model for one decode step (one new token for each of up to 16
-// sequences) as a single C++ call.
+// The whole decoder stack of a Llama-family model for one decode step (one new token for each sequence of the
+// batch; fused_decode.py's MAX_FUSED_SEQS caps it) as a single C++ call.
 //
 // Why: at batch 1 the eager layer is ~25 small torch ops; their dispatch (~9 ms over SmolLM2's 30 layers)
 // costs more than reading 4-bit weights. Here each layer is a handful of loops over preallocated scratch plus
@@ -34,7 +34,6 @@
 
 namespace {
 
-constexpr int64_t kMaxSeqs = 16;
 // Visible slots per attention task (SmolLM2: 48 KiB of K for its 3 kv heads, which stays in L2 for the V pass).
 constexpr int64_t kAttnChunk = 64;
 
@@ -296,11 +295,17 @@ class FusedDecoder {
       layers_.push_back(Layer{norm(input_norms[l], "input_layernorm"), norm(post_norms[l], "post_attention_layernorm"),
                               qkv[l], o[l], gate_up[l], down[l]});
     }
-    h_.resize(kMaxSeqs * std::max(hidden_, I_));
-    qkv_.resize(kMaxSeqs * qkvN_);
-    attn_.resize(kMaxSeqs * H_ * hd_);
-    proj_.resize(kMaxSeqs * hidden_);
-    gu_.resize(kMaxSeqs * 2 * I_);
+  }
+
+  // Scratch for D sequences (grown on first need, kept: one decoder serves one engine's steps).
+  void reserve(int64_t D) {
+    if (D <= capacity_) return;
+    h_.resize(D * std::max(hidden_, I_));
+    qkv_.resize(D * qkvN_);
+    attn_.resize(D * H_ * hd_);
+    proj_.resize(D * hidden_);
+    gu_.resize(D * 2 * I_);
+    capacity_ = D;
   }
 
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& rotation_in, const at::Tensor& gather_in,
@@ -315,7 +320,8 @@ class FusedDecoder {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.device().is_cpu(),
                 "x must be float32 [D, ", hidden_, "] on CPU");
     const int64_t D = x.size(0);
-    TORCH_CHECK(D >= 1 && D <= kMaxSeqs, "FusedDecoder runs 1 to ", kMaxSeqs, " sequences, got ", D);
+    TORCH_CHECK(D >= 1, "FusedDecoder needs at least one sequence");
+    reserve(D);
     const float* norm_w = nullptr;
     if (final_norm.has_value() && final_norm->defined()) {
       TORCH_CHECK(final_norm->scalar_type() == at::kFloat && final_norm->is_contiguous() &&
@@ -604,7 +610,7 @@ class FusedDecoder {
   float eps_;
   int64_t H_, KVH_, hd_, I_;
   float scale_;
-  int64_t hidden_ = 0, qkvN_ = 0;
+  int64_t hidden_ = 0, qkvN_ = 0, capacity_ = 0;
   std::vector<Layer> layers_;
   std::vector<float> h_, qkv_, attn_, proj_, gu_;
   std::vector<int64_t> visible_, count_, first_task_;

@@ -37,7 +37,7 @@ struct QWeight {
   int64_t nbytes() const;
 };
 
-// y[M, N] = x[M, K] . W^T (+ bias); x and y are contiguous row-major float32. Made for decode (M <= 16),
+// y[M, N] = x[M, K] . W^T (+ bias); x and y are contiguous row-major float32. Made for decode (M up to 128 in a fused step),
 // correct and fast for any M up to a few hundred rows. Runs its own at::parallel_for over output rows (called
 // inside a parallel region it runs on the calling thread). Each (m, n) is summed in one order that depends on
 // neither M nor the thread split, so a sequence gets the same numbers alone or in a batch (the order is spelled

@@ -17,12 +17,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-SMALL_BATCH_ROWS = 16
-"""Up to this many rows (decoding sequences) take the kernels' matrix-vector path; more rows (prefill chunks)
-take a GEMM. Measured over SmolLM2's 30 layers, 2 threads, float32 kernel vs torch: 1 row 15.4 vs 36.5 ms,
-8 rows 31 vs 41, 12 rows 44 vs 71, 16 rows 52 vs 72; its 49152-row output layer at 16 rows 14 vs 21 ms."""
-
-
 class Linear(nn.Linear):
     """nn.Linear (built on the meta device, filled by the loader) that runs on jisu's CPU kernels when they are
     available.
