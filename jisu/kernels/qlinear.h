@@ -37,11 +37,11 @@ struct QWeight {
   int64_t nbytes() const;
 };
 
-// y[M, N] = x[M, K] . W^T (+ bias); x and y are contiguous row-major float32. Made for decode (M up to 128 in a fused step),
-// correct and fast for any M up to a few hundred rows. Runs its own at::parallel_for over output rows (called
-// inside a parallel region it runs on the calling thread). Each (m, n) is summed in one order that depends on
-// neither M nor the thread split, so a sequence gets the same numbers alone or in a batch (the order is spelled
-// out in qlinear.cpp). int8 / int4 with act_bits 16 (K and G multiples of 32) round x to int16 per 32 inputs
+// y[M, N] = x[M, K] . W^T (+ bias); x and y are contiguous row-major float32. Made for decode (M up to 128 in a
+// fused step), correct and fast for any M up to a few hundred rows. Runs its own at::parallel_for over output
+// rows (called inside a parallel region it runs on the calling thread). Each (m, n) is summed in one order that
+// depends on neither M nor the thread split, so a sequence gets the same numbers alone or in a batch (the order
+// is spelled out in qlinear.cpp). int8 / int4 with act_bits 16 (K and G multiples of 32) round x to int16 per 32 inputs
 // first: each input moves by at most 2^-16 of its block's largest magnitude. Outlier columns come last:
 // y[m, n] += fma-chain over j in order of outlier_weights[n, j] * x[m, outlier_cols[j]] (float x).
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);

@@ -2,10 +2,10 @@
 
 NOTE: a batch-1 decode step of SmolLM2 runs ~25 small torch ops per layer; their dispatch costs more than the
 layer's arithmetic once weights are 4-bit. For steps where every token is a decode (one new token per
-sequence) and there are at most MAX_FUSED_SEQS sequences, `FusedDecoder` runs every layer (norms, projections through the
-same `qweight_matvec` the eager `Linear` uses, rotary, the K/V cache write, attention, SwiGLU, residuals) in
-C++ and returns the residual stream before the final norm, equal to the eager layers' output within float32
-rounding (tests/test_fused_decode.py).
+sequence) and there are at most MAX_FUSED_SEQS sequences, `FusedDecoder` runs every layer (norms, projections
+through the same `qweight_matvec` the eager `Linear` uses, rotary, the K/V cache write, attention, SwiGLU,
+residuals) in C++ and returns the residual stream before the final norm, equal to the eager layers' output
+within float32 rounding (tests/test_fused_decode.py).
 
 Measured on SmolLM2-135M (int4 weights, 2 threads, quiet machine), one sequence, layer stack only, medians:
 context 64: eager 11.8 ms, fused 5.2 ms, the 120 projections alone 4.9 ms; context 512: 15.0 vs 6.6 ms;
