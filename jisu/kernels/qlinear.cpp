@@ -1015,28 +1015,26 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
 }
 
 at::Tensor qweight_dequantize(const QWeight& w, const c10::optional<at::Tensor>& rows) {
-  const int64_t K = w.K;
-  if (!rows) {
-    at::Tensor out = at::empty({w.N, K}, at::kFloat);
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, w.N, kGrain, [&](int64_t n0, int64_t n1) {
-      std::vector<float> sc(K / std::max<int64_t>(w.group, 1) + 1), zc(sc.size());
-      for (int64_t n = n0; n < n1; ++n) dequantize_row(w, n, op + n * K, sc.data(), zc.data());
-    });
-    return out;
+  // Output row i is matrix row ip[i] (an embedding lookup) or i (the whole matrix). A lookup's few rows stay on
+  // the calling thread: at::parallel_for runs a range under its grain inline.
+  at::Tensor ids;
+  const int64_t* ip = nullptr;
+  if (rows) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->device().is_cpu(),
+                "qweight_dequantize: rows must be int64 CPU indices, got ", toString(rows->scalar_type()));
+    ids = rows->contiguous().view({-1});
+    ip = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i)
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < w.N, "qweight_dequantize: row ", ip[i], " outside the matrix's ", w.N,
+                  " rows");
   }
-  // A few rows (an embedding lookup), on the calling thread: one call instead of ~10 torch ops on the blocks.
-  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->device().is_cpu(),
-              "qweight_dequantize: rows must be int64 CPU indices, got ", toString(rows->scalar_type()));
-  const at::Tensor ids = rows->contiguous().view({-1});
-  const int64_t R = ids.numel();
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < R; ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < w.N, "qweight_dequantize: row ", ip[i], " outside the matrix's ", w.N, " rows");
+  const int64_t R = rows ? ids.numel() : w.N, K = w.K;
   at::Tensor out = at::empty({R, K}, at::kFloat);
   float* op = out.data_ptr<float>();
-  std::vector<float> sc(K / std::max<int64_t>(w.group, 1) + 1), zc(sc.size());
-  for (int64_t i = 0; i < R; ++i) dequantize_row(w, ip[i], op + i * K, sc.data(), zc.data());
+  at::parallel_for(0, R, kGrain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc(K / std::max<int64_t>(w.group, 1) + 1), zc(sc.size());
+    for (int64_t i = i0; i < i1; ++i) dequantize_row(w, rows ? ip[i] : i, op + i * K, sc.data(), zc.data());
+  });
   return out;
 }
 
