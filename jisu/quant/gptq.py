@@ -15,13 +15,14 @@ GPTQ did worse than rounding to nearest (97.29%, a float32 simulation): too few 
 projection, whose H is then far from full rank.
 
 Also measured (20 chunks, same calibration text, 8 outlier columns unless said: 97.99% / KL 0.00097 in that run),
-none of which moves top-1 clear of the ~0.2% noise of 5,120 positions: 16 outlier columns 98.11% / 0.00087 and 32
-98.09% / 0.00082 (`--weights int8-o16` / `-o32`: more float16 columns, lower KL); each row's scale chosen among
-1.0-0.8 x its largest weight by input-weighted rounding error before GPTQ, 98.15% / 0.00095 (with 16 columns
-98.07% / 0.00088), so not kept; damping 0.003, 97.97% / 0.00096. Fewer calibration tokens of the same text:
-8,192 gave 97.91% / 0.00101 and 4,096 97.48% / 0.00118. That, and the statistics' cost (~95 s for the ~24k tokens
-here, as much time as the forward itself: every layer's inputs multiplied by themselves), is why GPTQ stays an
-offline step rather than what `--weights int8` does at load.
+none of which moves top-1 clear of the ~0.2% noise of 5,120 positions: 16 outlier columns 98.11% / 0.00087, 32
+columns 98.09% / 0.00082 (`--weights int8-o16` / `-o32`: more float16 columns, lower KL; -o32 over 60 chunks:
+98.52% / 0.00073, perplexity +0.13%); each row's scale chosen among 1.0-0.8 x its largest weight by input-weighted
+rounding error before GPTQ, 98.15% / 0.00095 (with 16 columns 98.07% / 0.00088), so not kept; damping 0.003,
+97.97% / 0.00096. Fewer calibration tokens of the same text: 8,192 gave 97.91% / 0.00101 and 4,096 97.48% /
+0.00118. That, and the statistics' cost (~95 s for the ~24k tokens here, as much time as the forward itself: every
+layer's inputs multiplied by themselves), is why GPTQ stays an offline step rather than what `--weights int8` does
+at load.
 """
 
 from __future__ import annotations
