@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,6 +86,19 @@ def wait_idle(server, timeout=20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the server did not go idle")
+
+
+@contextmanager
+def slowed(engine, seconds: float = 0.02):
+    """Each engine step takes at least `seconds`: a request of 3000 tokens then runs for a minute, so it cannot
+    finish while a test still counts on it running. Unslowed, the tiny model makes 3000 tokens in ~2 s, and
+    on a loaded host a test once saw the running request finish and free its queue slot."""
+    step = engine.step
+    engine.step = lambda: (time.sleep(seconds), step())[1]
+    try:
+        yield
+    finally:
+        engine.step = step
 
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
@@ -283,15 +297,16 @@ def test_output_stream_keeps_only_the_newest_output():
 def test_disconnect_mid_stream_aborts_and_frees_blocks(client, server):
     wait_idle(server)
     aborted = metric(server.url, "jisu:request_success_total", finished_reason="abort")
-    stream = client.completions.create(model="tiny", prompt="hello", stream=True, **LONG)
-    got = 0
-    for chunk in stream:
-        got += len(chunk.choices[0].text)
-        if got > 20:
-            break
-    assert metric(server.url, "jisu:kv_cache_used_blocks") > 0  # still generating
-    stream.close()
-    wait_idle(server)
+    with slowed(server.engine):
+        stream = client.completions.create(model="tiny", prompt="hello", stream=True, **LONG)
+        got = 0
+        for chunk in stream:
+            got += len(chunk.choices[0].text)
+            if got > 20:
+                break
+        assert metric(server.url, "jisu:kv_cache_used_blocks") > 0  # still generating
+        stream.close()
+        wait_idle(server)
     engine = server.engine
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert metric(server.url, "jisu:request_success_total", finished_reason="abort") == aborted + 1
@@ -300,10 +315,11 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(client, server):
 def test_disconnect_while_waiting_for_a_full_answer_aborts(server):
     wait_idle(server)
     aborted = metric(server.url, "jisu:request_success_total", finished_reason="abort")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", timeout=1.0,
-                   json={"messages": CHAT, "max_tokens": 3000, "ignore_eos": True})
-    wait_idle(server)
+    with slowed(server.engine):  # until the abort: finishing would not count as one
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", timeout=1.0,
+                       json={"messages": CHAT, "max_tokens": 3000, "ignore_eos": True})
+        wait_idle(server)
     assert metric(server.url, "jisu:request_success_total", finished_reason="abort") == aborted + 1
 
 
@@ -312,7 +328,7 @@ def test_queue_overflow_gets_503_with_retry_after(long_model_dir):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
     try:
         with httpx.Client(base_url=s.url, timeout=30) as http:
-            with http.stream("POST", "/v1/completions", json=body) as running:
+            with slowed(s.engine), http.stream("POST", "/v1/completions", json=body) as running:
                 assert running.status_code == 200
                 next(running.iter_lines())  # the first token is out: this one is running
                 with http.stream("POST", "/v1/completions", json=body) as waiting:
