@@ -491,7 +491,8 @@ def test_sigterm_drains_and_exits_zero(long_model_dir):
         first = threading.Event()
 
         def read_stream():
-            body = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+            # As long as the context allows (~2.7 s here), so it outlives the 1 s grace even on a faster host.
+            body = {"prompt": "hello", "max_tokens": LONG_CONTEXT - 16, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
