@@ -13,6 +13,7 @@ from jisu.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    draw_from_softmax,
     make_generator,
 )
 from jisu.sampling_params import SamplingParams
@@ -200,6 +201,32 @@ def test_seeded_draws_match_the_distribution():
     logits = torch.tensor([log_probs(*PROBS)]).expand(N_DRAWS, -1)
     rows = [row(generator=make_generator(7, i), seed=7) for i in range(N_DRAWS)]
     assert_matches(Sampler()(logits, rows).token_ids, PROBS)
+
+
+def test_draws_across_blocks_and_a_partial_last_block_match_the_distribution():
+    # 700 tokens: blocks of 256, the last one partial; the mass sits in every block, at both ends of the
+    # vocabulary, and -inf tokens lie between.
+    vocab = 700
+    probs = {0: 0.1, 255: 0.15, 256: 0.2, 511: 0.05, 600: 0.3, 699: 0.2}
+    logits = torch.full((N_DRAWS, vocab), NEG_INF)
+    for i, p in probs.items():
+        logits[:, i] = math.log(p)
+    u = torch.rand(N_DRAWS, dtype=torch.float64, generator=torch.Generator().manual_seed(11)).numpy()
+    tokens = draw_from_softmax(logits, u)
+    assert set(tokens) <= set(probs)
+    assert_matches(tokens, [probs.get(i, 0.0) for i in range(vocab)])
+
+
+def test_draw_ends_of_the_unit_interval_pick_the_first_and_last_tokens_with_weight():
+    three = [[NEG_INF, 0.0, NEG_INF, 1.0, 2.0] + [NEG_INF] * 296] * 3
+    logits = torch.tensor(three + [[NEG_INF] * 299 + [0.0, NEG_INF]])
+    almost_one = math.nextafter(1.0, 0.0)
+    first, last, middle, only = draw_from_softmax(logits, [0.0, almost_one, 0.5, almost_one])
+    assert (first, last, only) == (1, 4, 299)
+    assert middle == 4  # weights e^0, e^1, e^2: the first 0.5 of the mass ends inside token 4's share
+    # A row with NaN logits still gets a token of the vocabulary, not an index error.
+    nan_row = torch.tensor([[0.0, float("nan"), 1.0]])
+    assert 0 <= draw_from_softmax(nan_row, [0.7])[0] < 3
 
 
 def test_temperature_sharpens_the_distribution():
