@@ -29,9 +29,13 @@ import torch
 from jisu.sampling_params import SamplingParams
 
 # Top-p looks for the nucleus among this many most likely tokens first and widens by _TOP_P_GROWTH only for
-# rows whose nucleus does not fit: nuclei of real LLM distributions are rarely this large, and a partial
-# top-k is far cheaper than sorting a 50k-260k vocab.
-_TOP_P_FIRST_CANDIDATES = 1024
+# rows whose nucleus does not fit: a partial top-k is far cheaper than sorting a 50k-260k vocab, and cheaper
+# the fewer it keeps (49k vocab, 16 rows, 2 threads: k = 64 1.2 ms, 256 1.9 ms, 1024 4.3 ms, a full sort 36 ms).
+# Nucleus sizes on the default model (6 prompts x 96 tokens): temperature 0.7 / top-p 0.9 median 2 tokens, 99th
+# percentile 86; temperature 1 / top-p 0.95 median 94, 90th percentile 1076. Whole sampler step over the default
+# model's own logits, 16 rows, first candidates 64 / 256 / 1024: T 0.7, p 0.9: 8.2 / 8.1 / 12.2 ms; T 1, p 0.95:
+# 13.6 / 12.6 / 13.5 ms (1 row: 1.56 / 1.42 / 1.71 and 2.15 / 2.09 / 2.00 ms; medians of 3 rounds, one run).
+_TOP_P_FIRST_CANDIDATES = 256
 _TOP_P_GROWTH = 8
 
 _NEG_INF = float("-inf")
@@ -159,7 +163,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     pending = torch.arange(n, device=logits.device)
     k = min(vocab, _TOP_P_FIRST_CANDIDATES)
     while pending.numel():
-        values, ids = logits[pending].topk(k, dim=1)
+        # Rows are written only once done, so while every row is pending the logits are read in place (a
+        # gather of all rows copies the whole batch).
+        values, ids = (logits if pending.numel() == n else logits[pending]).topk(k, dim=1)
         probs = (values - log_norm[pending]).exp_()
         mass = probs.cumsum(dim=1)
         p = top_p[pending].unsqueeze(1)
