@@ -60,8 +60,8 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("int16", "float32")
 WEIGHTS_HELP = ("weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, "
-                "float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64; int8 keeps 8 input "
-                "columns per matrix in float16, -oN for N (-o0: none)")
+                "float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64; int8 keeps 64 input "
+                "columns per matrix in float16 (8 with -gN), -oN for N (-o0: none)")
 ACTIVATIONS_HELP = ("int8/int4 weights at decode: int16 (default) rounds each 32 inputs to int16 for integer dot "
                     "products, within 2^-16 of their largest; float32 keeps them exact (slower)")
 
@@ -82,7 +82,7 @@ class EngineConfig:
     """int4: 32/64/128 (default 32); int8: None = one scale per output channel."""
     outlier_columns: int | None = None
     """int8: input columns per linear matrix kept in float16, those with the largest calibration activations
-    (None = 8; 0 = none; see jisu/quant/outliers.py)."""
+    (None = 64 per channel, 8 with a group size; 0 = none; see jisu/quant/outliers.py)."""
     activations: str = "int16"
     """int8/int4 weights at decode (up to 192 rows per product): int16 rounds each 32 inputs to int16 with one
     scale (2^-16 of their largest; integer dot products, ~2x faster for int4), float32 keeps them exact."""

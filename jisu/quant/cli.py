@@ -22,10 +22,10 @@ from jisu.errors import InvalidRequestError
 def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     q = subparsers.add_parser(
         "quantize", help="write an int8/int4 copy of a model (safetensors folder jisu loads)",
-        description="Quantize a model's linear layers to int8 (per output channel, or -g32 groups; 8 input "
-                    "columns per matrix stay float16, those with the largest activations on built-in calibration "
-                    "prompts: -oN for N, -o0 for none) or int4 (groups of 32/64/128 with scale and zero). GGUF "
-                    "Q4_0/Q4_1/Q8_0 blocks that already are the asked format are copied, not requantized.",
+        description="Quantize a model's linear layers to int8 (per output channel, or -g32 groups; 64 input "
+                    "columns per matrix stay float16, 8 with groups: those with the largest activations on built-in "
+                    "calibration prompts; -oN for N, -o0 for none) or int4 (groups of 32/64/128 with scale and "
+                    "zero). GGUF Q4_0/Q4_1/Q8_0 blocks that already are the asked format are copied, not requantized.",
     )
     q.add_argument("model", nargs="?", default=None, help="GGUF file, Hugging Face folder or short name "
                    "(default: smollm2-135m)")

@@ -2,8 +2,9 @@
 
 - float32 / float16 / bfloat16: every matrix as that float type (quantized files are dequantized).
 - int8: every linear layer, and the output layer, int8 weight-only (one scale per output channel unless a
-  group size is given). Linear layers keep 8 input columns in float16 (-oN: N of them; -o0: none), the inputs
-  with the largest calibration activations (jisu/quant/outliers.py); a matrix already stored in int8 stays as is.
+  group size is given). Linear layers keep 64 input columns in float16 per channel, 8 with groups (-oN: N of
+  them; -o0: none), the inputs with the largest calibration activations (jisu/quant/outliers.py); a matrix
+  already stored in int8 stays as is.
 - int4: linear layers int4 (group 32/64/128, scale and zero per group); the output layer int8 per channel.
   NOTE: like llama.cpp's 4-bit file types, the output layer keeps more bits: its error reaches every logit.
 - auto: the file's own precision, fastest way: matrices stored as Q8_0/Q4_0/Q4_1 (or saved by `jisu quantize`)
@@ -27,7 +28,7 @@ from jisu.quant.formats import (
     QuantizedTensor,
     quantize,
 )
-from jisu.quant.outliers import DEFAULT_OUTLIER_COLUMNS, Int8Rounding
+from jisu.quant.outliers import Int8Rounding, default_outlier_columns
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
 WEIGHT_CHOICES = ("auto",) + FLOAT_WEIGHTS + ("int8", "int4")
@@ -41,7 +42,8 @@ class WeightsSpec:
     group_size: int | None = None
     """int4: 32, 64 or 128 (default 32); int8: None = per output channel, or a group dividing each row."""
     outlier_columns: int | None = None
-    """int8: input columns per linear matrix kept in float16 (None = DEFAULT_OUTLIER_COLUMNS)."""
+    """int8: input columns per linear matrix kept in float16 (None = default_outlier_columns: 64 per channel, 8
+    with groups)."""
 
     def __post_init__(self):
         if self.name not in WEIGHT_CHOICES:
@@ -68,7 +70,7 @@ class WeightsSpec:
         """Outlier columns per linear matrix this spec asks for."""
         if self.name != "int8":
             return 0
-        return DEFAULT_OUTLIER_COLUMNS if self.outlier_columns is None else self.outlier_columns
+        return default_outlier_columns(self.group_size) if self.outlier_columns is None else self.outlier_columns
 
     @property
     def quantized(self) -> bool:
@@ -85,7 +87,7 @@ class WeightsSpec:
         if self.name != "int8":
             return self.name
         label = f"int8-g{self.group_size}" if self.group_size else "int8"
-        return label if self.outliers == DEFAULT_OUTLIER_COLUMNS else f"{label}-o{self.outliers}"
+        return label if self.outliers == default_outlier_columns(self.group_size) else f"{label}-o{self.outliers}"
 
 
 def parse_weights(label: str, group_size: int | None = None, outlier_columns: int | None = None) -> WeightsSpec:
