@@ -291,6 +291,24 @@ void add_outlier_columns(const QWeight& w, const float* x, int64_t M, float* y, 
     int64_t n = n0;
 #if JISU_QLINEAR_VEC
     for (; n < n1 && n % 8; ++n) one(xm, ym, n);
+    // Four octets side by side: each lane's chain is the same, but four independent chains hide the FMA latency
+    // one chain waits on. Measured with 64 columns (SmolLM2 int8 per channel, `jisu bench compare`, 3 runs): a
+    // 128-token prefill 306 -> 369 tok/s (8 columns: 441 / 410), 16 concurrent 119 -> 127 (131 / 140).
+    for (; n + 32 <= n1; n += 32) {
+      const __m128i* o = reinterpret_cast<const __m128i*>(ow + n * C);  // octets n / 8 .. n / 8 + 3
+      __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+      for (int64_t j = 0; j < C; ++j) {
+        const __m256 xj = _mm256_set1_ps(xm[c[j]]);
+        t0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + j)), xj, t0);
+        t1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + C + j)), xj, t1);
+        t2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + 2 * C + j)), xj, t2);
+        t3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + 3 * C + j)), xj, t3);
+      }
+      _mm256_storeu_ps(ym + n, _mm256_add_ps(_mm256_loadu_ps(ym + n), t0));
+      _mm256_storeu_ps(ym + n + 8, _mm256_add_ps(_mm256_loadu_ps(ym + n + 8), t1));
+      _mm256_storeu_ps(ym + n + 16, _mm256_add_ps(_mm256_loadu_ps(ym + n + 16), t2));
+      _mm256_storeu_ps(ym + n + 24, _mm256_add_ps(_mm256_loadu_ps(ym + n + 24), t3));
+    }
     for (; n + 8 <= n1; n += 8) {
       const __m128i* o = reinterpret_cast<const __m128i*>(ow + n * C);  // octet n / 8
       __m256 t = _mm256_setzero_ps();

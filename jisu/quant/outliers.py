@@ -34,9 +34,10 @@ PER_CHANNEL_OUTLIER_COLUMNS = 64
 """Per int8 matrix with one scale per output channel: its rounding step follows the row's largest weight, so more
 inputs are kept out of it. Measured on SmolLM2-135M against float32 (`jisu eval kl`, WikiText-2): top-1 agreement
 with 8 columns 97.68% (20 chunks) / 97.75% (60), 32: 97.93% (20), 64: 98.18% (20) / 98.30% (60, KL 0.00074,
-perplexity +0.11%), 128: 98.48% (20). 64 columns add 128 bytes per output row (~17 MB, 139 -> 157 MB); batch-1
-decode 131 -> 115 tok/s, still 2.6x float32 (`jisu bench compare`, 5 runs). int8 group 32 keeps 8 and agrees
-98.46% at 146 MB (its finer scales leave less to keep)."""
+perplexity +0.11%), 128: 98.48% (20). 64 columns add 128 bytes per output row (~17 MB, 139 -> 157 MB) and cost
+3-16% of batch-1 decode (three side-by-side `jisu bench compare` runs: 8 -> 64 columns 131 -> 115, 130 -> 126,
+135 -> 113 tok/s; float32 44-45) and ~10% of a 128-token prefill. int8 group 32 keeps 8 and agrees 98.46% at
+146 MB (its finer scales leave less to keep)."""
 
 
 def default_outlier_columns(group_size: int | None) -> int:
