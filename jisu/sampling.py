@@ -7,7 +7,7 @@ entirely when no row does, so an all-defaults batch costs only the draw.
 
 The draw inverts each row's CDF with one uniform number u: the token is the first whose cumulative weight
 exp(logit - max) exceeds u times the row's total, so token i comes with probability softmax(logits)_i. It
-runs in two levels (blocks of _DRAW_BLOCK tokens, then the chosen block), with the sums in float64. A seeded
+runs in two levels (blocks of _DRAW_BLOCK tokens, then the chosen block), cumulative sums in float64. A seeded
 row takes its u from its own generator, so its tokens do not depend on which other rows share the batch or
 where the row sits.
 NOTE: this replaced the exponential race, argmax(logits - log(-log(U))) with a uniform U per token: on CPU,
