@@ -272,6 +272,24 @@ void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* z
   for (int64_t j = 0; j < C; ++j) out[c[j]] = static_cast<float>(ow[j * 8]);
 }
 
+#if JISU_QLINEAR_VEC
+// R octets of output rows (8 rows each, starting at o, the first octet's C columns of 8 halves) against one row
+// of x: y[8r + l] += the fma chain of lane l over the columns in order. Each lane's chain is the same for any R;
+// R > 1 runs R independent chains side by side to hide the FMA latency one chain waits on. Measured with 64
+// columns (SmolLM2 int8 per channel, `jisu bench compare`, 3 runs), R = 4 against 1: a 128-token prefill 306 ->
+// 369 tok/s (8 columns: 441 / 410), 16 concurrent 119 -> 127 (131 / 140).
+template <int R>
+inline void outlier_octets(const __m128i* o, int64_t C, const int64_t* c, const float* xm, float* y) {
+  __m256 t[R];
+  for (int r = 0; r < R; ++r) t[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < C; ++j) {
+    const __m256 xj = _mm256_set1_ps(xm[c[j]]);
+    for (int r = 0; r < R; ++r) t[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + r * C + j)), xj, t[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + 8 * r, _mm256_add_ps(_mm256_loadu_ps(y + 8 * r), t[r]));
+}
+#endif
+
 // y[m, n] += t, t = the fma chain over the outlier columns j in order (from 0), for output rows [n0, n1): the
 // same order in every lane, so the result depends on neither M nor the thread split.
 void add_outlier_columns(const QWeight& w, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
@@ -291,31 +309,9 @@ void add_outlier_columns(const QWeight& w, const float* x, int64_t M, float* y, 
     int64_t n = n0;
 #if JISU_QLINEAR_VEC
     for (; n < n1 && n % 8; ++n) one(xm, ym, n);
-    // Four octets side by side: each lane's chain is the same, but four independent chains hide the FMA latency
-    // one chain waits on. Measured with 64 columns (SmolLM2 int8 per channel, `jisu bench compare`, 3 runs): a
-    // 128-token prefill 306 -> 369 tok/s (8 columns: 441 / 410), 16 concurrent 119 -> 127 (131 / 140).
-    for (; n + 32 <= n1; n += 32) {
-      const __m128i* o = reinterpret_cast<const __m128i*>(ow + n * C);  // octets n / 8 .. n / 8 + 3
-      __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-      for (int64_t j = 0; j < C; ++j) {
-        const __m256 xj = _mm256_set1_ps(xm[c[j]]);
-        t0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + j)), xj, t0);
-        t1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + C + j)), xj, t1);
-        t2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + 2 * C + j)), xj, t2);
-        t3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + 3 * C + j)), xj, t3);
-      }
-      _mm256_storeu_ps(ym + n, _mm256_add_ps(_mm256_loadu_ps(ym + n), t0));
-      _mm256_storeu_ps(ym + n + 8, _mm256_add_ps(_mm256_loadu_ps(ym + n + 8), t1));
-      _mm256_storeu_ps(ym + n + 16, _mm256_add_ps(_mm256_loadu_ps(ym + n + 16), t2));
-      _mm256_storeu_ps(ym + n + 24, _mm256_add_ps(_mm256_loadu_ps(ym + n + 24), t3));
-    }
-    for (; n + 8 <= n1; n += 8) {
-      const __m128i* o = reinterpret_cast<const __m128i*>(ow + n * C);  // octet n / 8
-      __m256 t = _mm256_setzero_ps();
-      for (int64_t j = 0; j < C; ++j)
-        t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(o + j)), _mm256_set1_ps(xm[c[j]]), t);
-      _mm256_storeu_ps(ym + n, _mm256_add_ps(_mm256_loadu_ps(ym + n), t));
-    }
+    // Four octets side by side where they fit: see outlier_octets.
+    for (; n + 32 <= n1; n += 32) outlier_octets<4>(reinterpret_cast<const __m128i*>(ow + n * C), C, c, xm, ym + n);
+    for (; n + 8 <= n1; n += 8) outlier_octets<1>(reinterpret_cast<const __m128i*>(ow + n * C), C, c, xm, ym + n);
 #endif
     for (; n < n1; ++n) one(xm, ym, n);
   }
