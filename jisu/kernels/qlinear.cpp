@@ -864,8 +864,8 @@ struct QuadWidened {
 // block a group, and the run-time loop of length 1 around it kept this ~1.6x slower (one thread, one large
 // matrix streamed: 9.8 -> 12.4 GB/s with it fixed).
 template <int kNbg, class Src>
-inline void act16_quad(const Src& src, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
-                       const float* xd, const float* xs, float* out) {
+inline void act16_quad_n(const Src& src, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
+                         const float* xd, const float* xs, float* out) {
   const int64_t ng = layout.ng, nbg = kNbg ? kNbg : layout.nbg;
   __m256 t = _mm256_setzero_ps();
   __m128 z = _mm_setzero_ps();
@@ -897,6 +897,12 @@ inline void act16_quad(const Src& src, const uint8_t* quad, const Int4Quads& lay
   _mm_store_ps(zr, z);
   for (int r = 0; r < 4; ++r) out[r] = (tr[r] + tr[4 + r]) + zr[r];
 }
+template <class Src>
+inline void act16_quad(const Src& src, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
+                       const float* xd, const float* xs, float* out) {
+  if (layout.nbg == 1) act16_quad_n<1>(src, quad, layout, xq, xd, xs, out);
+  else act16_quad_n<0>(src, quad, layout, xq, xd, xs, out);
+}
 
 // One parallel task of an int4 act16 matvec: output rows [n0, n1), n0 a multiple of 4 (whole quads; n1 may stop
 // short of the last quad's padding).
@@ -915,8 +921,7 @@ void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float
     const QuadNibbles nibbles{quad, layout};
     if (M <= kDirectRows) {
       for (int64_t m = 0; m < M; ++m) {
-        if (layout.nbg == 1) act16_quad<1>(nibbles, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
-        else act16_quad<0>(nibbles, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
+        act16_quad(nibbles, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
         for (int r = 0; r < nr; ++r) y[m * N + n + r] = t[r] + (bp ? bp[n + r] : 0.f);
       }
       continue;
@@ -930,8 +935,7 @@ void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float
       }
     const QuadWidened widened{wt, K};
     for (int64_t m = 0; m < M; ++m) {
-      if (layout.nbg == 1) act16_quad<1>(widened, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
-      else act16_quad<0>(widened, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
+      act16_quad(widened, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
       for (int r = 0; r < nr; ++r) y[m * N + n + r] = t[r] + (bp ? bp[n + r] : 0.f);
     }
   }
