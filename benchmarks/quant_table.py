@@ -43,6 +43,7 @@ SETTINGS = [
     ("int8 per channel, 64 outlier columns, GPTQ (jisu quantize --method gptq)", "auto", ("gptq", "int8")),
     ("int4 group 32", "int4", None),
     ("int4 group 64", "int4-g64", None),
+    ("int4 group 64, GPTQ (jisu quantize --method gptq)", "auto", ("gptq", "int4-g64")),
     ("int4 group 128", "int4-g128", None),
     ("unstructured 50%, float32", "float32", ("prune", "unstructured", "0.5")),
     ("2:4 sparse, float32", "float32", ("prune", "2:4", None)),

@@ -18,8 +18,7 @@ from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.models.registry import model_class
 from jisu.profile.timeline import StepLog, StepRecord
-from jisu.quant.outliers import outlier_rounding
-from jisu.quant.plan import WeightsSpec, convert_tensors
+from jisu.quant.plan import WeightsSpec, convert_tensors, load_rounding
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from jisu.runner.kv_cache import KVCache, plan_num_blocks, resolve_kv_dtype
 from jisu.runner.runner import ModelRunner
@@ -100,9 +99,9 @@ class LLMEngine:
             checkpoint = load_checkpoint(config.model, keep_blocks=keep_blocks)
         ckpt = checkpoint
         tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
-        rounding = outlier_rounding(ckpt, spec.outliers) if keep_blocks else None
+        rounding = load_rounding(ckpt, spec) if keep_blocks else None
         tensors = convert_tensors(
-            ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, round_int8=rounding,
+            ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, round_linear=rounding,
             int8="int8" in formats,
         )
         self.weights = spec.label()

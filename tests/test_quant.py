@@ -130,15 +130,15 @@ def test_int8_rounding_is_asked_for_only_when_int8_quantizes_a_linear_matrix():
     q80 = block_tensor(raw, Q.Q8_0, (64, 64), "t")
     calls = []
 
-    def round_int8(name, w, group):
+    def round_linear(name, w, group):
         calls.append(name)
         return quantize_int8(w, group, name, torch.tensor([1, 2, 3]))
 
     tensors = {"model.layers.0.mlp.up_proj.weight": q80, "model.embed_tokens.weight": _rand(100, 64)}
-    out = convert_tensors(tensors, parse_weights("int8"), tied=True, round_int8=round_int8)
+    out = convert_tensors(tensors, parse_weights("int8"), tied=True, round_linear=round_linear)
     assert out["model.layers.0.mlp.up_proj.weight"] is q80 and not calls  # Q8_0 kept: no calibration
     tensors["model.layers.0.mlp.down_proj.weight"] = _rand(64, 64, seed=3)
-    out = convert_tensors(tensors, parse_weights("int8"), tied=True, round_int8=round_int8)
+    out = convert_tensors(tensors, parse_weights("int8"), tied=True, round_linear=round_linear)
     assert calls == ["model.layers.0.mlp.down_proj.weight"]
     assert out["model.layers.0.mlp.down_proj.weight"].outlier_cols.tolist() == [1, 2, 3]
     assert out["model.embed_tokens.weight"].outlier_cols is None  # the output layer: every logit, no columns

@@ -13,7 +13,7 @@ from jisu.errors import ModelLoadError
 from jisu.kernels.torch_int4 import TorchInt4Weight
 from jisu.loader.gguf import block_tensor
 from jisu.quant.formats import quantize_int4, quantize_int8
-from jisu.quant.plan import convert_tensors, parse_weights
+from jisu.quant.plan import convert_tensors, load_rounding, parse_weights
 
 
 def _rand(n, k, seed=0):
@@ -71,7 +71,8 @@ def on_torch_and_reference(tiny_llama_dir):
     kw = {"max_model_len": 128, "max_num_seqs": 2}
     on_torch = LLM(model=str(tiny_llama_dir), weights="int4", cpu_kernels=False, **kw)
     ckpt = load_checkpoint(str(tiny_llama_dir))
-    int4 = convert_tensors(ckpt.tensors, parse_weights("int4"), tied=True, int8=False)
+    spec = parse_weights("int4")
+    int4 = convert_tensors(ckpt.tensors, spec, tied=True, int8=False, round_linear=load_rounding(ckpt, spec))
     floats = {n: t.dequantize() if hasattr(t, "dequantize") else t for n, t in int4.items()}
     reference = LLM(model=str(tiny_llama_dir), weights="float32", checkpoint=replace(ckpt, tensors=floats), **kw)
     return on_torch, reference

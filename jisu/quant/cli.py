@@ -1,7 +1,8 @@
 """`jisu quantize MODEL --weights int4 --out DIR`: writes an int8/int4 copy of a model that jisu loads as it is.
 
-int8 is rounded to nearest (with outlier columns, as at load) or, with --method gptq, by GPTQ over calibration text
-(jisu/quant/gptq.py): slower (~1.5 min for SmolLM2-135M here) and closer to the float model.
+int8 and int4 are rounded to nearest (int8 with outlier columns, as at load) or, with --method gptq, by GPTQ over
+calibration text (jisu/quant/gptq.py; int4's group scales and zeros then fitted by least squares,
+jisu/quant/int4_grid.py): slower (~2 min for SmolLM2-135M here) and closer to the float model.
 
 The output is a Hugging Face-style folder: each quantized matrix X is stored as X.qweight / X.scales
 (/ X.zeros; int8's float16 outlier columns as X.outlier_cols / X.outlier_weights) in model.safetensors,
@@ -35,9 +36,9 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                    "int8-g32 (Q8_0, which has no place for outlier columns: written without them) or int4 (Q4_1) "
                    "from a GGUF source, whose metadata it keeps")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder's model files")
-    q.add_argument("--method", choices=METHODS, default="rtn", help="how int8 rounds linear layers: rtn (to "
-                   "nearest, as at load; default) or gptq (error-compensated over calibration text; the output "
-                   "layer stays rounded to nearest)")
+    q.add_argument("--method", choices=METHODS, default="rtn", help="how linear layers are rounded: rtn (to "
+                   "nearest, as at load; default) or gptq (error-compensated over calibration text; int4 also fits "
+                   "each group's scale and zero by least squares; the output layer stays rounded to nearest)")
     q.add_argument("--calibration", default=None, metavar="FILE", help="gptq: UTF-8 text to calibrate on, cut "
                    "into 512-token pieces (default: jisu's own, ~24k tokens sampled from SmolLM2-135M-Instruct)")
     return q
@@ -46,21 +47,22 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 METHODS = ("rtn", "gptq")
 
 
-def _int8_rounding(checkpoint, spec, method: str, calibration: str | None):
-    """How int8 rounds `checkpoint`'s linear matrices for `method` (see plan.convert_tensors' round_int8)."""
+def _linear_rounding(checkpoint, spec, method: str, calibration: str | None):
+    """How `checkpoint`'s linear matrices are rounded to `spec` by `method` (see plan.convert_tensors'
+    round_linear): to nearest as at load (plan.load_rounding), or by GPTQ."""
     from jisu.quant.calibration import sample_text
     from jisu.quant.gptq import gptq_rounding
-    from jisu.quant.outliers import outlier_rounding
+    from jisu.quant.plan import load_rounding
 
     if method not in METHODS:
         raise InvalidRequestError(f"unknown rounding method {method!r}; allowed: {', '.join(METHODS)}")
-    if method == "gptq" and spec.name != "int8":
-        raise InvalidRequestError(f"--method gptq rounds int8 weights, not {spec.name}")
+    if method == "gptq" and spec.name not in ("int8", "int4"):
+        raise InvalidRequestError(f"--method gptq rounds int8 or int4 weights, not {spec.name}")
     if calibration is not None and method != "gptq":
         raise InvalidRequestError("--calibration applies to --method gptq")
     if method == "gptq":
-        return gptq_rounding(checkpoint, spec.outliers, sample_text(calibration))
-    return outlier_rounding(checkpoint, spec.outliers)
+        return gptq_rounding(checkpoint, spec.outliers, sample_text(calibration), bits=int(spec.name[3:]))
+    return load_rounding(checkpoint, spec)
 
 
 def quantized_tensors(checkpoint, weights: str, output_group: int | None = None, method: str = "rtn",
@@ -73,9 +75,9 @@ def quantized_tensors(checkpoint, weights: str, output_group: int | None = None,
     spec = parse_weights(weights)
     if not spec.quantized:
         raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
-    rounding = _int8_rounding(checkpoint, spec, method, calibration)
+    rounding = _linear_rounding(checkpoint, spec, method, calibration)
     tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
-    converted = convert_tensors(checkpoint.tensors, spec, tied, output_group, round_int8=rounding)
+    converted = convert_tensors(checkpoint.tensors, spec, tied, output_group, round_linear=rounding)
     out, formats = {}, {}
     for name, t in converted.items():
         if isinstance(t, QuantizedTensor):
@@ -140,9 +142,9 @@ def _run_gguf(ckpt, args) -> int:
         raise InvalidRequestError(f"{out} exists; pass --overwrite to replace it")
     if spec.name == "int8":
         spec = replace(spec, outlier_columns=0)  # Q8_0 has no place for float outlier columns
-    rounding = _int8_rounding(ckpt, spec, args.method, args.calibration)
+    rounding = _linear_rounding(ckpt, spec, args.method, args.calibration)
     tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
-    tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32, round_int8=rounding)
+    tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32, round_linear=rounding)
     write_gguf(ckpt.source, out, tensors, ckpt.config, bits=int(spec.name.removeprefix("int")))
     kept = sum(1 for t in tensors.values() if isinstance(t, QuantizedTensor) and t.origin in ("Q4_1", "Q8_0"))
     print(f"jisu quantize: {ckpt.source} -> {out} ({spec.label()}; {kept} matrices copied as they were)",

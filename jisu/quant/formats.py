@@ -205,9 +205,8 @@ def check_outlier_columns(bits: int, cols: torch.Tensor, weights: torch.Tensor |
         )
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -> QuantizedTensor:
-    """Asymmetric int4 weight-only quantization: per group, w = scale * q + zero with zero = the group's
-    minimum and scale = (max - min) / 15 (the scheme of GGUF's Q4_1)."""
+def check_int4_shape(w: torch.Tensor, group_size: int, name: str = "weight") -> tuple[int, int]:
+    """(N, K) of `w` when it can be int4 in groups of `group_size`; a clear error otherwise."""
     n, k = _check_matrix(w, name)
     if group_size not in INT4_GROUP_SIZES:
         raise InvalidRequestError(
@@ -218,10 +217,26 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight") -
             f"{name}: its {k} inputs are not a multiple of the int4 group size {group_size}; "
             f"use a smaller group or int8"
         )
+    return n, k
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32, name: str = "weight",
+                  grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
+    """Asymmetric int4 weight-only quantization: per group, w = scale * q + zero with zero = the group's
+    minimum and scale = (max - min) / 15 (the scheme of GGUF's Q4_1), or the float16 (scales, zeros)
+    [N, K/G] of `grid` (jisu/quant/int4_grid.py fits them); q rounded to nearest on that grid."""
+    n, k = check_int4_shape(w, group_size, name)
     groups = w.detach().float().reshape(n, k // group_size, group_size)
-    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
-    zeros = lo.to(torch.float16)
-    scales = ((hi - zeros.float()) / 15.0).to(torch.float16)
+    if grid is None:
+        lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+        zeros = lo.to(torch.float16)
+        scales = ((hi - zeros.float()) / 15.0).to(torch.float16)
+    else:
+        scales, zeros = grid
+        if tuple(scales.shape) != (n, k // group_size) or zeros.shape != scales.shape:
+            raise InvalidRequestError(f"{name}: an int4 grid for [{n}, {k}] in groups of {group_size} needs "
+                                      f"scales and zeros [{n}, {k // group_size}]")
+        scales, zeros = scales.to(torch.float16), zeros.to(torch.float16)
     s, z = scales.float().unsqueeze(2), zeros.float().unsqueeze(2)
     q = torch.where(s > 0, (groups - z) / torch.where(s > 0, s, 1.0), 0.0).round().clamp(0, 15)
     return QuantizedTensor(4, pack_int4(q.to(torch.uint8).reshape(n, k)), scales, zeros, group_size, "int4")

@@ -44,8 +44,9 @@ def default_outlier_columns(group_size: int | None) -> int:
     """Outlier columns int8 keeps when none are asked: per channel more than with groups (see above)."""
     return PER_CHANNEL_OUTLIER_COLUMNS if group_size is None else GROUPED_OUTLIER_COLUMNS
 
-Int8Rounding = Callable[[str, torch.Tensor, "int | None"], QuantizedTensor]
-"""(checkpoint name, float matrix, group size or None for per channel) -> the matrix in int8."""
+LinearRounding = Callable[[str, torch.Tensor, "int | None"], QuantizedTensor]
+"""(checkpoint name, float matrix, group size or None for per channel) -> the matrix in the format it was made
+for (int8 here; int8 or int4 by GPTQ, jisu/quant/gptq.py)."""
 
 
 def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:
@@ -54,7 +55,7 @@ def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:
     return mean_squares.topk(k).indices.sort().values
 
 
-def outlier_rounding(checkpoint, k: int) -> Int8Rounding | None:
+def outlier_rounding(checkpoint, k: int) -> LinearRounding | None:
     """int8 rounding to nearest that keeps each linear matrix's k outlier columns (chosen over the built-in
     prompts), calibrating on its first call only (a checkpoint whose int8 matrices are all kept as they are never
     needs it); None when k is 0 (plain rounding)."""
@@ -62,10 +63,10 @@ def outlier_rounding(checkpoint, k: int) -> Int8Rounding | None:
         return None
     found: dict[str, torch.Tensor] = {}
 
-    def round_int8(name: str, w: torch.Tensor, group: int | None) -> QuantizedTensor:
+    def round_linear(name: str, w: torch.Tensor, group: int | None) -> QuantizedTensor:
         if not found:
             stats = input_statistics(checkpoint, calibration_texts())
             found.update({n: choose_columns(ms, k) for n, ms in stats.items()})
         return quantize_int8(w, group, name, found.get(name))
 
-    return round_int8
+    return round_linear

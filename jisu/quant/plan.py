@@ -28,7 +28,7 @@ from jisu.quant.formats import (
     QuantizedTensor,
     quantize,
 )
-from jisu.quant.outliers import Int8Rounding, default_outlier_columns
+from jisu.quant.outliers import LinearRounding, default_outlier_columns, outlier_rounding
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
 WEIGHT_CHOICES = ("auto",) + FLOAT_WEIGHTS + ("int8", "int4")
@@ -117,6 +117,19 @@ def parse_weights(label: str, group_size: int | None = None, outlier_columns: in
     return WeightsSpec(name, given["g"], given["o"])
 
 
+def load_rounding(checkpoint, spec: WeightsSpec) -> LinearRounding | None:
+    """How `spec` rounds the linear matrices of `checkpoint` it must quantize, as at load: int8 to nearest with
+    outlier columns (jisu/quant/outliers.py), int4 to nearest on fitted grids (jisu/quant/int4_grid.py); both
+    calibrate over jisu's built-in prompts on first use. None: plain rounding (int8 without outlier columns)."""
+    from jisu.quant.int4_grid import fitted_int4_rounding
+
+    if spec.name == "int8":
+        return outlier_rounding(checkpoint, spec.outliers)
+    if spec.name == "int4":
+        return fitted_int4_rounding(checkpoint)
+    return None
+
+
 def is_linear_weight(name: str) -> bool:
     parts = name.split(".")
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _LINEAR_LEAVES
@@ -124,22 +137,22 @@ def is_linear_weight(name: str) -> bool:
 
 def convert_tensors(
     tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-    round_int8: Int8Rounding | None = None, int8: bool = True,
+    round_linear: LinearRounding | None = None, int8: bool = True,
 ) -> dict:
     """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
     their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
-    asked (None = per channel). round_int8: how int8 rounds a linear matrix it quantizes (with outlier columns,
-    jisu/quant/outliers.py, or by GPTQ, jisu/quant/gptq.py; called only then); None: to nearest, no outlier
-    columns. int8: whether int8 matrices can run where the model loads; where not, what would be int8 stays
-    float (the caller refuses an int8 spec there)."""
+    asked (None = per channel). round_linear: how a linear matrix is quantized to `spec`'s format when it
+    must be (load_rounding's, or GPTQ's, jisu/quant/gptq.py; called only then); None: to nearest on min/max,
+    no outlier columns. int8: whether int8 matrices can run where the model loads; where not, what would be
+    int8 stays float (the caller refuses an int8 spec there)."""
     out = {}
     for name, t in tensors.items():
-        out[name] = _convert_one(name, t, spec, tied, output_group, round_int8, int8)
+        out[name] = _convert_one(name, t, spec, tied, output_group, round_linear, int8)
     return out
 
 
 def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-                 round_int8: Int8Rounding | None = None, int8: bool = True):
+                 round_linear: LinearRounding | None = None, int8: bool = True):
     def as_float():
         return t.dequantize() if isinstance(t, QuantizedTensor) else t
 
@@ -155,19 +168,20 @@ def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int 
         return _as(t, "int8", group, name)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
-        return _as(t, spec.name, group, name, round_int8)
+        return _as(t, spec.name, group, name, round_linear)
     return as_float()
 
 
-def _as(t, fmt: str, group: int | None, name: str, round_int8: Int8Rounding | None = None) -> QuantizedTensor:
+def _as(t, fmt: str, group: int | None, name: str, round_linear: LinearRounding | None = None) -> QuantizedTensor:
     """`t` in `fmt`: kept when it already is (Q4_1 asked as int4 group 32 stays byte for byte; Q8_0 stays when
-    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized, int8 by `round_int8`."""
+    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized, by `round_linear` if given
+    (it makes `fmt`)."""
     if isinstance(t, QuantizedTensor):
         if t.format == fmt and (group is None or t.group_size == group):
             return t
         t = t.dequantize()
-    if fmt == "int8" and round_int8 is not None:
-        return round_int8(name, t.float(), group)
+    if round_linear is not None:
+        return round_linear(name, t.float(), group)
     return quantize(t.float(), fmt, group, name)
 
 
