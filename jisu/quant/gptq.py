@@ -8,9 +8,11 @@ scales are those of rounding to nearest (jisu/quant/formats.py), so the blocks a
 unchanged; outlier columns stay float16 and take no part. int4's group scales and zeros are fitted to the weights
 first (jisu/quant/int4_grid.py, weighted by H's diagonal) and held fixed while the columns are rounded.
 
-int4 group 64 on SmolLM2-135M (perplexity, WikiText-2, 20 chunks; float32 29.23): GPTQ on min/max grids 35.19
-against rounding to nearest's 42.01, but on fitted grids 30.99 against 30.96 for the fitted grids rounded to
-nearest (the same calibration text): there the grid does the work and GPTQ adds nothing measurable.
+int4 group 64 on SmolLM2-135M (WikiText-2, 20 chunks, against float32's perplexity 29.23): GPTQ on fitted grids
+30.95, KL 0.066, top-1 agreement 84.2% (docs/QUANTIZATION.md), against 31.32 / 0.080 / 82.5% for `--weights
+int4-g64` (grids fitted on the built-in prompts, rounded to nearest). The same grids fitted on the sampled text and
+rounded to nearest measured 30.96, so that gain is the calibration text's, not GPTQ's rounding; on min/max grids
+GPTQ measured 35.19 against rounding to nearest's 42.01.
 
 Measured on SmolLM2-135M (`jisu eval kl` on WikiText-2, 20 chunks, against the float32 run of the same file):
 int8 per channel with 8 outlier columns agrees on the top-1 token 97.68% rounded to nearest (KL 0.00132) and
