@@ -27,8 +27,9 @@ class SchedulerConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-KV_CACHE_DTYPE_HELP = ("KV cache element type: auto (default: the compute dtype), float32, float16 (llama.cpp's "
-                       "default: half the memory and half the reads per decode step), bfloat16")
+KV_CACHE_DTYPE_HELP = ("KV cache element type: auto (default: the compute dtype; float16 for low-bit weights with "
+                       "int16 activations, as llama.cpp), float32, float16 (llama.cpp's default: half the memory and "
+                       "half the reads per decode step), bfloat16")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of token prefixes seen before (system prompts, multi-turn chats)."""
     dtype: str = "auto"
-    """What the cache stores K/V in: auto (the compute dtype), float32, float16 or bfloat16 (half the bytes of
+    """What the cache stores K/V in: auto (the compute dtype; float16 where low-bit weights run with int16
+    activations, see kv_cache.resolve_kv_dtype), float32, float16 or bfloat16 (half the bytes of
     float32: twice the context in the same memory, half the reads per decode step; attention still computes in
     the compute dtype)."""
 

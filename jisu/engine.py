@@ -18,6 +18,7 @@ from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.models.registry import model_class
 from jisu.profile.timeline import StepLog, StepRecord
+from jisu.quant.formats import QuantizedTensor
 from jisu.quant.plan import WeightsSpec, convert_tensors, load_rounding
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from jisu.runner.kv_cache import KVCache, plan_num_blocks, resolve_kv_dtype
@@ -113,7 +114,11 @@ class LLMEngine:
         cache = config.cache
         # Every running sequence at full length is all the cache can ever hold at once.
         longest = config.max_model_len or self.model_config.max_position_embeddings
-        self.kv_dtype = resolve_kv_dtype(cache.dtype, self.dtype)
+        # Activations are rounded to int16 only by jisu's C++ kernels (the formats that include int8), on low-bit
+        # matrices.
+        rounded = (config.activations == "int16" and "int8" in formats
+                   and any(isinstance(t, QuantizedTensor) for t in tensors.values()))
+        self.kv_dtype = resolve_kv_dtype(cache.dtype, self.dtype, rounded)
         num_blocks = plan_num_blocks(
             self.model_config, cache, self.kv_dtype, self.device, longest * config.scheduler.max_num_seqs
         )

@@ -261,7 +261,9 @@ def test_quantized_weights_need_a_kernel_that_runs_them(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def default_model_runs(real_model_path):
-    native = LLM(model=str(real_model_path), max_model_len=512, max_num_seqs=1)
+    # A float32 cache, as the float32 run keeps: the comparisons below isolate the weights and activations (the
+    # default cache for low-bit weights is float16, checked on its own below).
+    native = LLM(model=str(real_model_path), max_model_len=512, max_num_seqs=1, kv_cache_dtype="float32")
     dense = LLM(model=str(real_model_path), weights="float32", max_model_len=512, max_num_seqs=1)
     return native, dense
 
@@ -299,6 +301,19 @@ def test_q4_1_native_logits_equal_float32_of_the_same_weights(default_model_runs
     assert float_gap < 1e-4 * a.abs().max().item()
     # int16 activations (the default at up to 192 rows) add their rounding, still far below any weight format's.
     b = _prefill_logits(native, ids)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item()
+
+
+def test_the_default_q4_1_run_caches_float16_and_stays_within_int16_rounding(default_model_runs, real_model_path):
+    _, dense = default_model_runs
+    default = LLM(model=str(real_model_path), max_model_len=512, max_num_seqs=1)
+    assert default.engine.kv_dtype == torch.float16  # low-bit weights with int16 activations: llama.cpp's cache type
+    assert dense.engine.kv_dtype == torch.float32
+    exact = LLM(model=str(real_model_path), activations="float32", max_model_len=64, max_num_seqs=1)
+    assert exact.engine.kv_dtype == torch.float32  # float activations ask for the exact path: the cache follows
+    ids = default.tokenizer.encode("The quick brown fox jumps over the lazy dog because it wants to")
+    a, b = _prefill_logits(dense, ids), _prefill_logits(default, ids)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item()
 

@@ -242,7 +242,8 @@ def estimate(
     the weights. max_model_len: None = the model's context window. block_size, max_num_seqs: as LLM(...). cpu_kernels: as LLM(cpu_kernels=...); with
     them off, a tied CPU model keeps a second, column-major copy of the output layer.
     calibration: a jisu.profile.calibrate.Calibration to turn bytes per token into a decode bound.
-    kv_cache_dtype: as LLM(kv_cache_dtype=...): auto = `dtype`.
+    kv_cache_dtype: as LLM(kv_cache_dtype=...): auto = `dtype`, or float16 where low-bit blocks stay on the CPU
+    kernels (with LLM's default int16 activations).
     """
     _check_positive("memory_budget_bytes", memory_budget_bytes)
     _check_positive("max_model_len", max_model_len)
@@ -278,7 +279,9 @@ def estimate(
     stored_weights = sum(b for _, _, b in stored.tensors)
 
     CacheConfig(dtype=kv_cache_dtype)  # a clear error for a dtype the engine would refuse
-    per_token = kv_bytes_per_token(config, resolve_kv_dtype(kv_cache_dtype, torch_dtype))
+    # Kept blocks run on jisu's C++ kernels with int16 activations by default: auto caches K/V in float16 there.
+    per_token = kv_bytes_per_token(config, resolve_kv_dtype(kv_cache_dtype, torch_dtype, bool(kept) and
+                                                            device.startswith("cpu")))
     seq_len = max_model_len or config.max_position_embeddings
     budget, kv_budget, blocks = _kv_plan(memory_budget_bytes, loaded, seq_len, config.head_dim, per_token, block_size)
     if max_model_len is None and 0 < blocks * block_size < seq_len:
