@@ -173,7 +173,7 @@ def test_default_model_matches_what_jisu_allocates(real_llm, real_model_path):
     e = estimate(str(real_model_path), None, "auto", real_llm.engine.max_model_len, cpu_kernels=_has_kernel(real_llm))
     _check_against(e, real_llm)
     # SmolLM2-135M Q4_1, whose low-bit blocks get a float16 cache: 30 layers x 3 KV heads x 64 dims x K,V x 2 bytes.
-    assert e.kv_bytes_per_token == 23040
+    assert e.kv_bytes_per_token == 23040 and e.kv_dtype == "float16" == str(real_llm.engine.kv_dtype)[6:]
     assert e.weights_stored_bytes == 96_576_768
     # weights=auto keeps the Q4_1 / Q8_0 blocks: loaded as stored, not 538 MB of float32
     assert e.dtype == "float32" and e.weights_loaded_bytes == e.weights_stored_bytes

@@ -166,6 +166,8 @@ class Estimate:
     other_buffers_bytes: int
     """The rotary cos/sin table for max_model_len positions."""
     kv_bytes_per_token: int
+    kv_dtype: str
+    """What the KV cache stores K/V in (kv_cache_dtype resolved as the engine does)."""
     block_size: int
     max_model_len: int
     memory_budget_bytes: int
@@ -280,8 +282,8 @@ def estimate(
 
     CacheConfig(dtype=kv_cache_dtype)  # a clear error for a dtype the engine would refuse
     # Kept blocks run on jisu's C++ kernels with int16 activations by default: auto caches K/V in float16 there.
-    per_token = kv_bytes_per_token(config, resolve_kv_dtype(kv_cache_dtype, torch_dtype, bool(kept) and
-                                                            device.startswith("cpu")))
+    kv_dtype = resolve_kv_dtype(kv_cache_dtype, torch_dtype, bool(kept) and device.startswith("cpu"))
+    per_token = kv_bytes_per_token(config, kv_dtype)
     seq_len = max_model_len or config.max_position_embeddings
     budget, kv_budget, blocks = _kv_plan(memory_budget_bytes, loaded, seq_len, config.head_dim, per_token, block_size)
     if max_model_len is None and 0 < blocks * block_size < seq_len:
@@ -329,6 +331,7 @@ def estimate(
         weights_loaded_bytes=loaded,
         other_buffers_bytes=rotary,
         kv_bytes_per_token=per_token,
+        kv_dtype=str(kv_dtype).removeprefix("torch."),
         block_size=block_size,
         max_model_len=seq_len,
         memory_budget_bytes=budget,
@@ -364,7 +367,7 @@ def estimate_table(e: Estimate):
     t.add_row("weights as stored", _size(e.weights_stored_bytes))
     t.add_row(f"weights as loaded ({e.dtype}, {e.device})", _size(e.weights_loaded_bytes))
     t.add_row("rotary table", _size(e.other_buffers_bytes))
-    t.add_row(f"KV cache per token ({e.dtype})", _size(e.kv_bytes_per_token))
+    t.add_row(f"KV cache per token ({e.kv_dtype})", _size(e.kv_bytes_per_token))
     t.add_row(f"KV cache per full sequence ({e.max_model_len} tokens)", _size(e.kv_bytes_per_token * e.max_model_len))
     t.add_row("memory budget", _size(e.memory_budget_bytes))
     t.add_row("left for the KV cache", _size(e.kv_budget_bytes))
