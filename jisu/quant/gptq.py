@@ -9,7 +9,7 @@ unchanged; outlier columns stay float16 and take no part. int4's group scales an
 first (jisu/quant/int4_grid.py, weighted by H's diagonal) and held fixed while the columns are rounded.
 
 int4 group 64 on SmolLM2-135M (WikiText-2, 20 chunks, against float32's perplexity 29.23): GPTQ on fitted grids
-30.95, KL 0.066, top-1 agreement 84.2% (docs/QUANTIZATION.md), against 31.32 / 0.080 / 82.5% for `--weights
+30.95, KL 0.066, top-1 agreement 84.0% (docs/QUANTIZATION.md), against 31.32 / 0.080 / 82.5% for `--weights
 int4-g64` (grids fitted on the built-in prompts, rounded to nearest). The same grids fitted on the sampled text and
 rounded to nearest measured 30.96, so that gain is the calibration text's, not GPTQ's rounding; on min/max grids
 GPTQ measured 35.19 against rounding to nearest's 42.01.
