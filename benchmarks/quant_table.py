@@ -12,7 +12,8 @@ Each setting runs in its own process, so its peak memory is its own. Per setting
 - perplexity of wikitext-2 (llama.cpp's method: 512-token chunks, second half scored), KL divergence
   (mean, nats) and top-1 agreement against the float32 run of the same file, on the same positions. Every
   product is made in calls of at most 128 rows, as decode makes them, so int8/int4 weights are scored with the
-  activations decode gives them (int16 by default; see benchmarks/activation_quality.py).
+  activations decode gives them (int16 by default; see benchmarks/activation_quality.py), and each setting runs
+  with its default KV cache (float16 for low-bit weights with int16 activations, float32 otherwise).
 The text is WikiText-2 (raw test split), CC BY-SA 3.0, from ../shared/data.
 """
 
