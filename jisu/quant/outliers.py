@@ -46,7 +46,7 @@ def default_outlier_columns(group_size: int | None) -> int:
 
 LinearRounding = Callable[[str, torch.Tensor, "int | None"], QuantizedTensor]
 """(checkpoint name, float matrix, group size or None for per channel) -> the matrix in the format it was made
-for (int8 here; int8 or int4 by GPTQ, jisu/quant/gptq.py)."""
+for (int8 here; int4 on fitted grids in jisu/quant/int4_grid.py; int8 or int4 by GPTQ in jisu/quant/gptq.py)."""
 
 
 def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:
