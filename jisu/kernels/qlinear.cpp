@@ -287,8 +287,8 @@ inline void outlier_octets(const __m128i* o, int64_t C, const int64_t* c, const 
   for (int r = 0; r < R; ++r) t[r] = _mm256_setzero_ps();
   // One line kPrefetchAhead bytes on per column: at R = 4 that keeps pace with the 64 bytes a column reads
   // (prefetch does not fault, so reading past the matrix's end is harmless). Measured (SmolLM2's 120 int8 per
-  // channel matrices streamed, 64 columns, 16 interleaved passes against the same weights without columns): the
-  // columns cost 1.33 -> 0.78 and 1.60 -> 0.81 ms per 30-layer pass at M = 1, the same at M = 16.
+  // channel matrices streamed, 64 columns, 16 interleaved passes against the same weights without columns, three
+  // runs): the columns cost 1.33-1.60 -> 0.78-0.89 ms per 30-layer pass at M = 1; unchanged at M = 16.
   const char* ahead = reinterpret_cast<const char*>(o) + kPrefetchAhead;
   for (int64_t j = 0; j < C; ++j) {
     _mm_prefetch(ahead + 64 * j, _MM_HINT_T0);
