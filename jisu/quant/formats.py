@@ -262,3 +262,9 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None, name: str
     if fmt == "int4":
         return quantize_int4(w, group_size or 32, name)
     raise InvalidRequestError(f"unknown quantized format {fmt!r}; allowed: int8, int4")
+
+
+LinearRounding = Callable[[str, torch.Tensor, "int | None"], QuantizedTensor]
+"""(checkpoint name, float matrix, group size or None for per channel) -> the matrix in the format it was made
+for, when plain `quantize` is not how it should be rounded: int8 with outlier columns (jisu/quant/outliers.py),
+int4 on fitted grids (jisu/quant/int4_grid.py), int8 or int4 by GPTQ (jisu/quant/gptq.py)."""

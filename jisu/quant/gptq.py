@@ -38,9 +38,16 @@ import torch
 
 from jisu.errors import InvalidRequestError
 from jisu.quant.calibration import input_statistics, sample_text
-from jisu.quant.formats import QuantizedTensor, check_int4_shape, pack_int4, quantize_int4, quantize_int8
+from jisu.quant.formats import (
+    LinearRounding,
+    QuantizedTensor,
+    check_int4_shape,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+)
 from jisu.quant.int4_grid import fit_int4_grid
-from jisu.quant.outliers import LinearRounding, choose_columns
+from jisu.quant.outliers import choose_columns
 
 DEFAULT_DAMP = 0.01
 """Added to H's diagonal, as a fraction of its mean: keeps the Cholesky factor stable where inputs correlate. 0.01

@@ -23,8 +23,7 @@ import torch
 
 from jisu.errors import InvalidRequestError
 from jisu.quant.calibration import calibration_texts, input_statistics
-from jisu.quant.formats import QuantizedTensor, check_int4_shape, quantize_int4
-from jisu.quant.outliers import LinearRounding
+from jisu.quant.formats import LinearRounding, QuantizedTensor, check_int4_shape, quantize_int4
 
 TRIAL_GRIDS = 11
 """Grids tried per group beside min/max: 14.0, 14.2, ..., 16.0 steps across the group's range (21 trials measured

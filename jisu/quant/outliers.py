@@ -19,12 +19,10 @@ same columns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from jisu.quant.calibration import calibration_texts, input_statistics
-from jisu.quant.formats import QuantizedTensor, quantize_int8
+from jisu.quant.formats import LinearRounding, QuantizedTensor, quantize_int8
 
 GROUPED_OUTLIER_COLUMNS = 8
 """Per int8 matrix with groups: 8 float16 columns add 16 bytes per output row, 2.5 MB over SmolLM2-135M's 137 MB.
@@ -44,9 +42,6 @@ def default_outlier_columns(group_size: int | None) -> int:
     """Outlier columns int8 keeps when none are asked: per channel more than with groups (see above)."""
     return PER_CHANNEL_OUTLIER_COLUMNS if group_size is None else GROUPED_OUTLIER_COLUMNS
 
-LinearRounding = Callable[[str, torch.Tensor, "int | None"], QuantizedTensor]
-"""(checkpoint name, float matrix, group size or None for per channel) -> the matrix in the format it was made
-for (int8 here; int4 on fitted grids in jisu/quant/int4_grid.py; int8 or int4 by GPTQ in jisu/quant/gptq.py)."""
 
 
 def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,10 +25,11 @@ import torch
 from jisu.errors import InvalidRequestError
 from jisu.quant.formats import (
     INT4_GROUP_SIZES,
+    LinearRounding,
     QuantizedTensor,
     quantize,
 )
-from jisu.quant.outliers import LinearRounding, default_outlier_columns, outlier_rounding
+from jisu.quant.outliers import default_outlier_columns, outlier_rounding
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
 WEIGHT_CHOICES = ("auto",) + FLOAT_WEIGHTS + ("int8", "int4")
