@@ -240,8 +240,27 @@ def test_bench_compare_reports_skipped_engines(tiny_llama_dir, tmp_path, monkeyp
     ratio = r["ratios_vs_jisu"]["transformers"]["decode_tokens_per_s"]
     assert ratio == pytest.approx(r["engines"]["transformers"]["medians"]["decode_tokens_per_s"]
                                   / r["engines"]["jisu"]["medians"]["decode_tokens_per_s"])
+    paired = r["paired_ratios_vs_jisu"]["transformers"]["decode_tokens_per_s"]
+    assert paired["pairs"] == 2 and paired["min"] <= paired["median"] <= paired["max"]
     assert "skipped: llama.cpp" in capsys.readouterr().out
     assert (tmp_path / "plots" / "compare.png").stat().st_size > 1000
+
+
+def test_paired_ratios_divide_within_each_run():
+    from jisu.bench.compare import format_compare, paired_ratios_vs_jisu
+
+    # Run 2 is slow for both engines: the ratio of medians (10/100) differs from every run's own ratio.
+    results = {"jisu": {"runs": {"decode_tokens_per_s": [100.0, 50.0, 200.0], "ttft_s": [0.1, 0.2, 0.1]}},
+               "other": {"runs": {"decode_tokens_per_s": [30.0, 10.0, None], "ttft_s": [0.3, 0.4, 0.5]}}}
+    paired = paired_ratios_vs_jisu(results)
+    assert paired == {"other": {"decode_tokens_per_s": {"median": 0.25, "min": 0.2, "max": 0.3, "pairs": 2}}}
+    text = format_compare({"runs": 3, "model": "m", "input_len": 8, "concurrency": [1], "skipped": {},
+                           "calibration_source": "none",
+                           "engines": {n: {"medians": {"decode_tokens_per_s": 1.0}} for n in results},
+                           "ratios_vs_jisu": {"other": {"decode_tokens_per_s": 0.25}},
+                           "paired_ratios_vs_jisu": paired})
+    assert "within each run: decode 0.20-0.30x (median 0.25x)" in text
+    assert paired_ratios_vs_jisu({"other": results["other"]}) == {}  # nothing to divide by without jisu
 
 
 def test_bench_compare_llama_cpp_on_gguf(tiny_llama_gguf, tmp_path):

@@ -349,6 +349,31 @@ def ratios_vs_jisu(results: dict) -> dict:
     return out
 
 
+def paired_ratios_vs_jisu(results: dict) -> dict:
+    """engine -> figure -> {median, min, max, pairs} of engine / jisu within each run.
+
+    Why: the engines of one run go back to back on the same prompt, so they share that moment's load on a shared
+    machine; a ratio per run shows how far the host's noise moves the comparison, which the ratio of medians
+    hides (e.g. float32 decode swings 50-80 tok/s between minutes while int4, compute-bound, moves less)."""
+    if "jisu" not in results:
+        return {}
+    base = results["jisu"]["runs"]
+    out = {}
+    for name, r in results.items():
+        if name == "jisu":
+            continue
+        figures = {}
+        for k, values in r["runs"].items():
+            if not (k in RATIO_KEYS or k.endswith("output_tokens_per_s")):
+                continue
+            pairs = [v / b for v, b in zip(values, base.get(k, [])) if v is not None and b]
+            if pairs:
+                figures[k] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
+                              "pairs": len(pairs)}
+        out[name] = figures
+    return out
+
+
 def format_compare(result: dict) -> str:
     engines = result["engines"]
     # (median key, roofline key, column title)
@@ -367,8 +392,14 @@ def format_compare(result: dict) -> str:
             pct = (roof.get(roof_key) or {}).get("percent")
             cells.append("-" if v is None else f"{v:.1f}" + (f" ({pct:.0f}%)" if pct is not None else ""))
         lines.append(f"{name:{width}s}" + "".join(f"{c:>22s}" for c in cells))
+    paired = result.get("paired_ratios_vs_jisu", {})
     for name, r in result.get("ratios_vs_jisu", {}).items():
         lines.append(f"{name} / jisu: " + ", ".join(f"{k.replace('_tokens_per_s', '')} {v:.2f}x" for k, v in r.items()))
+        spread = {k: p for k, p in paired.get(name, {}).items() if p["pairs"] > 1}
+        if spread:
+            lines.append(f"  {'':{len(name)}s} within each run: " + ", ".join(
+                f"{k.replace('_tokens_per_s', '')} {p['min']:.2f}-{p['max']:.2f}x (median {p['median']:.2f}x)"
+                for k, p in spread.items()))
     for name, e in engines.items():
         if e.get("note"):
             lines.append(f"note: {name}: {e['note']}")
@@ -425,7 +456,8 @@ def cmd_compare(args) -> int:
               "calibration_source": cal_source,
               "calibration": None if cal is None else {"bandwidth_bytes_per_s": cal.bandwidth_bytes_per_s,
                                                        "peak_flops_per_s": cal.peak_flops_per_s, "quick": cal.quick},
-              "engines": results, "skipped": skipped, "ratios_vs_jisu": ratios_vs_jisu(results)}
+              "engines": results, "skipped": skipped, "ratios_vs_jisu": ratios_vs_jisu(results),
+              "paired_ratios_vs_jisu": paired_ratios_vs_jisu(results)}
     print(format_compare(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
