@@ -335,18 +335,17 @@ def _add(into: dict, figures: dict) -> None:
 RATIO_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s")
 
 
+def _is_rate(key: str) -> bool:
+    return key in RATIO_KEYS or key.endswith("output_tokens_per_s")
+
+
 def ratios_vs_jisu(results: dict) -> dict:
     """engine -> figure -> engine / jisu (above 1: faster than jisu), for rate figures."""
     if "jisu" not in results:
         return {}
     base = results["jisu"]["medians"]
-    out = {}
-    for name, r in results.items():
-        if name == "jisu":
-            continue
-        keys = [k for k in r["medians"] if k in RATIO_KEYS or k.endswith("output_tokens_per_s")]
-        out[name] = {k: r["medians"][k] / base[k] for k in keys if base.get(k)}
-    return out
+    return {name: {k: v / base[k] for k, v in r["medians"].items() if _is_rate(k) and base.get(k)}
+            for name, r in results.items() if name != "jisu"}
 
 
 def paired_ratios_vs_jisu(results: dict) -> dict:
@@ -362,15 +361,12 @@ def paired_ratios_vs_jisu(results: dict) -> dict:
     for name, r in results.items():
         if name == "jisu":
             continue
-        figures = {}
+        out[name] = {}
         for k, values in r["runs"].items():
-            if not (k in RATIO_KEYS or k.endswith("output_tokens_per_s")):
-                continue
-            pairs = [v / b for v, b in zip(values, base.get(k, [])) if v is not None and b]
+            pairs = [v / b for v, b in zip(values, base.get(k, [])) if v is not None and b] if _is_rate(k) else []
             if pairs:
-                figures[k] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
-                              "pairs": len(pairs)}
-        out[name] = figures
+                out[name][k] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
+                                "pairs": len(pairs)}
     return out
 
 
