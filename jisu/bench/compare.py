@@ -389,13 +389,13 @@ def format_compare(result: dict) -> str:
             cells.append("-" if v is None else f"{v:.1f}" + (f" ({pct:.0f}%)" if pct is not None else ""))
         lines.append(f"{name:{width}s}" + "".join(f"{c:>22s}" for c in cells))
     paired = result.get("paired_ratios_vs_jisu", {})
+    short = lambda key: key.replace("_tokens_per_s", "")  # noqa: E731
     for name, r in result.get("ratios_vs_jisu", {}).items():
-        lines.append(f"{name} / jisu: " + ", ".join(f"{k.replace('_tokens_per_s', '')} {v:.2f}x" for k, v in r.items()))
+        lines.append(f"{name} / jisu: " + ", ".join(f"{short(k)} {v:.2f}x" for k, v in r.items()))
         spread = {k: p for k, p in paired.get(name, {}).items() if p["pairs"] > 1}
         if spread:
             lines.append(f"  {'':{len(name)}s} within each run: " + ", ".join(
-                f"{k.replace('_tokens_per_s', '')} {p['min']:.2f}-{p['max']:.2f}x (median {p['median']:.2f}x)"
-                for k, p in spread.items()))
+                f"{short(k)} {p['min']:.2f}-{p['max']:.2f}x (median {p['median']:.2f}x)" for k, p in spread.items()))
     for name, e in engines.items():
         if e.get("note"):
             lines.append(f"note: {name}: {e['note']}")

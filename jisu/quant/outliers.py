@@ -43,7 +43,6 @@ def default_outlier_columns(group_size: int | None) -> int:
     return PER_CHANNEL_OUTLIER_COLUMNS if group_size is None else GROUPED_OUTLIER_COLUMNS
 
 
-
 def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:
     """The k inputs with the largest mean square, ascending (int64)."""
     k = min(k, mean_squares.numel())
