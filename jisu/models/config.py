@@ -1,14 +1,17 @@
 """The shape of a Llama-family model, read from a Hugging Face config.json dict.
 
-GGUF files are translated into the same dict by the loader, so there is one path from metadata to model.
+GGUF files are translated into the same dict by the loader, so there is one path from metadata to model,
+and one place (from_hf_dict) where every value is checked before anything is sized from it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
-from jisu.errors import UnsupportedModelError
+from jisu.errors import ModelConfigError, UnsupportedModelError
 
 # Architecture name (as in config.json "architectures") -> whether q/k/v projections carry a bias.
 SUPPORTED_ARCHITECTURES: dict[str, bool] = {
@@ -18,6 +21,19 @@ SUPPORTED_ARCHITECTURES: dict[str, bool] = {
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+# Model files are untrusted input. These bounds are far above any published Llama-family model, and a config
+# past them is corrupt or hostile: refusing it here keeps model construction and the KV cache from sizing
+# anything from it.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 65536
+MAX_INTERMEDIATE = 1 << 20
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 8192
+MAX_VOCAB = 1 << 22  # 4M tokens
+MAX_CONTEXT = 1 << 24  # 16M positions
+
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -58,63 +74,216 @@ class ModelConfig:
         return (self.rope_scaling or {}).get("rope_type", "default")
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(
+        cls, d: dict[str, Any], source: str | None = None, field_names: Mapping[str, str] | None = None
+    ) -> "ModelConfig":
+        """The config a config.json dict describes, every value checked for type and range first.
+
+        source (a file path) starts every error message; field_names maps config.json keys (and dotted
+        rope_scaling.* keys) to the names the file really uses, e.g. GGUF's "llama.block_count", so the
+        message names what the user can find in the file. Raises ModelConfigError (a ModelLoadError)
+        for a missing, mistyped or out-of-range value, UnsupportedModelError for a valid but
+        unsupported one.
+        """
+        f = _Fields(d, source, field_names or {})
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"{f.prefix}the model config is {_show(d)}; allowed: a JSON object")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            f.fail("architectures", archs, "a list of architecture names, e.g. [\"LlamaForCausalLM\"]")
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             found = ", ".join(archs) if archs else f"model_type={d.get('model_type')!r}"
             raise UnsupportedModelError(
-                f"unsupported architecture {found}; jisu runs: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{f.prefix}unsupported architecture {found}; jisu runs: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            rope_scaling = _rope_scaling(d)
-            eos = d.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            window = d.get("sliding_window") if arch == "MistralForCausalLM" else None
-            return cls(
-                architecture=arch,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(_rope_theta(d)),
-                rope_scaling=rope_scaling,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=SUPPORTED_ARCHITECTURES[arch] or bool(d.get("attention_bias", False)),
-                sliding_window=int(window) if window else None,
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-            )
-        except KeyError as e:
-            raise UnsupportedModelError(f"model config lacks the field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise UnsupportedModelError(f"model config has a malformed field: {e}") from None
+        hidden = f.integer("hidden_size", 1, MAX_HIDDEN)
+        heads = f.integer("num_attention_heads", 1, MAX_HEADS)
+        kv_heads = f.integer("num_key_value_heads", 1, MAX_HEADS, default=heads)
+        if kv_heads > heads or heads % kv_heads:
+            f.fail("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads ({heads})")
+        if d.get("head_dim") is None:
+            if hidden % heads:
+                f.fail("hidden_size", hidden, f"a multiple of num_attention_heads ({heads}), or a head_dim field")
+            head_dim = hidden // heads
+            if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+                f.fail("hidden_size", hidden, f"one that gives an even head size of at most {MAX_HEAD_DIM} "
+                       f"(hidden_size / num_attention_heads is {head_dim})")
+        else:
+            head_dim = f.integer("head_dim", 2, MAX_HEAD_DIM)
+            if head_dim % 2:  # rotary embeddings rotate pairs of dimensions
+                f.fail("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM}")
+        vocab = f.integer("vocab_size", 1, MAX_VOCAB)
+        max_positions = f.integer("max_position_embeddings", 1, MAX_CONTEXT, default=2048)
+        window = None
+        if arch == "MistralForCausalLM" and d.get("sliding_window"):  # null or 0: no window
+            window = f.integer("sliding_window", 1, MAX_CONTEXT)
+        eos = d.get("eos_token_id")
+        eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if len(eos_list) > 1024:
+            f.fail("eos_token_id", eos, "an id or a list of at most 1024 ids")
+        eos_ids = tuple(f.integer("eos_token_id", 0, vocab - 1, value=e, what=f"a token id below vocab_size ({vocab})")
+                        for e in eos_list)
+        bos = d.get("bos_token_id")
+        config = cls(
+            architecture=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=f.integer("intermediate_size", 1, MAX_INTERMEDIATE),
+            num_hidden_layers=f.integer("num_hidden_layers", 1, MAX_LAYERS),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=max_positions,
+            rms_norm_eps=f.number("rms_norm_eps", 0.0, 1.0, default=1e-6, what="a number from 0 to 1"),
+            rope_theta=_rope_theta(d, f),
+            rope_scaling=_rope_scaling(d, f, head_dim),
+            tie_word_embeddings=f.boolean("tie_word_embeddings", default=False),
+            attention_bias=SUPPORTED_ARCHITECTURES[arch] or f.boolean("attention_bias", default=False),
+            sliding_window=window,
+            bos_token_id=None if bos is None else f.integer("bos_token_id", 0, vocab - 1,
+                                                            what=f"a token id below vocab_size ({vocab}), or null"),
+            eos_token_ids=eos_ids,
+        )
+        if config.max_context > MAX_CONTEXT:
+            key = f"{f.rope_key}.factor"
+            f.fail(key, config.rope_scaling["factor"],
+                   f"one that keeps the scaled context ({config.max_context}) at most {MAX_CONTEXT}")
+        return config
 
 
-def _rope_theta(d: dict[str, Any]) -> float:
+class _Fields:
+    """Reads config values by key, raising a ModelConfigError that names the file, the field, the value and
+    what is allowed."""
+
+    def __init__(self, d: Any, source: str | None, names: Mapping[str, str]):
+        self.d = d if isinstance(d, dict) else {}
+        self.prefix = f"{source}: " if source else "model config: "
+        self.names = names
+        self.rope_key = "rope_scaling"
+        """Where the rope scaling dict came from (rope_scaling or rope_parameters), for messages."""
+
+    def label(self, key: str) -> str:
+        return self.names.get(key, key)
+
+    def fail(self, key: str, value: Any, allowed: str) -> NoReturn:
+        raise ModelConfigError(f"{self.prefix}{self.label(key)} is {_show(value)}; allowed: {allowed}")
+
+    def _get(self, key: str, value: Any, default: Any, what: str) -> Any:
+        if value is _MISSING:
+            value = self.d.get(key)
+        if value is None:  # absent, or JSON null
+            if default is _MISSING:
+                raise ModelConfigError(f"{self.prefix}{self.label(key)} is missing; required: {what}")
+        return value
+
+    def integer(self, key: str, lo: int, hi: int, *, default: Any = _MISSING, value: Any = _MISSING,
+                what: str | None = None) -> int:
+        what = what or f"an integer from {lo} to {hi}"
+        v = self._get(key, value, default, what)
+        if v is None:
+            return default
+        # JSON has one number type: 2048.0 is an integer, True is not.
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            self.fail(key, v, what)
+        if not lo <= int(v) <= hi:
+            self.fail(key, v, what)
+        return int(v)
+
+    def number(self, key: str, lo: float, hi: float, *, default: Any = _MISSING, value: Any = _MISSING,
+               what: str, above: bool = False) -> float:
+        """A finite number in [lo, hi], or (lo, hi] when `above`."""
+        v = self._get(key, value, default, what)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.fail(key, v, what)
+        if v > hi or v < lo or (above and v == lo):
+            self.fail(key, v, what)
+        return float(v)
+
+    def boolean(self, key: str, *, default: Any = _MISSING, value: Any = _MISSING) -> bool:
+        v = self._get(key, value, default, "true or false")
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            self.fail(key, v, "true or false")
+        return v
+
+
+def _show(value: Any) -> str:
+    """A value as the message shows it: short, with its JSON type when that is the problem."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    if isinstance(value, bool):
+        return f"{text} (a boolean)"
+    if isinstance(value, (int, float)):
+        return text
+    kind = {str: "a string", list: "a list", dict: "an object", type(None): "null"}.get(type(value))
+    return f"{text} ({kind or type(value).__name__})"
+
+
+def _rope_theta(d: dict[str, Any], f: _Fields) -> float:
     # transformers >= 5 moves rope_theta into rope_parameters; older configs keep it at the top level.
-    params = d.get("rope_parameters") or {}
-    return d.get("rope_theta") or params.get("rope_theta") or 10000.0
+    what = "a finite number above 1 (at most 1e12)"
+    if d.get("rope_theta") is not None:
+        return f.number("rope_theta", 1.0, 1e12, what=what, above=True)
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return f.number("rope_parameters.rope_theta", 1.0, 1e12, value=params["rope_theta"], what=what, above=True)
+    return 10000.0
 
 
-def _rope_scaling(d: dict[str, Any]) -> dict[str, Any] | None:
-    raw = d.get("rope_scaling") or d.get("rope_parameters")
+def _rope_scaling(d: dict[str, Any], f: _Fields, head_dim: int) -> dict[str, Any] | None:
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            f.fail(key, d[key], "an object with rope_type and factor, or null")
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    raw = d.get(key)
     if not raw:
         return None
+    f.rope_key = key
     raw = dict(raw)
     kind = raw.get("rope_type") or raw.get("type") or "default"
+    if not isinstance(kind, str):
+        f.fail(f"{key}.rope_type", kind, f"one of {', '.join(SUPPORTED_ROPE_TYPES)}")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"unsupported rope scaling {kind!r}; jisu supports: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{f.prefix}unsupported rope scaling {kind!r} in {f.label(key + '.rope_type')}; "
+            f"jisu supports: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     raw["rope_type"] = kind
     raw.pop("type", None)
     raw.pop("rope_theta", None)
-    return None if kind == "default" else raw
+    if kind == "default":
+        return None
+
+    def number(name: str, default: Any = _MISSING, what: str = "a finite number above 0") -> None:
+        if name in raw or default is _MISSING:
+            f.number(f"{key}.{name}", 0.0, 1e6, value=raw.get(name), default=default, what=what, above=True)
+
+    def integer(name: str, required: bool) -> None:
+        if name in raw or required:
+            f.integer(f"{key}.{name}", 1, MAX_CONTEXT, value=raw.get(name), default=None if not required else _MISSING)
+
+    number("factor", what="a finite number above 0 (at most 1000000)")
+    if kind == "dynamic" and head_dim <= 2:  # dynamic NTK raises the base to head_dim / (head_dim - 2)
+        f.fail("head_dim", head_dim, "above 2 for dynamic rope scaling")
+    if kind == "llama3":
+        integer("original_max_position_embeddings", required=True)
+        number("low_freq_factor", default=1.0)
+        number("high_freq_factor", default=4.0)
+        low, high = raw.get("low_freq_factor", 1.0), raw.get("high_freq_factor", 4.0)
+        if high <= low:  # the smoothing between the two divides by high - low
+            f.fail(f"{key}.high_freq_factor", high, f"a number above low_freq_factor ({low})")
+    if kind == "yarn":
+        integer("original_max_position_embeddings", required=False)
+        for name in ("beta_fast", "beta_slow", "attention_factor"):
+            number(name, default=None)
+        for name in ("mscale", "mscale_all_dim"):
+            if name in raw:
+                f.number(f"{key}.{name}", 0.0, 1e6, value=raw[name], default=None, what="a number from 0 to 1000000")
+        if "truncate" in raw:
+            f.boolean(f"{key}.truncate", value=raw["truncate"], default=None)
+    return raw
