@@ -11,6 +11,7 @@ from jisu.bench.cli import add_bench_parser, cmd_bench
 from jisu.config import (
     ACTIVATIONS,
     ACTIVATIONS_HELP,
+    DETERMINISTIC_HELP,
     KV_CACHE_DTYPE_HELP,
     KV_CACHE_DTYPES,
     WEIGHTS_HELP,
@@ -35,6 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", help=WEIGHTS_HELP)
     p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_false", help=DETERMINISTIC_HELP)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +158,7 @@ def load_llm(args, quiet: bool = False):
         checkpoint = load_checkpoint(args.model, progress=progress, keep_blocks=True)
     return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                checkpoint=checkpoint, weights=args.weights, activations=args.activations,
-               kv_cache_dtype=args.kv_cache_dtype)
+               kv_cache_dtype=args.kv_cache_dtype, deterministic=args.deterministic)
 
 
 def _print_stats(metrics, stream=sys.stderr) -> None:

@@ -58,6 +58,9 @@ class CacheConfig:
         _check_int("num_blocks", self.num_blocks, 1, allow_none=True)
 
 
+DETERMINISTIC_HELP = ("let prefill chunks and large batches run on faster kernels whose rounding depends on the "
+                      "batch's shape (default: deterministic, a request's tokens do not depend on batching, prompt "
+                      "chunking or prefix-cache hits)")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("int16", "float32")
@@ -92,6 +95,10 @@ class EngineConfig:
     """Use jisu's C++ kernels for few-row float32 products on CPU (built on first use); False = torch's only."""
     seed: int = 0
     """Seed of the shared RNG used by requests that give no seed of their own."""
+    deterministic: bool = True
+    """Batch-invariant arithmetic: a request's tokens (greedy, or sampled with a seed) do not depend on what else
+    is in the batch, on prefix-cache hits, on how its prompt was chunked or on preemption (jisu/runner/runner.py).
+    False lets prefill chunks and large batches take faster shape-dependent kernels (vLLM's default)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 

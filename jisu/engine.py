@@ -143,7 +143,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.kv_cache = KVCache(self.model_config, num_blocks, cache.block_size, self.kv_dtype, self.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(model, self.model_config, self.kv_cache, self.blocks, self.device)
+        self.runner = ModelRunner(model, self.model_config, self.kv_cache, self.blocks, self.device,
+                                  deterministic=config.deterministic)
         self.sampler = Sampler()
         torch.manual_seed(config.seed)
 

@@ -38,6 +38,7 @@ class LLM:
         group_size: int | None = None,
         activations: str = "int16",
         kv_cache_dtype: str = "auto",
+        deterministic: bool = True,
     ):
         config = EngineConfig(
             model=model,
@@ -48,6 +49,7 @@ class LLM:
             activations=activations,
             max_model_len=max_model_len,
             seed=seed,
+            deterministic=deterministic,
             cpu_kernels=cpu_kernels,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             cache=CacheConfig(

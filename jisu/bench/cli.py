@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jisu.config import ACTIVATIONS, ACTIVATIONS_HELP, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, WEIGHTS_HELP
+from jisu.config import (
+    ACTIVATIONS, ACTIVATIONS_HELP, DETERMINISTIC_HELP, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, WEIGHTS_HELP,
+)
 
 
 _DEFAULT_MODEL_HELP = "GGUF file, Hugging Face folder or short name (default: smollm2-135m, jisu's default model)"
@@ -22,6 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", help=WEIGHTS_HELP)
     p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_false", help=DETERMINISTIC_HELP)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:

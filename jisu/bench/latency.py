@@ -234,7 +234,8 @@ def cmd_latency(args) -> int:
     print(f"jisu bench latency: loading {path} ...", file=sys.stderr, flush=True)
     llm = LLM(model=str(path), device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=max(args.batch, 1), checkpoint=load_checkpoint(path, keep_blocks=True),
-              weights=args.weights, activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)
+              weights=args.weights, activations=args.activations, kv_cache_dtype=args.kv_cache_dtype,
+              deterministic=args.deterministic)
     result = {"command": "latency", "model": str(path), "machine": machine_info(args.device),
               "dtype": str(llm.engine.dtype).removeprefix("torch."), "weights": llm.engine.weights}
     result |= run_latency(llm, args.input_len, args.output_len, args.batch, args.runs, args.depth, args.device,

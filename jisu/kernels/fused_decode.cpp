@@ -13,7 +13,7 @@
 //   h / (H / KVH)); x += attn W_o^T;
 //   h = rms_norm(x) * w2; gu = h W_gate_up^T; x += (silu(gate) * up) W_down^T.
 // The stack's output is returned before the model's final norm (the caller applies it).
-// The KV cache is float32 or float16 (one dtype for every layer); attention computes in float32 either way.
+// The KV cache is float32, float16 or bfloat16 (one dtype for every layer); attention computes in float32 either way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -37,6 +37,17 @@ namespace {
 // Visible slots per attention task (SmolLM2: 48 KiB of K for its 3 kv heads, which stays in L2 for the V pass).
 constexpr int64_t kAttnChunk = 64;
 
+// Calls f with a null pointer of the cache's element type (float, c10::Half or c10::BFloat16).
+template <typename F>
+inline void with_kv_type(at::ScalarType t, const F& f) {
+  if (t == at::kHalf)
+    f(static_cast<c10::Half*>(nullptr));
+  else if (t == at::kBFloat16)
+    f(static_cast<c10::BFloat16*>(nullptr));
+  else
+    f(static_cast<float*>(nullptr));
+}
+
 struct AttnTask {
   int64_t d, j0, j1;  // sequence, visible slots [j0, j1), every kv head
 };
@@ -48,9 +59,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// A KV cache element as float32 (the cache holds float or c10::Half).
+// A KV cache element as float32 (the cache holds float, c10::Half or c10::BFloat16; each widens exactly).
 inline float kv_float(float x) { return x; }
 inline float kv_float(c10::Half x) { return static_cast<float>(x); }
+inline float kv_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 // e^x, within 1.2 ulp of the exact value for x in [-87.3, 88.3] (measured over 4M points; inputs are clamped
 // there: smaller gives ~1e-38
@@ -119,6 +131,11 @@ inline void weighted_rows(const float* p, const KV* v, const int64_t* vis, int64
 inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_kv8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// bfloat16 is the top half of a float32: widen each 16-bit lane and shift it into place.
+inline __m256 load_kv8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
 // ---- softmax on 8 lanes ----
@@ -342,8 +359,8 @@ class FusedDecoder {
                 "expected ", L, " K and V caches");
     int64_t num_slots = std::numeric_limits<int64_t>::max();
     const at::ScalarType kv_type = k_caches[0].scalar_type();
-    TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kHalf, "KV caches must be float32 or float16, got ", kv_type);
-    const bool half = kv_type == at::kHalf;
+    TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16,
+                "KV caches must be float32, float16 or bfloat16, got ", kv_type);
     for (int64_t l = 0; l < L; ++l) {
       for (const at::Tensor* c : {&k_caches[l], &v_caches[l]}) {
         TORCH_CHECK(c->scalar_type() == kv_type && c->is_contiguous() && c->dim() == 3 && c->size(1) == KVH_ &&
@@ -425,16 +442,16 @@ class FusedDecoder {
             rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
         product(ly.qkv, h, qkv);
         if (tid == 0) {
-          if (half)
-            rotate_and_cache(D, qkv, rot, sm, static_cast<c10::Half*>(kc), static_cast<c10::Half*>(vc));
-          else
-            rotate_and_cache(D, qkv, rot, sm, static_cast<float*>(kc), static_cast<float*>(vc));
+          with_kv_type(kv_type, [&](auto* tag) {
+            using KV = std::remove_pointer_t<decltype(tag)>;
+            rotate_and_cache(D, qkv, rot, sm, static_cast<KV*>(kc), static_cast<KV*>(vc));
+          });
         }
 #pragma omp barrier
-        if (half)
-          attention_tasks(tid, nt, ctx, qkv, static_cast<const c10::Half*>(kc), static_cast<const c10::Half*>(vc));
-        else
-          attention_tasks(tid, nt, ctx, qkv, static_cast<const float*>(kc), static_cast<const float*>(vc));
+        with_kv_type(kv_type, [&](auto* tag) {
+          using KV = std::remove_pointer_t<decltype(tag)>;
+          attention_tasks(tid, nt, ctx, qkv, static_cast<const KV*>(kc), static_cast<const KV*>(vc));
+        });
 #pragma omp barrier
         if (tid == 0) merge_attention(D, attn);
         product(ly.o, attn, proj);
@@ -463,7 +480,7 @@ class FusedDecoder {
 
  private:
   // Rotary on the q and k heads of every sequence (pairs adjacent, see rotary.py), then this step's k and v into
-  // the layer's cache at the sequence's slot (a float16 cache rounds to nearest even, as torch's .half()).
+  // the layer's cache at the sequence's slot (float16 and bfloat16 round to nearest even, as torch's .to()).
   template <typename KV>
   void rotate_and_cache(int64_t D, float* qkv, const float* rot, const int64_t* sm, KV* kc, KV* vc) const {
     const int64_t row = KVH_ * hd_;

@@ -29,8 +29,8 @@ NOTE: this was 16 (the old small-batch limit); steps of 17-128 decodes then paid
 layer. Measured (SmolLM2 Q4_1, 2 threads, 32-token prompts, 64 new tokens, decode tok/s of all sequences, two
 rounds): 17 sequences 241/275 -> 322/339, 32: 254/300 -> 369/377, 64: 295/322 -> 420/440, 128: 307/320 ->
 399/428."""
-FUSED_KV_DTYPES = (torch.float32, torch.float16)
-"""KV caches the C++ attention reads (float16 through F16C's exact conversion); others take the eager layers."""
+FUSED_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""KV caches the C++ attention reads (every dtype jisu offers; the narrow ones widen exactly to float32)."""
 
 
 @contextmanager
@@ -101,7 +101,7 @@ class FusedDecoder:
     @staticmethod
     def applies(meta: AttentionMetadata, num_tokens: int, kv_caches=None) -> bool:
         """A pure decode step (no prefill chunk, every token a decode) of 1 to MAX_FUSED_SEQS sequences, over a
-        float32 or float16 KV cache."""
+        KV cache the C++ attention reads (FUSED_KV_DTYPES)."""
         return (
             (kv_caches is None or kv_caches[0][0].dtype in FUSED_KV_DTYPES)
             and not meta.prefills

@@ -1,4 +1,17 @@
-"""SchedulerOutput -> input tensors -> forward -> logits of the rows that are sampled."""
+"""SchedulerOutput -> input tensors -> forward -> logits of the rows that are sampled.
+
+NOTE: deterministic (batch-invariant) steps. A token's numbers must not depend on what shares its step: other
+sequences, the rest of its prompt chunk, or whether its prefix came from the prefix cache (then its first rows
+are computed in a step of their own). Products over a batch of rows (GEMMs, batched attention with padding)
+sum in orders that depend on the batch's shape, and the int8/int4 kernels round activations to int16 only up to
+192 rows, so a prompt prefilled in one chunk and the same prompt with a cached prefix gave different tokens at
+temperature 0. In deterministic mode every token is computed as a decode row at its own position (attending
+the cache slots up to it) in groups that only row-invariant code runs: the fused C++ stack (every product on
+`qweight_matvec`, whose per-row order depends on neither the row count nor the thread split; attention chunked
+by the row's own context length) takes up to MAX_FUSED_SEQS rows a call; without it (no C++ kernels, CUDA) each
+row is a forward of its own. Rows of one sequence stay in position order, so a row's earlier tokens are in the
+cache (written earlier in the same call, or by an earlier group) when it attends.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +21,7 @@ import numpy as np
 import torch
 
 from jisu.models.config import ModelConfig
+from jisu.models.fused_decode import FUSED_KV_DTYPES, MAX_FUSED_SEQS
 from jisu.runner.attention import BLOCKED_PREFILL_MIN, AttentionMetadata, PrefillChunk, query_blocks, visible
 from jisu.runner.kv_cache import KVCache
 from jisu.scheduler.blocks import BlockManager
@@ -15,26 +29,60 @@ from jisu.scheduler.scheduler import ScheduledRequest, SchedulerOutput
 
 
 @dataclass
+class RowGroup:
+    """Rows [start, end) of a step's flattened tokens that run through the model in one forward."""
+
+    start: int
+    end: int
+    meta: AttentionMetadata
+
+
+@dataclass
 class StepInput:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
+    """The whole step's attention metadata (the first group's when the step runs in several groups)."""
     sample_rows: torch.Tensor
     """Rows of the flattened tokens whose logits are needed (last token of each sampled sequence)."""
     sampled: list[ScheduledRequest]
     """The sequences that sample, in the order of sample_rows."""
+    groups: list[RowGroup] | None = None
+    """Deterministic steps: the forwards that compute the rows, in order (None: one forward of every row)."""
+    logits_group: int | None = None
+    """Deterministic steps: sampled rows go through the output layer at most this many at a time."""
 
 
 class ModelRunner:
-    def __init__(self, model, config: ModelConfig, kv_cache: KVCache, blocks: BlockManager, device):
+    def __init__(self, model, config: ModelConfig, kv_cache: KVCache, blocks: BlockManager, device,
+                 deterministic: bool = False):
         self.model = model
         self.config = config
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.device = torch.device(device)
         self.block_size = kv_cache.block_size
+        self.deterministic = deterministic
+        """Batch-invariant steps (see the module's NOTE)."""
+
+    def row_group(self) -> int | None:
+        """How many rows one deterministic forward may take: MAX_FUSED_SEQS on the fused C++ stack, 1 on the
+        eager layers; None when steps run whole (not deterministic, or module hooks are installed: the profiler and
+        calibration measure the eager layers on the step's real shapes)."""
+        if not self.deterministic:
+            return None
+        model = self.model
+        fused = getattr(model, "fused_decode", None)
+        if fused is not None and not getattr(model, "use_fused_decode", True):
+            return None
+        if fused is not None and self.kv_cache.layers[0][0].dtype in FUSED_KV_DTYPES:
+            return MAX_FUSED_SEQS
+        return 1
 
     def prepare(self, out: SchedulerOutput) -> StepInput:
+        group = self.row_group()
+        if group is not None:
+            return self._prepare_rows(out, group)
         # Single-token steps (decodes) first so attention can batch them; then prefill chunks.
         # NOTE: a decode row is built from Python ints (its slot straight from the block table) and all decodes'
         # gather/mask in a few vectorised ops: at batch 1 this step's Python is a visible share of a 4-bit decode
@@ -82,6 +130,46 @@ class ModelRunner:
             sampled=sampled,
         )
 
+    def _prepare_rows(self, out: SchedulerOutput, group: int) -> StepInput:
+        """A deterministic step: every token a decode-shaped row at its own position, in forwards of at most
+        `group` rows (see the module's NOTE)."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows, sampled = [], []
+        for s in out.scheduled:
+            req, n = s.request, s.num_new_tokens
+            start_pos = req.num_computed_tokens
+            table = self.blocks.table(req.request_id)
+            for pos in range(start_pos, start_pos + n):
+                ids.append(_token_at(req, pos))
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+                tables.append(table)
+            if s.samples:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(s)
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        groups = []
+        for start in range(0, len(ids), group):
+            end = min(len(ids), start + group)
+            meta = AttentionMetadata(slot_mapping=slot_t[start:end].to(self.device), num_decodes=end - start)
+            meta.decode_gather, meta.decode_mask = self._decode_index(
+                tables[start:end], [p + 1 for p in positions[start:end]]
+            )
+            groups.append(RowGroup(start, end, meta))
+        return StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta=groups[0].meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            sampled=sampled,
+            groups=groups,
+            logits_group=group,
+        )
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Returns float32 logits [len(step.sampled), vocab]."""
@@ -89,11 +177,33 @@ class ModelRunner:
             # Device events time the forward on the GPU itself; host clocks would only see the launches.
             self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             self._events[0].record()
-        hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_cache.layers)
-        logits = self.model.compute_logits(hidden[step.sample_rows])
+        if step.groups is None:
+            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_cache.layers)
+            logits = self.model.compute_logits(hidden[step.sample_rows])
+        else:
+            logits = self._execute_groups(step)
         if self.device.type == "cuda":
             self._events[1].record()
         return logits
+
+    def _execute_groups(self, step: StepInput) -> torch.Tensor:
+        sample_rows = step.sample_rows.tolist()
+        kept: list[torch.Tensor] = []
+        i = 0
+        for g in step.groups:
+            hidden = self.model(step.input_ids[g.start : g.end], step.positions[g.start : g.end], g.meta,
+                                self.kv_cache.layers)
+            j = i
+            while j < len(sample_rows) and sample_rows[j] < g.end:
+                j += 1
+            if j > i:
+                kept.append(hidden[torch.tensor(sample_rows[i:j], device=hidden.device) - g.start])
+            i = j
+        if not kept:  # a step of prefill chunks that do not end their prompts
+            return torch.empty((0, self.config.vocab_size), device=self.device)
+        hidden = torch.cat(kept)
+        n = step.logits_group
+        return torch.cat([self.model.compute_logits(hidden[r : r + n]) for r in range(0, hidden.shape[0], n)])
 
     def last_forward_device_time(self) -> float | None:
         """Seconds the last forward took on the device (CUDA only); waits for it to finish."""

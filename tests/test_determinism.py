@@ -1,0 +1,72 @@
+"""Deterministic by default: a request's tokens and logprobs, bit for bit, do not depend on what shares its steps,
+on prefix-cache hits, on how its prompt was chunked, on preemption or on streaming, for every weights format,
+activation rounding and KV-cache dtype, on the C++ kernels and on the eager fallback (jisu/runner/runner.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jisu import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+SEEDED = SamplingParams(temperature=0.9, seed=11, max_tokens=10, ignore_eos=True, logprobs=2)
+
+# (weights, activations, kv cache, C++ kernels): every combination the CPU offers. float32 weights take no
+# activation rounding; without C++ kernels only float weights run (int4's torch fallback is tested elsewhere).
+CONFIGS = [
+    (w, a, kv, True)
+    for w, acts in (("float32", ("float32",)), ("int8", ("int16", "float32")), ("int4", ("int16", "float32")))
+    for a in acts
+    for kv in ("float32", "float16", "bfloat16")
+] + [("float32", "float32", kv, False) for kv in ("float32", "float16", "bfloat16")]
+
+
+def prompt(i: int, length: int) -> list[int]:
+    return [(13 * i + 7 * j) % 250 + 3 for j in range(length)]
+
+
+def answer(out) -> tuple:
+    """Tokens and every logprob of one completion: equal only if the logits were equal bit for bit."""
+    c = out.outputs[0]
+    return tuple(c.token_ids), tuple((lp.token_id, lp.logprob, tuple(lp.top)) for lp in c.logprobs)
+
+
+def make(model_dir, weights, activations, kv, kernels, **kw) -> LLM:
+    return LLM(model=str(model_dir), weights=weights, activations=activations, kv_cache_dtype=kv,
+               cpu_kernels=kernels, **kw)
+
+
+@pytest.mark.parametrize("weights,activations,kv,kernels", CONFIGS, ids=lambda v: str(v))
+def test_tokens_do_not_depend_on_cache_batch_chunking_preemption_or_streaming(
+    tiny_llama_dir, weights, activations, kv, kernels
+):
+    # 40 tokens: two full 16-token blocks come from the prefix cache on the second run, 8 are computed then.
+    target = prompt(0, 40)
+    others = [prompt(i, 5 + 9 * i) for i in range(1, 6)]
+    for params in (GREEDY, SEEDED):
+        llm = make(tiny_llama_dir, weights, activations, kv, kernels)
+        cold = answer(llm.generate([target], params)[0])
+        warm = llm.generate([target], params)[0]
+        assert warm.metrics.cached_prompt_tokens == 32
+        assert answer(warm) == cold, "a prefix-cache hit changed the answer"
+        batched = llm.generate(others[:3] + [target] + others[3:], [GREEDY] * 3 + [params] + [GREEDY] * 2)
+        assert answer(batched[3]) == cold, "sharing the batch changed the answer"
+        streamed = list(llm.stream_outputs(target, params))[-1]
+        assert answer(streamed) == cold, "streaming changed the answer"
+
+        # Prompts prefilled 7 tokens a step, and so few KV blocks that sequences are preempted and recomputed.
+        small = make(tiny_llama_dir, weights, activations, kv, kernels, max_num_batched_tokens=7,
+                     num_kv_blocks=8, enable_prefix_caching=False)
+        chunked = small.generate([target], params)[0]
+        assert answer(chunked) == cold, "chunked prefill changed the answer"
+        crowd = small.generate([target] + others[2:5], [params] + [GREEDY] * 3)
+        preempted = small.engine.step_log.since(0)
+        assert any(r.num_preempted for r in preempted), "the crowd should have forced a preemption"
+        assert answer(crowd[0]) == cold, "preemption changed the answer"
+
+
+def test_faster_kernels_are_one_flag_away(tiny_llama_dir):
+    llm = make(tiny_llama_dir, "int4", "int16", "float16", True, deterministic=False)
+    assert llm.engine.runner.row_group() is None
+    assert make(tiny_llama_dir, "int4", "int16", "float16", True).engine.runner.row_group() == 128
+    assert make(tiny_llama_dir, "float32", "float32", "float32", False).engine.runner.row_group() == 1
