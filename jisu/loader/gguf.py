@@ -19,9 +19,12 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from jisu.errors import JisuError, ModelLoadError, UnsupportedModelError
+from jisu.errors import JisuError, ModelConfigError, ModelLoadError, UnsupportedModelError
 from jisu.loader.checkpoint import Checkpoint
+from jisu.loader.gguf_scan import scan_gguf
 from jisu.loader.gguf_tokenizer import build_gguf_tokenizer
+from jisu.loader.validate import check_tensors_fit_config
+from jisu.loader.validate import expected_shapes as expected_shapes  # re-exported: jisu.profile.estimate
 from jisu.models.config import ModelConfig
 from jisu.quant.formats import QuantizedTensor
 
@@ -68,7 +71,10 @@ ProgressFn = Callable[[int, int, str], None]
 
 def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks: bool = False) -> Checkpoint:
     """keep_blocks: Q8_0/Q4_0/Q4_1 matrices come as QuantizedTensor (their numbers untouched) instead of
-    being dequantized to float32."""
+    being dequantized to float32.
+
+    The file is untrusted: its structure is checked by scan_gguf, its metadata by ModelConfig.from_hf_dict
+    and the tensor shapes its header states against that config, all before any tensor data is read."""
     path = Path(path)
     arch = _check_header(path)
     if arch is not None:  # fail fast, before parsing a vocabulary of maybe 250k tokens
@@ -81,20 +87,11 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
     hf_arch = _gguf_architecture(arch_name, path)
 
     by_name = {t.name: t for t in reader.tensors}
-    try:
-        hf_config = gguf_to_hf_config(meta, arch_name, hf_arch, by_name, path)
-    except (TypeError, ValueError) as e:  # e.g. a count stored as a string
-        raise ModelLoadError(f"{path}: malformed GGUF metadata: {e}") from None
-    tokenizer = build_gguf_tokenizer(meta)
-    hf_config["bos_token_id"] = tokenizer.bos_token_id
-    hf_config["eos_token_id"] = list(tokenizer.eos_token_ids)
-    config = ModelConfig.from_hf_dict(hf_config)
-
-    shapes = expected_shapes(config)
-    tensors = {}
-    for done, (gguf_name, t) in enumerate(by_name.items(), 1):
-        if progress is not None:
-            progress(done, len(by_name), f"loading {path.name}")
+    hf_config = gguf_to_hf_config(meta, arch_name, hf_arch, by_name, path)
+    names = gguf_field_names(arch_name)
+    config = ModelConfig.from_hf_dict(hf_config, str(path), names)
+    hf_names: dict[str, str] = {}  # HF name -> GGUF name
+    for gguf_name in by_name:
         if gguf_name == _ROPE_FREQS:
             continue  # folded into config.rope_scaling by gguf_to_hf_config
         hf_name = hf_tensor_name(gguf_name)
@@ -103,19 +100,33 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
                 f"{path}: unexpected tensor {gguf_name!r} for a {arch_name} model; "
                 f"jisu knows: {', '.join(TENSOR_NAMES)}"
             )
-        shape = _torch_shape(t.shape)
-        check_shape(hf_name, shape, shapes, f"{path}: tensor {gguf_name} ({hf_name})")
+        hf_names[hf_name] = gguf_name
+    shapes = {hf: _torch_shape(by_name[g].shape) for hf, g in hf_names.items()}
+    check_tensors_fit_config(config, shapes, str(path), names, hf_names)
+
+    try:
+        tokenizer = build_gguf_tokenizer(meta)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. an id stored as a string
+        raise ModelLoadError(f"{path}: malformed tokenizer metadata (tokenizer.ggml.*): {e}") from None
+    hf_config["bos_token_id"] = tokenizer.bos_token_id
+    hf_config["eos_token_id"] = list(tokenizer.eos_token_ids)
+    config = ModelConfig.from_hf_dict(hf_config, str(path), names)
+
+    tensors = {}
+    for done, (hf_name, gguf_name) in enumerate(hf_names.items(), 1):
+        if progress is not None:
+            progress(done, len(hf_names), f"loading {path.name}")
+        t = by_name[gguf_name]
         try:
-            if keep_blocks and t.tensor_type in KEPT_BLOCK_FORMATS and len(shape) == 2:
-                w = block_tensor(t.data, t.tensor_type, shape, gguf_name)
+            if keep_blocks and t.tensor_type in KEPT_BLOCK_FORMATS and len(shapes[hf_name]) == 2:
+                w = block_tensor(t.data, t.tensor_type, shapes[hf_name], gguf_name)
             else:
-                w = tensor_to_torch(t.data, t.tensor_type, shape, gguf_name)
+                w = tensor_to_torch(t.data, t.tensor_type, shapes[hf_name], gguf_name)
         except JisuError as e:
             raise type(e)(f"{path}: {e}") from None
         if arch_name == "llama":
             w = _unpermute_qk(w, gguf_name, config)
         tensors[hf_name] = w
-    check_complete(tensors, shapes, str(path))
     return Checkpoint(
         config=config,
         tensors=tensors,
@@ -162,9 +173,7 @@ def _check_header(path: Path) -> str | None:
             f"{path}: GGUF version {version} is not supported (jisu reads versions "
             f"{', '.join(map(str, _SUPPORTED_VERSIONS))}); the file may be corrupt or big-endian"
         )
-    if n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise ModelLoadError(f"{path} is corrupt: header claims {n_tensors} tensors and {n_kv} metadata keys")
-    return _peek_architecture(head, n_kv)
+    return _peek_architecture(head, n_kv)  # counts are checked against the file size by scan_gguf
 
 
 def _peek_architecture(head: bytes, n_kv: int) -> str | None:
@@ -213,6 +222,8 @@ class _PlainArrayReader(GGUFReader):
 def open_gguf(path: str | Path) -> GGUFReader:
     """GGUFReader, with its parse errors (IndexError, ValueError, ...) turned into a ModelLoadError."""
     path = Path(path)
+    _check_header(path)
+    scan_gguf(path)  # counts, lengths, types and offsets, before GGUFReader trusts them
     try:
         return _PlainArrayReader(path)
     except OSError as e:
@@ -262,55 +273,92 @@ def _gguf_architecture(arch: str, path: Path) -> str:
     return GGUF_ARCHITECTURES[arch]
 
 
+def gguf_field_names(arch: str) -> dict[str, str]:
+    """config.json key -> the GGUF metadata key it comes from, so errors name what is in the file."""
+    names = {
+        "vocab_size": "tokenizer.ggml.tokens (its length)",
+        "hidden_size": f"{arch}.embedding_length",
+        "intermediate_size": f"{arch}.feed_forward_length",
+        "num_hidden_layers": f"{arch}.block_count",
+        "num_attention_heads": f"{arch}.attention.head_count",
+        "num_key_value_heads": f"{arch}.attention.head_count_kv",
+        "head_dim": f"{arch}.attention.key_length",
+        "max_position_embeddings": f"{arch}.context_length",
+        "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+        "rope_theta": f"{arch}.rope.freq_base",
+        "rope_scaling.rope_type": f"{arch}.rope.scaling.type",
+        "rope_scaling.factor": f"{arch}.rope.scaling.factor",
+        "rope_scaling.original_max_position_embeddings": f"{arch}.rope.scaling.original_context_length",
+        "rope_scaling.beta_fast": f"{arch}.rope.scaling.yarn_beta_fast",
+        "rope_scaling.beta_slow": f"{arch}.rope.scaling.yarn_beta_slow",
+        "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id",
+    }
+    return names
+
+
 def gguf_to_hf_config(
     meta: dict[str, Any], arch: str, hf_arch: str, tensors: dict[str, Any], path: Path | str = "GGUF"
 ) -> dict[str, Any]:
-    """Translate `{arch}.*` metadata into a config.json-style dict for ModelConfig.from_hf_dict."""
+    """Translate `{arch}.*` metadata into a config.json-style dict for ModelConfig.from_hf_dict.
+
+    Values pass through as stored, so that from_hf_dict checks their types and ranges in one place; it is
+    run here too (naming the GGUF keys) before the rope_freqs tensor is read with the head size."""
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None and required:
-            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+            raise ModelConfigError(f"{path}: GGUF metadata lacks {arch}.{key}")
         if isinstance(value, list):  # per-layer values; jisu runs uniform layers only
             if not value or any(v != value[0] for v in value):
                 raise UnsupportedModelError(f"{path}: {arch}.{key} varies per layer ({value[:8]}...)")
             value = value[0]
         return value
 
-    hidden = int(get("embedding_length", required=True))
-    heads = int(get("attention.head_count", required=True))
-    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
-    rot = get("rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
-        raise UnsupportedModelError(f"{path}: partial rotary embedding ({rot} of {head_dim} dims) is not supported")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    vocab = len(tokens) or int(get("vocab_size", 0) or 0)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise ModelConfigError(f"{path}: tokenizer.ggml.tokens is a {type(tokens).__name__}; allowed: an array of strings")
+    vocab = len(tokens or []) or get("vocab_size")
     if not vocab:
         raise ModelLoadError(f"{path}: GGUF has no tokenizer.ggml.tokens, so the vocabulary size is unknown")
     hf: dict[str, Any] = {
         "architectures": [hf_arch],
         "model_type": arch,
         "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length", required=True)),
-        "num_hidden_layers": int(get("block_count", required=True)),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv") or heads),
-        "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "hidden_size": get("embedding_length", required=True),
+        "intermediate_size": get("feed_forward_length", required=True),
+        "num_hidden_layers": get("block_count", required=True),
+        "num_attention_heads": get("attention.head_count", required=True),
+        "num_key_value_heads": get("attention.head_count_kv"),
+        "head_dim": get("attention.key_length") or get("rope.dimension_count"),
+        "max_position_embeddings": get("context_length", 2048),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": get("rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": any(name.endswith("attn_q.bias") for name in tensors),
+        "rope_scaling": _rope_scaling(get, path),
     }
+    names = gguf_field_names(arch)
+    config = ModelConfig.from_hf_dict(hf, str(path), names)
+    rot = get("rope.dimension_count")
+    if rot is not None and rot != config.head_dim:
+        raise UnsupportedModelError(
+            f"{path}: partial rotary embedding ({arch}.rope.dimension_count {rot!r} of {config.head_dim} "
+            "dims) is not supported"
+        )
     rope_freqs = tensors.get(_ROPE_FREQS)
     if rope_freqs is not None:
-        factors = tensor_to_torch(rope_freqs.data, rope_freqs.tensor_type, _torch_shape(rope_freqs.shape), _ROPE_FREQS)
+        shape = _torch_shape(rope_freqs.shape)
+        if shape != (config.head_dim // 2,):
+            raise ModelLoadError(
+                f"{path}: tensor {_ROPE_FREQS} has shape {shape}; the head size {config.head_dim} implies "
+                f"({config.head_dim // 2},)"
+            )
+        factors = tensor_to_torch(rope_freqs.data, rope_freqs.tensor_type, shape, _ROPE_FREQS)
         hf["rope_scaling"] = llama3_scaling_from_factors(
-            factors.float().numpy(), hf["rope_theta"], head_dim, get("rope.scaling.original_context_length"), path
+            factors.float().numpy(), config.rope_theta, config.head_dim,
+            get("rope.scaling.original_context_length"), path,
         )
-    else:
-        hf["rope_scaling"] = _rope_scaling(get, path)
     return hf
 
 
@@ -319,17 +367,17 @@ def _rope_scaling(get: Any, path: Path | str) -> dict[str, Any] | None:
     factor = get("rope.scaling.factor")
     if kind is None and get("rope.scale_linear") is not None:  # pre-2024 files
         kind, factor = "linear", get("rope.scale_linear")
-    if kind in (None, "none") or (factor is not None and float(factor) == 1.0 and kind == "linear"):
+    if kind in (None, "none") or (kind == "linear" and factor == 1.0):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
         if get("rope.scaling.original_context_length") is not None:
-            out["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+            out["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
         for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
             if get(f"rope.scaling.{gguf_key}") is not None:
-                out[hf_key] = float(get(f"rope.scaling.{gguf_key}"))
+                out[hf_key] = get(f"rope.scaling.{gguf_key}")
         return out
     raise UnsupportedModelError(f"{path}: unsupported rope scaling type {kind!r}; jisu supports linear, yarn")
 
@@ -498,53 +546,3 @@ def _unpermute_qk(w, gguf_name: str, config: ModelConfig):
     if isinstance(w, QuantizedTensor):
         return w.map_rows(lambda rows: unpermute_rows(rows, heads))
     return unpermute_rows(w, heads)
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> shape for every tensor a model of this config must have."""
-    h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        }
-        if config.attention_bias:
-            shapes |= {
-                p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.bias": (kv,),
-            }
-    return shapes
-
-
-def check_shape(name: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Raise ModelLoadError unless `name` belongs to the model and has the shape its config implies."""
-    want = shapes.get(name)
-    if want is None and name == "lm_head.weight":  # a tied checkpoint may still carry the head
-        want = shapes["model.embed_tokens.weight"]
-    if want is None:
-        raise ModelLoadError(f"{what} does not belong to this model (wrong layer count in the config?)")
-    if tuple(shape) != want:
-        raise ModelLoadError(f"{what} has shape {tuple(shape)}, but the model config implies {want}")
-
-
-def check_complete(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    missing = [name for name in shapes if name not in tensors]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")

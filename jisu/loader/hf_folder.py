@@ -12,21 +12,35 @@ from tokenizers import Tokenizer
 
 from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from jisu.loader.checkpoint import Checkpoint, TokenizerSpec
-from jisu.loader.gguf import ProgressFn, check_complete, check_shape, expected_shapes
+from jisu.loader.gguf import ProgressFn
+from jisu.loader.validate import (
+    check_complete,
+    check_inside_folder,
+    check_shape,
+    check_tensors_fit_config,
+    expected_shapes,
+    safetensors_problem,
+    weight_file_inside,
+)
 from jisu.models.config import ModelConfig
 from jisu.quant.formats import QuantizedTensor, check_outlier_columns
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
 _INDEX = "model.safetensors.index.json"
 
 
 def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_blocks: bool = False) -> Checkpoint:
     """keep_blocks: matrices jisu saved quantized (`jisu quantize`) come as QuantizedTensor; otherwise they
-    are dequantized to float32 like any float checkpoint."""
+    are dequantized to float32 like any float checkpoint.
+
+    The folder is untrusted: config.json values are checked by ModelConfig.from_hf_dict, weight files must lie
+    inside the folder, and the tensor shapes the safetensors headers state are checked against the config,
+    all before any tensor data is read."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model folder not found: {folder}")
-    config_dict = read_json(folder / "config.json", required=True)
+    config_path = folder / "config.json"
+    config_dict = read_json(config_path, required=True)
     quantization = config_dict.get("quantization_config")
     jisu_quantized = isinstance(quantization, dict) and quantization.get("quant_method") == "jisu"
     if quantization and not jisu_quantized:
@@ -35,13 +49,17 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_bl
             f"{folder}: {method}-quantized checkpoints are not supported; use a float16/bfloat16/float32 "
             "folder or a GGUF file"
         )
-    ModelConfig.from_hf_dict(config_dict)  # an unsupported architecture is the first thing to report
+    # An unsupported architecture or a bad value is the first thing to report.
+    config = ModelConfig.from_hf_dict(config_dict, str(config_path))
+    files = _shard_files(folder)
+    headers = _read_headers(files, folder)
+    check_tensors_fit_config(config, _stated_shapes(headers), str(config_path))
     tokenizer = load_hf_tokenizer(folder, config_dict)
     config_dict = dict(config_dict)
     config_dict["bos_token_id"] = tokenizer.bos_token_id
     config_dict["eos_token_id"] = list(tokenizer.eos_token_ids)
-    config = ModelConfig.from_hf_dict(config_dict)
-    tensors = _load_safetensors(folder, progress)
+    config = ModelConfig.from_hf_dict(config_dict, str(config_path))
+    tensors = _load_safetensors(files, headers, progress)
     if jisu_quantized:
         tensors = _assemble_quantized(tensors, keep_blocks, folder)
     _check_tensors(tensors, config, folder)
@@ -89,6 +107,10 @@ def _assemble_quantized(tensors: dict[str, torch.Tensor], keep_blocks: bool, fol
 
 # ----------------------------------------------------------------------------- files
 
+# Far above any real config, index or tokenizer file (a 256k-token tokenizer.json is about 35 MB).
+MAX_JSON_BYTES = 64 << 20
+MAX_TOKENIZER_BYTES = 256 << 20
+
 
 def read_json(path: Path, required: bool = False) -> dict[str, Any]:
     if not path.is_file():
@@ -96,11 +118,16 @@ def read_json(path: Path, required: bool = False) -> dict[str, Any]:
             raise ModelLoadError(f"{path.parent}: missing {path.name}")
         return {}
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ModelLoadError(f"{path} is {size} bytes; jisu reads JSON files of at most {MAX_JSON_BYTES} bytes")
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
@@ -112,7 +139,7 @@ def _shard_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index} has no weight_map")
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        files = [weight_file_inside(folder, name, index) for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelLoadError(f"{folder}: {index.name} lists shards that are missing: {', '.join(missing)}")
@@ -122,30 +149,69 @@ def _shard_files(folder: Path) -> list[Path]:
         other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
         hint = f" (found {', '.join(other)}; only safetensors weights are supported)" if other else ""
         raise ModelLoadError(f"{folder}: no *.safetensors weight files{hint}")
+    for file in files:
+        check_inside_folder(folder, file)
     return files
 
 
-def _load_safetensors(folder: Path, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+def _open_safetensors(file: Path) -> Any:
+    """safe_open, which checks the header (offsets, sizes, dtypes); its refusal explained in plain words."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {file}: {e.strerror or e}") from None
+    except Exception as e:  # safetensors raises SafetensorError for a short or garbled file
+        raise ModelLoadError(f"{file} is truncated or corrupt: {safetensors_problem(file) or e}") from None
+
+
+def _read_headers(files: list[Path], folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Tensor name -> (file, safetensors dtype, shape), from the headers alone."""
+    headers: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for file in files:
+        with _open_safetensors(file) as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a buffer old checkpoints saved; the model recomputes it
+                if name in headers:
+                    raise ModelLoadError(f"{folder}: tensor {name} is in both {headers[name][0].name} and {file.name}")
+                info = f.get_slice(name)
+                dtype = info.get_dtype()
+                if dtype not in _FLOAT_DTYPES and not name.endswith((".qweight", ".outlier_cols")):
+                    raise UnsupportedModelError(
+                        f"{file}: tensor {name} is {dtype}; jisu loads F32, F16 and BF16 (float32, float16, "
+                        "bfloat16) safetensors"
+                    )
+                headers[name] = (file, dtype, tuple(info.get_shape()))
+    return headers
+
+
+def _stated_shapes(headers: dict[str, tuple[Path, str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """HF name -> the shape the model sees: a jisu-quantized X.qweight stands for X.weight (int4 packs two
+    columns per byte); its scales and outliers are checked when the blocks are assembled."""
+    shapes = {}
+    for name, (_, dtype, shape) in headers.items():
+        if name.endswith(".qweight"):
+            cols = shape[1] * 2 if dtype == "U8" and len(shape) == 2 else (shape[1] if len(shape) == 2 else None)
+            shapes[name.removesuffix(".qweight") + ".weight"] = (shape[0], cols) if cols is not None else shape
+        elif not name.endswith(_QUANT_PARTS):
+            shapes[name] = shape
+    return shapes
+
+
+def _load_safetensors(
+    files: list[Path], headers: dict[str, tuple[Path, str, tuple[int, ...]]], progress: ProgressFn | None = None
+) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    files = _shard_files(folder)
     for done, file in enumerate(files, 1):
         if progress is not None:
             progress(done, len(files), f"loading {file.name}")
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with _open_safetensors(file) as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue  # a buffer old checkpoints saved; the model recomputes it
-                    tensors[name] = f.get_tensor(name)
+                    if name in headers:
+                        tensors[name] = f.get_tensor(name)
         except OSError as e:
             raise ModelLoadError(f"cannot read {file}: {e.strerror or e}") from None
-        except Exception as e:  # safetensors raises SafetensorError for a short or garbled file
-            raise ModelLoadError(f"{file} is truncated or corrupt: {e}") from None
-    for name, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES and not name.endswith((".qweight", ".outlier_cols")):
-            raise UnsupportedModelError(
-                f"tensor {name} is {t.dtype}; jisu loads float32, float16 and bfloat16 safetensors"
-            )
     return tensors
 
 
@@ -167,6 +233,9 @@ def load_hf_tokenizer(folder: str | Path, config_dict: dict[str, Any] | None = N
         found = [n for n in ("tokenizer.model", "vocab.json") if (folder / n).is_file()]
         hint = f" (found {', '.join(found)}; jisu needs the fast-tokenizer file tokenizer.json)" if found else ""
         raise ModelLoadError(f"{folder}: missing tokenizer.json{hint}")
+    size = tok_file.stat().st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelLoadError(f"{tok_file} is {size} bytes; jisu reads tokenizer files of at most {MAX_TOKENIZER_BYTES}")
     try:
         tok = Tokenizer.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises a bare Exception for unreadable JSON
