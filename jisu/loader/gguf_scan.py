@@ -150,7 +150,7 @@ class _Scan:
             self.pos += _SCALAR_SIZES[vtype]
             return
         # An array: element type, element count, elements.
-        item = self.value_type(f"the elements of {what}")
+        item = self.value_type(f"{what} (its elements)")
         n = self.u64(f"the element count of {what}")
         if item == GGUFValueType.ARRAY:  # llama.cpp reads no nested arrays, and nor does jisu
             raise self.fail(f"{what} is an array of arrays, which GGUF readers do not support")
