@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +248,23 @@ def test_unreadable_path(tiny_dirs, tmp_path):
             load_checkpoint(locked)
     finally:
         locked.chmod(0o755)
+
+
+def test_hf_cache_snapshot_links_into_its_blobs_load(tiny_dirs, tmp_path):
+    """Weight files must lie inside the model folder, but a Hugging Face cache snapshot's files are links to
+    ../../blobs/<hash>: those stay allowed, and a link elsewhere from the same snapshot does not."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(tiny_dirs["llama"].iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    assert load_hf_folder(snapshot).config == load_hf_folder(tiny_dirs["llama"]).config
+    weights = snapshot / "model.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(weights, outside)
+    weights.unlink()
+    weights.symlink_to(outside)
+    with pytest.raises(ModelLoadError, match="outside the model folder"):
+        load_hf_folder(snapshot)
