@@ -1,0 +1,849 @@
+"""Chat templates from model files, compiled and rendered in a sandbox that bounds time, memory and output.
+
+A chat template is Jinja code written by whoever published the model, so it is treated as hostile: it runs in
+jinja2's immutable sandbox (no Python internals, no mutation of the values passed in), and every place where
+template code can make work or memory grow without bound checks a per-render meter. Python threads cannot be
+killed, so the render must stop itself: the meter holds a deadline, a loop-iteration count, a call depth and a
+budget of characters the template may build, and each guarded operation checks them before (where the size is
+known in advance) or right after it runs. Going over raises ChatTemplateLimitError naming the limit.
+
+Where the checks sit:
+  - operators: all of + - * / // % ** go through SandboxedEnvironment.call_binop (intercepting them also stops
+    jinja folding constants such as ``10 ** 5000`` while compiling); the ``~`` operator, for-loops and ``in``
+    tests are rewritten in the parsed template to call the meter (jinja's EnvironmentAttribute nodes);
+  - calls (macros, methods, globals), filters, item slicing, ``{{ }}`` output (finalize) and every buffered
+    block of output (environment.concat) check sizes and charge what they produce;
+  - compile: the source length is capped and compile-time evaluation of template expressions is off.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import json
+import time
+import types
+from collections.abc import Iterator, MappingView
+from datetime import datetime
+from string import Formatter
+from typing import Any
+
+import jinja2
+import jinja2.filters
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
+from jinja2.ext import Extension
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import LoopContext
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+from jinja2.utils import Namespace, pass_context
+from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
+
+from jisu.errors import JisuError
+
+# Real templates are a few kB to a few tens of kB (a few thousand Jinja tokens). Parsing and compiling take
+# time per token, about 2 s for 50,000 on a slow machine; the character cap only bounds reading the text.
+MAX_TEMPLATE_CHARS = 1_000_000
+MAX_TEMPLATE_TOKENS = 50_000
+# Lexing, parsing and generating code check this deadline; Python's compile() of the result is bounded by
+# the token cap.
+COMPILE_SECONDS = 5.0
+# A chat template renders in milliseconds; seconds means a loop bomb, and it blocks the request meanwhile.
+RENDER_SECONDS = 2.0
+# The rendered prompt: 1 MB of template text plus room for the messages it quotes (twice: e.g. raw and JSON).
+MAX_OUTPUT_CHARS = 1_000_000
+OUTPUT_CHARS_PER_INPUT_CHAR = 2
+# Everything a render builds (strings, lists, output), summed over the render and never given back, in
+# characters (a list element counts 8): bounds memory even when values are dropped and rebuilt.
+WORK_PER_OUTPUT_CHAR = 16
+# Loop iterations in one render, over all loops together; ranges longer than this are refused outright.
+MAX_LOOP_ITERATIONS = 1_000_000
+# Nested calls (macros calling macros, recursive loops); real templates nest a few levels for JSON schemas.
+MAX_CALL_DEPTH = 50
+# Nesting of lists and dicts a template may print or serialize.
+MAX_NESTING = 100
+# Integers from ** and *: 4096 bits is ~1200 digits; chat templates count messages, they do not need bignums.
+MAX_INT_BITS = 4096
+# indent/separators of tojson, and strftime_now formats: long ones only multiply the output.
+MAX_FORMAT_ARG_CHARS = 64
+# A Python object inside a list or dict: its pointer, or the ", " it prints as.
+_ELEMENT_CHARS = 8
+# Error messages quote template-made text (raise_exception); keep them readable.
+_MAX_MESSAGE_CHARS = 500
+
+
+class ChatTemplateError(JisuError):
+    """The model's chat template failed to render or tried something the sandbox forbids."""
+
+
+class ChatTemplateLimitError(ChatTemplateError):
+    """The chat template went over one of this module's limits (the message names which)."""
+
+
+_METER: contextvars.ContextVar["_Meter | None"] = contextvars.ContextVar("jisu_chat_template_meter", default=None)
+
+
+class _Meter:
+    """Time, work and size accounting for one compile or render."""
+
+    def __init__(self, seconds: float, max_chars: int, phase: str):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.max_chars = max_chars
+        self.budget = max_chars * WORK_PER_OUTPUT_CHAR
+        self.used = 0
+        self.iterations = 0
+        self.depth = 0
+        self.phase = phase
+        # Sizes of large containers already measured, keyed by id; the value keeps the object alive so the
+        # id cannot be reused during the render. Containers the template sees cannot be mutated (immutable
+        # sandbox), except namespaces, which are never cached.
+        self._sizes: dict[int, tuple[Any, int]] = {}
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateLimitError(f"the chat template's {self.phase} took longer than {self.seconds:g} s")
+
+    def check_chars(self, n: int, what: str) -> None:
+        """Refuse before building something of about n characters that would be over a limit."""
+        if n > self.max_chars:
+            raise ChatTemplateLimitError(
+                f"{what} would be {n:,} characters, over the chat template limit of {self.max_chars:,}"
+            )
+        if self.used + n > self.budget:
+            self._over_budget(n)
+
+    def check(self, value: Any, what: str) -> int:
+        n = self.size(value)
+        self.check_chars(n, what)
+        return n
+
+    def charge(self, n: int) -> None:
+        self.used += n
+        if self.used > self.budget:
+            self._over_budget(0)
+
+    def _over_budget(self, n: int) -> None:
+        raise ChatTemplateLimitError(
+            f"the chat template built more than {self.budget:,} characters of values in one {self.phase} "
+            f"({self.used + n:,} so far)"
+        )
+
+    def count_iteration(self, weight: int) -> None:
+        self.iterations += 1
+        if self.iterations > MAX_LOOP_ITERATIONS:
+            raise ChatTemplateLimitError(
+                f"the chat template ran more than {MAX_LOOP_ITERATIONS:,} loop iterations in one {self.phase}"
+            )
+        self.tick()
+        self.charge(weight)
+
+    def size(self, value: Any) -> int:
+        """About how many characters value prints as (and so, within a small factor, how much memory it holds).
+
+        Shared references count once per reference, as printing or serializing repeats them. Stops counting
+        past the budget, so measuring is never much more work than the work already charged.
+        """
+        return self._size(value, 0, self.budget + 1)
+
+    def _size(self, value: Any, depth: int, cap: int) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, (bytes, bytearray)):
+            return 4 * len(value)  # repr writes \xNN
+        if isinstance(value, bool) or value is None:
+            return _ELEMENT_CHARS
+        if isinstance(value, int):
+            return value.bit_length() // 3 + 2  # decimal digits, over-estimated
+        if isinstance(value, float):
+            return 24
+        if isinstance(value, range):
+            try:
+                return _ELEMENT_CHARS * (len(value) + 1)
+            except OverflowError:
+                return cap
+        if isinstance(value, Namespace):  # mutable: measured afresh each time
+            value, cacheable = object.__getattribute__(value, "_Namespace__attrs"), False
+        elif isinstance(value, MappingView) and isinstance(getattr(value, "mapping", None), dict):
+            value, cacheable = value.mapping, True  # d.items() prints every item
+        elif isinstance(value, (list, tuple, dict, set, frozenset)):
+            cacheable = True
+        else:
+            return 64  # anything else prints as a short repr
+        if cacheable and (cached := self._sizes.get(id(value))) is not None:
+            return cached[1]
+        if depth >= MAX_NESTING:
+            raise ChatTemplateLimitError(f"the chat template used values nested more than {MAX_NESTING} levels deep")
+        total = _ELEMENT_CHARS * (len(value) + 1)
+        if isinstance(value, dict):
+            parts: Any = (x for kv in value.items() for x in kv)
+        else:
+            parts = value
+        for x in parts:
+            total += _ELEMENT_CHARS + self._size(x, depth + 1, cap)
+            if total >= cap:
+                total = cap
+                break
+        if cacheable and len(value) >= 16:
+            self._sizes[id(value)] = (value, total)
+        return total
+
+
+def _meter() -> _Meter:
+    meter = _METER.get()
+    if meter is None:  # guarded code reached outside ChatTemplate.render / compile
+        raise ChatTemplateError("chat template code ran outside a metered render")
+    return meter
+
+
+def _limit_message(e: BaseException) -> str:
+    text = str(e)
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
+
+
+# ----------------------------------------------------------------------------- size estimates before work
+
+
+def _int_bits(x: Any) -> int:
+    return abs(x).bit_length() if isinstance(x, int) else 0
+
+
+def _check_pow(m: _Meter, base: Any, exp: Any) -> None:
+    if isinstance(base, int) and isinstance(exp, int) and exp > 0 and abs(base) > 1:
+        bits = base.bit_length() * exp if exp < MAX_INT_BITS + 1 else MAX_INT_BITS + 1
+        if bits > MAX_INT_BITS:
+            raise ChatTemplateLimitError(
+                f"the chat template computed a power ({_short_int(base)} ** {_short_int(exp)}) over the "
+                f"{MAX_INT_BITS}-bit integer limit"
+            )
+
+
+def _short_int(x: int) -> str:
+    return str(x) if x.bit_length() < 64 else f"<{x.bit_length()}-bit integer>"
+
+
+def _check_mul(m: _Meter, left: Any, right: Any) -> None:
+    if isinstance(left, int) and isinstance(right, int):
+        if _int_bits(left) + _int_bits(right) > MAX_INT_BITS:
+            raise ChatTemplateLimitError(f"the chat template multiplied integers past the {MAX_INT_BITS}-bit limit")
+        return
+    for seq, n in ((left, right), (right, left)):
+        if isinstance(n, int) and isinstance(seq, (str, bytes, list, tuple)):
+            if n > 0:
+                m.check_chars(m.size(seq) * n, "a repeated string or list (*)")
+            return
+
+
+def _check_add(m: _Meter, left: Any, right: Any) -> None:
+    if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)):
+        m.check_chars(m.size(left) + m.size(right), "a concatenation (+)")
+
+
+def _printf_specs(fmt: str) -> list[tuple[str | None, int, int, str]]:
+    """The conversions of a %-format string as (mapping key, width, precision, type), as Python parses them."""
+    specs = []
+    i, n = 0, len(fmt)
+    while True:
+        i = fmt.find("%", i)
+        if i < 0 or i + 1 >= n:
+            return specs
+        i += 1
+        key = None
+        if fmt[i] == "(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                depth += {"(": 1, ")": -1}.get(fmt[j], 0)
+                j += 1
+            key, i = fmt[i + 1 : j - 1], j
+        while i < n and fmt[i] in "#0- +":
+            i += 1
+        numbers = []
+        for lead in ("", "."):
+            if lead:
+                if i >= n or fmt[i] != ".":
+                    numbers.append(0)
+                    continue
+                i += 1
+            if i < n and fmt[i] == "*":
+                raise ChatTemplateLimitError("the chat template used a '*' width in % formatting, which is not allowed")
+            j = i
+            while j < n and fmt[j].isdigit():
+                j += 1
+            numbers.append(0 if j == i else int(fmt[i:j]) if j - i < 19 else 10**18)
+            i = j
+        while i < n and fmt[i] in "hlL":
+            i += 1
+        if i < n:
+            specs.append((key, numbers[0], numbers[1], fmt[i]))
+            i += 1
+
+
+def _check_printf(m: _Meter, fmt: Any, args: Any) -> None:
+    """Refuse a % formatting whose result would be over the limits, before Python builds it."""
+    if not isinstance(fmt, str):
+        return
+    total = len(fmt)
+    position = 0
+    for key, width, precision, kind in _printf_specs(fmt):
+        if kind == "%":
+            continue
+        if key is not None:
+            try:
+                arg = args[key]
+            except Exception:
+                arg = None  # Python raises its own error for a missing key
+        elif isinstance(args, tuple):
+            arg = args[position] if position < len(args) else None
+            position += 1
+        else:
+            arg = args
+        arg_chars = m.size(arg) * (10 if kind in "ra" else 1)  # repr escapes
+        total += width + precision + arg_chars + (320 if kind in "fF" else 0)  # %f of 1e308 has 309 digits
+        m.check_chars(total, "a % formatted string")
+
+
+def _check_format_spec(m: _Meter, value: Any, spec: str, so_far: int) -> int:
+    """Size of str.format's result for one field, estimated from the spec's width and precision."""
+    digits, numbers = "", []
+    for c in spec + "\0":
+        if c.isdigit():
+            digits += c
+        elif digits:
+            numbers.append(int(digits) if len(digits) < 19 else 10**18)
+            digits = ""
+    est = so_far + sum(numbers) + m.size(value) + (320 if spec.endswith(("f", "F", "%")) else 0)
+    m.check_chars(est, "a str.format result")
+    return est
+
+
+class _BoundedFormatterMixin:
+    """str.format in the sandbox (attribute lookups through it), with each field's size checked first."""
+
+    _produced = 0
+
+    def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
+        self._produced = len(format_string)
+        return super().vformat(format_string, args, kwargs)  # type: ignore[misc]
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        m = _meter()
+        m.tick()
+        _check_format_spec(m, value, format_spec, self._produced)
+        out = super().format_field(value, format_spec)  # type: ignore[misc]
+        self._produced += len(out)
+        m.check_chars(self._produced, "a str.format result")
+        return out
+
+
+class _BoundedFormatter(_BoundedFormatterMixin, SandboxedFormatter):
+    pass
+
+
+class _BoundedEscapeFormatter(_BoundedFormatterMixin, SandboxedEscapeFormatter):
+    pass
+
+
+def _str_method_args(method: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Checks a str/bytes/int method call that can build something far larger than its inputs.
+
+    Returns the arguments to call it with (join's iterable is read here, metered, so a one-shot iterator is
+    replaced by the list it produced).
+    """
+    owner = getattr(method, "__self__", None)
+    name = getattr(method, "__name__", "")
+    m = _meter()
+    if isinstance(owner, int) and not isinstance(owner, bool) and name == "to_bytes":
+        length = args[0] if args else kwargs.get("length", 1)
+        if isinstance(length, int):
+            m.check_chars(4 * length, "int.to_bytes")
+        return args, kwargs
+    if not isinstance(owner, (str, bytes)):
+        return args, kwargs
+    n = len(owner)
+    try:
+        bound = inspect.signature(getattr(type(owner), name)).bind(owner, *args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return args, kwargs  # a wrong call: Python raises its own error
+    if name in ("center", "ljust", "rjust", "zfill"):
+        width = bound.get("width")
+        if isinstance(width, int):
+            m.check_chars(max(n, width), f"str.{name}")
+    elif name == "expandtabs":
+        tabsize = bound.get("tabsize", 8)
+        if isinstance(tabsize, int):
+            m.check_chars(n + owner.count("\t" if isinstance(owner, str) else b"\t") * max(tabsize, 0), "str.expandtabs")
+    elif name == "replace":
+        _check_replace(m, owner, bound.get("old"), bound.get("new"), bound.get("count", -1))
+    elif name == "translate":
+        table = bound.get("table")
+        longest = max((m.size(v) for v in table.values()), default=1) if isinstance(table, dict) else 1
+        m.check_chars(n * max(longest, 1), "str.translate")
+    elif name == "join":
+        items = _metered_list(m, bound.get("iterable", ()), "str.join")
+        m.check_chars(sum(m.size(x) for x in items) + n * max(len(items) - 1, 0), "str.join")
+        return (items,), {}
+    return args, kwargs
+
+
+def _check_replace(m: _Meter, s: Any, old: Any, new: Any, count: Any) -> None:
+    if not (isinstance(s, (str, bytes)) and isinstance(old, type(s)) and isinstance(new, type(s))):
+        return
+    hits = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    m.check_chars(len(s) + hits * max(len(new) - len(old), 0), "a replace")
+
+
+def _metered_list(m: _Meter, iterable: Any, what: str) -> list:
+    """list(iterable), counting its items against the loop and size limits as they come."""
+    out, total = [], 0
+    for item in iterable:
+        m.count_iteration(0)
+        total += m.size(item) + _ELEMENT_CHARS
+        m.check_chars(total, what)
+        out.append(item)
+    return out
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def _check_filter_args(name: str, m: _Meter, bound: dict[str, Any]) -> None:
+    """Filters whose output size is set by an argument rather than by their input."""
+    if name == "center":
+        width = bound.get("width", 80)
+        if isinstance(width, int):
+            m.check_chars(max(m.size(bound.get("value")), width), "the center filter's output")
+    elif name == "indent":
+        s, width = bound.get("s"), bound.get("width", 4)
+        pad_len = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        lines = s.count("\n") + 1 if isinstance(s, str) else 1
+        m.check_chars(m.size(s) + lines * max(pad_len, 0), "the indent filter's output")
+    elif name == "wordwrap":
+        s, width, wrap = bound.get("s"), bound.get("width", 79), bound.get("wrapstring")
+        if isinstance(s, str) and isinstance(width, int) and width > 0:
+            breaks = len(s) // width + sum(s.count(c) for c in " \t\n-") + 1
+            m.check_chars(len(s) + breaks * (len(wrap) if isinstance(wrap, str) else 1), "the wordwrap filter's output")
+    elif name == "replace":
+        _check_replace(m, bound.get("s"), bound.get("old"), bound.get("new"), bound.get("count"))
+    elif name == "format":
+        args, kwargs = bound.get("args", ()), bound.get("kwargs", {})
+        _check_printf(m, bound.get("value"), kwargs or args)
+    elif name in ("batch", "slice"):
+        n = bound.get("linecount" if name == "batch" else "slices")
+        if isinstance(n, int):
+            m.check_chars(n * _ELEMENT_CHARS, f"the {name} filter's output")
+    elif name == "join":
+        value, sep = bound.get("value"), bound.get("d", "")
+        if isinstance(sep, str) and hasattr(value, "__len__"):
+            m.check_chars(m.size(value) + len(sep) * len(value), "the join filter's output")
+    elif name == "truncate":
+        m.check_chars(m.size(bound.get("s")) + m.size(bound.get("end", "...")), "the truncate filter's output")
+
+
+def _guard_filter(name: str, func: Any) -> Any:
+    """The filter with a deadline check, its inputs within the size limit, and its output charged."""
+    passes_first = hasattr(func, "jinja_pass_arg")
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        signature = None
+
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        m = _meter()
+        m.tick()
+        # A lazy input (map, select, a generator) is read here, each item counted as it comes.
+        args = tuple(_metered_list(m, a, f"the {name} filter's input") if _is_lazy(a) else a for a in args)
+        kwargs = {k: _metered_list(m, v, f"the {name} filter's input") if _is_lazy(v) else v for k, v in kwargs.items()}
+        for a in args[1 if passes_first else 0 :]:
+            m.check(a, f"the {name} filter's input")
+        if signature is not None:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                bound = None
+            if bound is not None:
+                _check_filter_args(name, m, dict(bound.arguments))
+        result = func(*args, **kwargs)
+        if isinstance(result, Iterator) and not isinstance(result, (str, list, tuple, dict)):
+            return _MeteredIterator(result, _ELEMENT_CHARS, charge_items=True)
+        m.charge(m.size(result))
+        return result
+
+    return guarded
+
+
+def _is_lazy(value: Any) -> bool:
+    return isinstance(value, Iterator) and not isinstance(value, LoopContext)
+
+
+class _MeteredIterator:
+    """An iterator that counts each item as a loop iteration (and charges weight, or the item's size)."""
+
+    __slots__ = ("_source", "_it", "weight", "_charge_items", "_meter")
+
+    def __init__(self, iterable: Any, weight: int, charge_items: bool = False):
+        self._source = iterable
+        self._it = iter(iterable)
+        self.weight = weight
+        self._charge_items = charge_items
+        self._meter = _meter()
+
+    def __iter__(self) -> "_MeteredIterator":
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._it)
+        m = self._meter
+        m.count_iteration(self.weight)
+        if self._charge_items:
+            m.charge(m.size(item))
+        return item
+
+    def __len__(self) -> int:
+        return len(self._source)  # TypeError for iterators, which LoopContext handles by reading them
+
+
+def _sum_filter(environment: Any, iterable: Any, attribute: Any = None, start: Any = 0) -> Any:
+    # jinja's sum is Python's sum(), which adds lists in quadratic time; add through the metered +.
+    getter = jinja2.filters.make_attrgetter(environment, attribute) if attribute is not None else None
+    total = start
+    for item in _MeteredIterator(iterable, _ELEMENT_CHARS):
+        total = environment.call_binop(None, "+", total, getter(item) if getter else item)
+    return total
+
+
+_sum_filter = jinja2.pass_environment(_sum_filter)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters, which changes prompts; templates expect plain JSON.
+    m = _meter()
+    for what, arg in (("indent", indent), ("separators", separators)):
+        if m.size(arg) > MAX_FORMAT_ARG_CHARS or (isinstance(arg, int) and not isinstance(arg, bool) and arg > MAX_FORMAT_ARG_CHARS):
+            raise ChatTemplateLimitError(f"the chat template passed tojson a {what} over {MAX_FORMAT_ARG_CHARS} characters")
+    # Escapes (\uXXXX, or \ud83d\ude00 for one emoji) make JSON up to 12 times longer than the text.
+    m.check_chars(m.size(value) * (12 if ensure_ascii else 2), "a tojson result")
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if indent is None:
+        return encoder.encode(value)
+    # Indentation grows with depth: stream the chunks and stop once the output is too long.
+    chunks, total = [], 0
+    for chunk in encoder.iterencode(value):
+        total += len(chunk)
+        m.check_chars(total, "a tojson result")
+        chunks.append(chunk)
+    return "".join(chunks)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    if not isinstance(fmt, str) or len(fmt) > MAX_FORMAT_ARG_CHARS:
+        raise ChatTemplateLimitError(f"strftime_now takes a format string of at most {MAX_FORMAT_ARG_CHARS} characters")
+    return datetime.now().strftime(fmt)
+
+
+def _range(*args: Any) -> range:
+    rng = range(*args)
+    try:
+        n = len(rng)
+    except OverflowError:
+        n = MAX_LOOP_ITERATIONS + 1
+    if n > MAX_LOOP_ITERATIONS:
+        raise ChatTemplateLimitError(
+            f"the chat template asked for a range of {'more than ' if n > MAX_LOOP_ITERATIONS else ''}"
+            f"{min(n, MAX_LOOP_ITERATIONS):,} items; at most {MAX_LOOP_ITERATIONS:,} loop iterations are allowed"
+        )
+    return rng
+
+
+# ----------------------------------------------------------------------------- the environment
+
+
+class _CountTokens(Extension):
+    """Caps the template's tokens and checks the compile deadline while jinja lexes and parses."""
+
+    def filter_stream(self, stream: Any) -> Any:
+        m = _meter()
+        for count, token in enumerate(stream, 1):
+            if count > MAX_TEMPLATE_TOKENS:
+                raise ChatTemplateLimitError(
+                    f"the model's chat template has more than {MAX_TEMPLATE_TOKENS:,} Jinja tokens"
+                )
+            if count % 64 == 0:
+                m.tick()
+            yield token
+
+
+class _MeteredCodeGenerator(CodeGenerator):
+    def visit(self, node: nodes.Node, *args: Any, **kwargs: Any) -> Any:
+        _meter().tick()
+        return super().visit(node, *args, **kwargs)
+
+
+_INTERNAL = "_jisu_internal"
+
+
+def _internal(func: Any) -> Any:
+    setattr(func, _INTERNAL, True)
+    return func
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, strict about attributes and with every growth of time or memory metered."""
+
+    intercepted_binops = frozenset(ImmutableSandboxedEnvironment.default_binop_table)
+    code_generator_class = _MeteredCodeGenerator
+
+    def __init__(self) -> None:
+        super().__init__(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _CountTokens],
+            # No compile-time evaluation of template expressions (constant folding would run filters and
+            # arithmetic while loading the model, outside any render's limits).
+            optimized=False,
+            finalize=self._finalize,
+        )
+        self.concat = self._concat  # every buffered block of output: macros, {% set %} blocks, filter blocks
+        self.globals["range"] = _range
+        self.globals.pop("lipsum", None)  # lorem ipsum of any length; no chat template needs it
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = _strftime_now
+        self.filters["tojson"] = _tojson
+        self.filters["sum"] = _sum_filter
+        self.filters = {name: _guard_filter(name, f) for name, f in self.filters.items()}
+
+    # -- attributes
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        # Functions, classes and modules are the way out of a sandbox (__globals__, __init__, mro); no chat
+        # template needs an attribute of one.
+        if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)):
+            return False
+        return super().is_safe_attribute(obj, attr, value)
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # Refuse loudly, rather than jinja's default of rendering an empty value.
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
+
+    def wrap_str_format(self, value: Any) -> Any:
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or value.__name__ not in (
+            "format",
+            "format_map",
+        ):
+            return None
+        owner = value.__self__
+        if not isinstance(owner, str):
+            return None
+        is_map = value.__name__ == "format_map"
+        if isinstance(owner, Markup):
+            formatter: Formatter = _BoundedEscapeFormatter(self, escape=owner.escape)
+        else:
+            formatter = _BoundedFormatter(self)
+
+        def bounded_format(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one positional argument")
+                args, kwargs = (), args[0]
+            return type(owner)(formatter.vformat(owner, args, kwargs))
+
+        return bounded_format
+
+    # -- operators and calls
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        m = _meter()
+        m.tick()
+        if operator == "**":
+            _check_pow(m, left, right)
+        elif operator == "*":
+            _check_mul(m, left, right)
+        elif operator == "+":
+            _check_add(m, left, right)
+        elif operator == "%":
+            _check_printf(m, left, right)
+        result = self.binop_table[operator](left, right)
+        if isinstance(result, (str, bytes, list, tuple)):
+            m.charge(m.size(result))
+        return result
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # Calls inside loops and blocks carry jinja's scope variables; keep them out of the checks below.
+        scope = {k: kwargs.pop(k) for k in ("_loop_vars", "_block_vars") if k in kwargs}
+        if getattr(__obj, _INTERNAL, False):
+            return __obj(*args, **kwargs)
+        m = _meter()
+        m.tick()
+        if not __self.is_safe_callable(__obj):
+            raise SecurityError(f"{__obj!r} is not safely callable")
+        for a in (*args, *kwargs.values()):
+            m.check(a, "a call's argument")
+        if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive for-loop
+            weight = getattr(__obj._iterable, "weight", _ELEMENT_CHARS)
+            args = (_MeteredIterator(args[0], weight), *args[1:])
+        else:
+            args, kwargs = _str_method_args(__obj, args, kwargs)
+        if m.depth >= MAX_CALL_DEPTH:
+            raise ChatTemplateLimitError(f"the chat template nested calls more than {MAX_CALL_DEPTH} deep")
+        m.depth += 1
+        try:
+            result = __context.call(__obj, *args, **kwargs, **scope)
+        finally:
+            m.depth -= 1
+        if not isinstance(result, range):  # a range is a few numbers until something lists it
+            m.charge(m.size(result))
+        return result
+
+    # -- hooks the rewritten template calls (see _Guards)
+
+    @_internal
+    def _jisu_loop(self, iterable: Any, weight: int) -> _MeteredIterator:
+        return _MeteredIterator(iterable, weight)
+
+    @_internal
+    def _jisu_tilde(self, *pieces: Any) -> str:
+        m = _meter()
+        m.tick()
+        m.check_chars(sum(m.size(p) for p in pieces), "a concatenation (~)")
+        text = "".join(map(str, pieces))
+        m.charge(len(text))
+        return text
+
+    @_internal
+    def _jisu_tick(self, value: Any) -> Any:
+        _meter().tick()
+        return value
+
+    @_internal
+    def _jisu_sliced(self, value: Any) -> Any:
+        m = _meter()
+        m.tick()
+        m.charge(m.size(value))
+        return value
+
+    # -- output
+
+    @pass_context
+    def _finalize(self, context: Any, value: Any) -> Any:
+        # Each {{ }}: its printed size is checked before str() builds it. pass_context also keeps jinja from
+        # finalizing constants at compile time.
+        m = _meter()
+        m.tick()
+        m.charge(m.check(value, "a printed value"))
+        return value
+
+    def _concat(self, pieces: Any) -> str:
+        m = _meter()
+        m.tick()
+        pieces = list(pieces)
+        total = sum(len(p) for p in pieces)
+        m.check_chars(total, "a block of template output")
+        m.charge(total)
+        return "".join(pieces)
+
+
+class _Guards(NodeTransformer):
+    """Rewrites the parsed template so loops, ~, slices and `in` tests call the meter."""
+
+    def __init__(self, environment: jinja2.Environment):
+        self.environment = environment
+
+    def _hook(self, name: str, args: list[nodes.Expr], like: nodes.Node) -> nodes.Expr:
+        call = nodes.Call(nodes.EnvironmentAttribute(name), args, [], None, None, lineno=like.lineno)
+        call.set_environment(self.environment)
+        return call
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        # Each iteration may append every piece of literal text in its body to an output buffer; charge that.
+        pieces = sum(1 for stmt in node.body for _ in stmt.find_all(nodes.TemplateData))
+        weight = _ELEMENT_CHARS * (1 + pieces)
+        node.iter = self._hook("_jisu_loop", [node.iter, nodes.Const(weight, lineno=node.lineno)], node)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        return self._hook("_jisu_tilde", list(node.nodes), node)
+
+    def visit_Getitem(self, node: nodes.Getitem) -> nodes.Node:
+        node = self.generic_visit(node)
+        if isinstance(node.arg, nodes.Slice) and node.ctx == "load":  # jinja slices without environment.getitem
+            return self._hook("_jisu_sliced", [node], node)
+        return node
+
+    def visit_Compare(self, node: nodes.Compare) -> nodes.Node:
+        node = self.generic_visit(node)
+        if any(op.op in ("in", "notin") for op in node.ops):  # a substring search can be slow; tick after each
+            return self._hook("_jisu_tick", [node], node)
+        return node
+
+
+class ChatTemplate:
+    """A model's chat template, compiled once and rendered with bounded time, memory and output."""
+
+    def __init__(self, source: str):
+        if not isinstance(source, str):
+            raise ChatTemplateError(f"the model's chat template is a {type(source).__name__}, not text")
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise ChatTemplateLimitError(
+                f"the model's chat template is {len(source):,} characters, over the {MAX_TEMPLATE_CHARS:,} limit"
+            )
+        self.source = source
+        self._env = _Sandbox()
+        meter = _Meter(COMPILE_SECONDS, MAX_OUTPUT_CHARS, "compile")
+        token = _METER.set(meter)
+        try:
+            tree = self._env.parse(source)
+            tree = _Guards(self._env).visit(tree)
+            self._template = self._env.from_string(tree)
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"the model's chat template does not parse: {_limit_message(e)}") from None
+        except RecursionError:
+            raise ChatTemplateLimitError("the model's chat template is nested too deeply to compile") from None
+        except Exception as e:  # the template compiler on text it was not built for
+            raise ChatTemplateError(f"the model's chat template does not compile: {type(e).__name__}: {_limit_message(e)}") from None
+        finally:
+            _METER.reset(token)
+
+    def render(self, variables: dict[str, Any], input_chars: int = 0) -> str:
+        """The template's output for these variables; input_chars (the messages' text) widens the size limits."""
+        meter = _Meter(RENDER_SECONDS, MAX_OUTPUT_CHARS + OUTPUT_CHARS_PER_INPUT_CHAR * input_chars, "render")
+        token = _METER.set(meter)
+        stream = None
+        try:
+            stream = self._template.generate(**variables)
+            chunks, total = [], 0
+            for chunk in stream:  # top-level output, counted as it streams
+                total += len(chunk)
+                meter.check_chars(total, "the rendered prompt")
+                meter.tick()
+                chunks.append(chunk)
+            return "".join(chunks)
+        except ChatTemplateError as e:
+            raise type(e)(_limit_message(e)) from None
+        except SecurityError as e:
+            raise ChatTemplateError(f"the model's chat template was refused by the sandbox: {_limit_message(e)}") from None
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"the model's chat template failed: {_limit_message(e)}") from None
+        except RecursionError:
+            raise ChatTemplateLimitError("the model's chat template recursed too deeply") from None
+        except MemoryError:
+            raise ChatTemplateLimitError("the model's chat template ran out of memory") from None
+        except Exception as e:  # a template doing arithmetic on what the messages lack, e.g. None + str
+            raise ChatTemplateError(
+                f"the model's chat template failed on these messages: {type(e).__name__}: {_limit_message(e)}"
+            ) from None
+        finally:
+            if stream is not None:
+                stream.close()
+            _METER.reset(token)
