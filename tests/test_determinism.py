@@ -70,3 +70,52 @@ def test_faster_kernels_are_one_flag_away(tiny_llama_dir):
     assert llm.engine.runner.row_group() is None
     assert make(tiny_llama_dir, "int4", "int16", "float16", True).engine.runner.row_group() == 128
     assert make(tiny_llama_dir, "float32", "float32", "float32", False).engine.runner.row_group() == 1
+
+
+# ---- the default model: the reported case, in-process and through the server with the official openai client
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def default_llm(real_model_path):
+    return LLM(model=str(real_model_path), max_model_len=1024)
+
+
+def test_default_model_cold_and_warm_chat_agree(default_llm):
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=3)
+    cold = default_llm.chat(HELLO, params)[0]
+    warm = default_llm.chat(HELLO, params)[0]
+    assert cold.metrics.cached_prompt_tokens == 0 and warm.metrics.cached_prompt_tokens == 32
+    assert answer(warm) == answer(cold)
+    streamed = list(default_llm.stream_outputs(default_llm.tokenizer.encode_chat(HELLO), params))[-1]
+    assert answer(streamed) == answer(cold)
+
+
+@pytest.mark.parametrize("kw", [dict(kv_cache_dtype="float32"), dict(activations="float32"), dict(weights="int8")],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_default_model_prompt_chunks_do_not_matter(real_model_path, kw):
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=3)
+    text = "The history of the bicycle begins in the early nineteenth century, when inventors in Germany and France"
+    whole = LLM(model=str(real_model_path), max_model_len=256, **kw)
+    cold = answer(whole.generate(text, params)[0])
+    assert answer(whole.generate(text, params)[0]) == cold  # its first 16 tokens from the prefix cache
+    chunked = LLM(model=str(real_model_path), max_model_len=256, max_num_batched_tokens=5, **kw)
+    assert answer(chunked.generate(text, params)[0]) == cold
+
+
+def test_server_answers_alike_cold_warm_streamed(default_llm):
+    openai = pytest.importorskip("openai")
+    from jisu.server.app import create_app
+    from jisu.server.serve import ServerThread
+
+    default_llm.engine.blocks.reset_prefix_cache()
+    with ServerThread(create_app(default_llm.engine, model_name="default")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ask = dict(model="default", messages=HELLO, max_tokens=16, temperature=0)
+        cold = client.chat.completions.create(**ask)
+        warm = client.chat.completions.create(**ask)
+        chunks = client.chat.completions.create(**ask, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert cold.choices[0].message.content == warm.choices[0].message.content == streamed
+    assert cold.choices[0].message.content.startswith("Hello")

@@ -81,7 +81,8 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInput:
         group = self.row_group()
-        if group is not None:
+        # A step of at most `group` decodes is already one row-invariant forward.
+        if group is not None and not (len(out.scheduled) <= group and all(s.num_new_tokens == 1 for s in out.scheduled)):
             return self._prepare_rows(out, group)
         # Single-token steps (decodes) first so attention can batch them; then prefill chunks.
         # NOTE: a decode row is built from Python ints (its slot straight from the block table) and all decodes'
