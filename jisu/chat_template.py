@@ -461,12 +461,14 @@ def _guard_filter(name: str, func: Any) -> Any:
         for a in args[1 if passes_first else 0 :]:
             m.check(a, f"the {name} filter's input")
         if signature is not None:
-            try:
-                bound = signature.bind(*args, **kwargs)
-            except TypeError:
-                bound = None
-            if bound is not None:
+            # jinja's async-capable filters take an eval context their signature does not show.
+            for call_args in (args, args[1:]) if passes_first else (args,):
+                try:
+                    bound = signature.bind(*call_args, **kwargs)
+                except TypeError:
+                    continue
                 _check_filter_args(name, m, dict(bound.arguments))
+                break
         result = func(*args, **kwargs)
         if isinstance(result, Iterator) and not isinstance(result, (str, list, tuple, dict)):
             return _MeteredIterator(result, _ELEMENT_CHARS, charge_items=True)
