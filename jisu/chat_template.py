@@ -373,7 +373,8 @@ def _str_method_args(method: Any, args: tuple, kwargs: dict) -> tuple[tuple, dic
     elif name == "expandtabs":
         tabsize = bound.get("tabsize", 8)
         if isinstance(tabsize, int):
-            m.check_chars(n + owner.count("\t" if isinstance(owner, str) else b"\t") * max(tabsize, 0), "str.expandtabs")
+            tabs = owner.count("\t" if isinstance(owner, str) else b"\t")
+            m.check_chars(n + tabs * max(tabsize, 0), "str.expandtabs")
     elif name == "replace":
         _check_replace(m, owner, bound.get("old"), bound.get("new"), bound.get("count", -1))
     elif name == "translate":
@@ -521,12 +522,17 @@ def _sum_filter(environment: Any, iterable: Any, attribute: Any = None, start: A
 _sum_filter = jinja2.pass_environment(_sum_filter)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes HTML characters, which changes prompts; templates expect plain JSON.
     m = _meter()
     for what, arg in (("indent", indent), ("separators", separators)):
-        if m.size(arg) > MAX_FORMAT_ARG_CHARS or (isinstance(arg, int) and not isinstance(arg, bool) and arg > MAX_FORMAT_ARG_CHARS):
-            raise ChatTemplateLimitError(f"the chat template passed tojson a {what} over {MAX_FORMAT_ARG_CHARS} characters")
+        too_wide = isinstance(arg, int) and not isinstance(arg, bool) and arg > MAX_FORMAT_ARG_CHARS
+        if too_wide or m.size(arg) > MAX_FORMAT_ARG_CHARS:
+            raise ChatTemplateLimitError(
+                f"the chat template passed tojson an {what} over {MAX_FORMAT_ARG_CHARS} characters"
+            )
     # Escapes (\uXXXX, or \ud83d\ude00 for one emoji) make JSON up to 12 times longer than the text.
     m.check_chars(m.size(value) * (12 if ensure_ascii else 2), "a tojson result")
     encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -813,7 +819,9 @@ class ChatTemplate:
         except RecursionError:
             raise ChatTemplateLimitError("the model's chat template is nested too deeply to compile") from None
         except Exception as e:  # the template compiler on text it was not built for
-            raise ChatTemplateError(f"the model's chat template does not compile: {type(e).__name__}: {_limit_message(e)}") from None
+            raise ChatTemplateError(
+                f"the model's chat template does not compile: {type(e).__name__}: {_limit_message(e)}"
+            ) from None
         finally:
             _METER.reset(token)
 
@@ -834,7 +842,9 @@ class ChatTemplate:
         except ChatTemplateError as e:
             raise type(e)(_limit_message(e)) from None
         except SecurityError as e:
-            raise ChatTemplateError(f"the model's chat template was refused by the sandbox: {_limit_message(e)}") from None
+            raise ChatTemplateError(
+                f"the model's chat template was refused by the sandbox: {_limit_message(e)}"
+            ) from None
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the model's chat template failed: {_limit_message(e)}") from None
         except RecursionError:

@@ -112,11 +112,12 @@ class _SpecialTokens:
     def occur_in(self, messages: Any) -> bool:
         return self._pattern is not None and any(self._pattern.search(s) for s in _strings(messages))
 
-    def encode_inert(self, tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    def encode_inert(
+        self, tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool
+    ) -> list[int]:
         assert tokenizer._template is not None
-        marker = _free_private_char(
-            [tokenizer._template.source, *self.texts, *_strings(messages), *map(str, tokenizer.spec.special_tokens.values())]
-        )
+        template_side = [tokenizer._template.source, *self.texts, *map(str, tokenizer.spec.special_tokens.values())]
+        marker = _free_private_char([*template_side, *_strings(messages)])
         assert self._pattern is not None
         pattern = self._pattern
 

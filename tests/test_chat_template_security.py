@@ -133,12 +133,15 @@ BOMBS = [
     ("{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('ab') }}", "concatenation"),
     ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "nested calls"),
     # doubling with {% set %}
-    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "concatenation"),
-    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "concatenation"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "concatenation"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "concatenation"),
     ("{% set s = 'a' * 500000 %}" + "{% set s = s ~ s %}" * 20, "concatenation"),
     # many live copies, each within the size limit
     ("{% set s = 'a' * 900000 %}" + "".join(f"{{% set a{i} = s[{i}:] %}}" for i in range(200)), "built more than"),
-    ("{% set s = 'a' * 9 %}" + "".join(f"{{% set a{i} = s|center({900000 + i}) %}}" for i in range(200)), "built more than"),
+    ("{% set s = 'a' * 9 %}" + "".join(f"{{% set a{i} = s|center({900000 + i}) %}}" for i in range(200)),
+     "built more than"),
     ("{% macro m() %}{% for i in range(1000000) %}" + "a" * 40 + "{% endfor %}{% endmacro %}{{ m()|length }}",
      "built more than|longer than|block of template output"),
 ]  # fmt: skip
