@@ -1,12 +1,15 @@
 """Builds the C++ kernels with torch.utils.cpp_extension on first use; the result is cached on disk
-(torch's extension cache, keyed by the source) so later processes load it in well under a second."""
+(torch's extension cache, under a name that carries a hash of the sources, headers and flags) so later
+processes import it directly in well under a second."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -15,6 +18,8 @@ _HERE = Path(__file__).parent
 _SOURCES = ("module.cpp", "qlinear.cpp", "fused_decode.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+# A build takes 1-2 minutes on a busy 2-core machine; a lock older than this was left by a killed process.
+STALE_LOCK_S = 600
 
 
 def cpu_linear_kernels():
@@ -38,7 +43,8 @@ def _cpu_flags() -> set[str]:
 
 def _build():
     try:
-        from torch.utils.cpp_extension import load
+        import torch  # the extension links against libtorch, which importing torch loads
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         # NOTE: named instruction sets rather than -march=native, and the set is part of the extension's name:
         # a build cached on disk must never be loaded on a CPU that lacks its instructions (VMs move).
@@ -47,13 +53,33 @@ def _build():
         # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; compiled without it the "parallel"
         # loop silently runs on one thread (measured: 20.5 -> 15.4 ms over SmolLM2's layers at batch 1).
         flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if vector else [])
-        name = "jisu_kernels_avx2" if vector else "jisu_kernels_portable"
         sources = [str(_HERE / s) for s in _SOURCES]
-        # torch's build cache hashes the sources it is given, not the headers they include: fold the headers'
-        # hash into a flag so editing one rebuilds.
-        headers = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.h")))).hexdigest()[:12]
-        flags.append(f"-DJISU_HEADERS_SHA={headers}")
-        return load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        # NOTE: the name carries a hash of everything that shapes the binary (sources, headers, flags, torch's
+        # version). A cached build is then imported directly: torch's load() takes a file lock and reruns ninja
+        # in every new process, and a process killed inside that window (a timeout, Ctrl-C) left the lock behind,
+        # so every later process waited on it forever.
+        digest = hashlib.sha1(torch.__version__.encode() + " ".join(flags).encode())
+        for p in sorted(_HERE.glob("*.h")) + [_HERE / s for s in _SOURCES]:
+            digest.update(p.read_bytes())
+        name = f"jisu_kernels_{'avx2' if vector else 'portable'}_{digest.hexdigest()[:12]}"
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        built = build_dir / f"{name}.so"
+        if built.exists():
+            return _import(name, built)
+        lock = build_dir / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("jisu: removing a stale build lock left by a killed process (%s)", lock)
+            lock.unlink(missing_ok=True)
+        log.warning("jisu: building the C++ kernels (%s), once for this machine; this takes a minute or two", name)
+        return load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir), verbose=False)
     except Exception as e:  # no compiler, no headers, a sandbox without /tmp...: fall back, loudly
         log.warning("jisu: C++ kernels unavailable (%s); using torch's CPU kernels", str(e).splitlines()[0])
         return None
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
