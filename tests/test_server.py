@@ -330,13 +330,17 @@ def test_queue_overflow_gets_503_with_retry_after(long_model_dir):
         with httpx.Client(base_url=s.url, timeout=30) as http:
             with slowed(s.engine), http.stream("POST", "/v1/completions", json=body) as running:
                 assert running.status_code == 200
-                next(running.iter_lines())  # the first token is out: this one is running
+                # The first token is out: this one is running. The line iterator is kept, as closing it
+                # (dropping it) closes the response, which hangs up and aborts the request.
+                lines = running.iter_lines()
+                next(lines)
                 with http.stream("POST", "/v1/completions", json=body) as waiting:
                     assert waiting.status_code == 200  # takes the one queue slot
                     r = http.post("/v1/completions", json={**body, "stream": False})
                     assert r.status_code == 503
                     assert int(r.headers["Retry-After"]) >= 1
                     assert r.json()["error"]["code"] == "queue_full" and "retry" in r.json()["error"]["message"]
+                    assert metric(s.url, "jisu:num_requests_running") == 1  # the first was still running
             # Both streams closed: their requests are aborted, and the server takes work again.
             wait_idle(s)
             r = http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 4})

@@ -138,6 +138,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet added by the engine thread
         self._waiting = 0  # added, not yet scheduled (published by the engine thread)
+        self._free_slots = engine.scheduler.config.max_num_seqs  # run slots unused (published likewise)
+        self._live_count = 0  # engine requests in flight (published likewise)
         self._pending_seqs = 0
         self._accepting = True
         self._drain_deadline: float | None = None
@@ -161,10 +163,12 @@ class AsyncEngine:
         with self._lock:
             if not self.healthy:
                 raise NotAcceptingError("the server is shutting down and takes no new requests")
-            if self._pending + self._waiting + len(prompts) > self.max_queue:
+            # Only what will wait counts against the queue: requests the free run slots take start at once.
+            waiting = max(0, self._pending + self._waiting - self._free_slots)
+            if self._pending + self._waiting + len(prompts) > self.max_queue + self._free_slots:
                 self.metrics.request_rejected("queue_full")
                 raise QueueFullError(
-                    f"the server is at capacity: {self._pending + self._waiting} requests are waiting "
+                    f"the server is at capacity: {waiting} requests are waiting "
                     f"and at most {self.max_queue} may wait; retry later"
                 )
             self._pending += len(prompts)
@@ -179,6 +183,12 @@ class AsyncEngine:
             self.abort(stream)
             raise
         return stream
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished (as of the engine thread's last report)."""
+        with self._lock:
+            return self._pending + self._live_count
 
     def abort(self, stream: OutputStream) -> None:
         """Stops the stream's unfinished requests and frees their KV blocks (the caller is gone)."""
@@ -353,8 +363,11 @@ class AsyncEngine:
     def _publish(self) -> None:
         scheduler = self.engine.scheduler
         waiting = len({r.parent_id for r in scheduler.waiting})
+        free_slots = max(0, scheduler.config.max_num_seqs - len(scheduler.running))
         with self._lock:
             self._waiting = waiting
+            self._free_slots = free_slots
+            self._live_count = len(self._live)
             pending_seqs = self._pending_seqs
         self.metrics.engine_state(self.engine, pending_seqs)
 
