@@ -20,6 +20,7 @@ from jisu.server.app import create_app
 from jisu.server.serve import ServerThread
 
 MIN_REQUESTS = 1000
+JSON = {"content-type": "application/json"}  # anything else is refused before the body is read
 
 json_scalar = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.integers(), st.floats(allow_nan=False),
@@ -135,7 +136,7 @@ def test_no_5xx_over_generated_requests(fuzz_server):
         def one_request(case):
             nonlocal sent
             path, body = case
-            r = http.post(path, content=json.dumps(body).encode())
+            r = http.post(path, content=json.dumps(body).encode(), headers=JSON)
             sent += 1
             check_answer(path, body, r)
 
@@ -151,7 +152,7 @@ def test_no_5xx_over_generated_requests(fuzz_server):
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_raw_bytes_are_refused_cleanly(fuzz_server, raw):
     url, _ = fuzz_server
-    r = httpx.post(url + "/v1/chat/completions", content=raw)
+    r = httpx.post(url + "/v1/chat/completions", content=raw, headers=JSON)
     assert r.status_code < 500
     if r.status_code != 200:
         assert r.json()["error"]["message"]

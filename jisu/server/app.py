@@ -3,26 +3,36 @@
 Handlers only parse, validate, tokenize and turn engine outputs into OpenAI JSON; the engine thread does
 the rest. Every error leaves as an OpenAI error body with a 4xx status naming the field, except 503 when
 the server is full or stopping, and 500 only for a bug.
+
+Without an API key a server on 127.0.0.1 is still reachable from any web page the user opens, so by default
+it answers only to loopback Host names (DNS rebinding), takes only JSON bodies (a form or text/plain POST
+needs no CORS preflight), sends no CORS headers, and tokenizes special tokens typed in messages as text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import hmac
 import json
 import logging
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from os import PathLike
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from jisu.errors import InvalidRequestError, JisuError
 from jisu.server import protocol as p
@@ -34,7 +44,10 @@ logger = logging.getLogger("jisu.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 RETRY_AFTER_S = 1
+REQUEST_BODY_TIMEOUT_S = 30.0
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _LONG_TEXT = 16384  # characters; longer prompts are tokenized in a worker thread
+_TOKENIZER_THREADS = 4  # chat templates and long prompts; bounds the CPU a flood of them can take
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -54,25 +67,45 @@ def create_app(
     model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int = 256,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+    allowed_origins: Sequence[str] | None = None,
+    special_tokens_in_content: bool = False,
+    request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """An app serving `engine` (an LLMEngine). Its engine thread starts and stops with the app's lifespan;
-    app.state.async_engine.begin_drain(grace) starts a graceful shutdown."""
+    app.state.async_engine.begin_drain(grace) starts a graceful shutdown.
+
+    allowed_hosts: the Host names (any port) it answers to; None or "*" among them: any. The default suits
+    a server bound to a loopback address. allowed_origins: web origins that may call it from a browser
+    (CORS); None sends no CORS headers, so browsers keep other sites' pages from reading its answers.
+    special_tokens_in_content: let text such as "<|im_start|>" inside a message become the special token
+    (a client could then forge turns of other roles); off, it is tokenized as the text it is."""
     name = model_name or default_model_name(engine.config.model)
     metrics = ServerMetrics(name)
     async_engine = AsyncEngine(engine, metrics, max_queue)
-    server = _Handlers(engine, async_engine, metrics, name, api_key)
+    server = _Handlers(engine, async_engine, metrics, name, api_key, special_tokens_in_content,
+                       request_body_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine.start()
-        yield
-        await async_engine.shutdown()
+        try:
+            yield
+        finally:
+            await async_engine.shutdown()
+            server.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="jisu", version="0.1.0", lifespan=lifespan)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     app.state.model_name = name
     _add_error_handlers(app)
+    # Added last, so outermost: a request for a foreign Host gets no further, not even a CORS answer.
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if allowed_hosts is not None and "*" not in allowed_hosts:
+        app.add_middleware(_HostCheck, allowed_hosts=allowed_hosts)
 
     body_models = {}
 
@@ -91,11 +124,50 @@ def create_app(
     return app
 
 
+# ----------------------------------------------------------------------------- Host check
+
+
+_HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*)(?::(?P<port>\d{1,5}))?")
+
+
+class _HostCheck:
+    """Answers only requests whose Host header names an allowed host (any port). A page on evil.example whose
+    name the attacker re-points at 127.0.0.1 (DNS rebinding) reaches the server as same-origin, but its
+    requests still say Host: evil.example. Entries may be "*.example.com" (any subdomain)."""
+
+    def __init__(self, app, allowed_hosts: Sequence[str]):
+        self.app = app
+        self.exact = {h.lower().rstrip(".") for h in allowed_hosts if not h.startswith("*.")}
+        self.suffixes = tuple(h.lower()[1:] for h in allowed_hosts if h.startswith("*."))
+        self.listed = ", ".join(allowed_hosts)
+
+    def allows(self, header: str | None) -> bool:
+        m = _HOST.fullmatch(header or "")
+        if m is None or not m["host"]:
+            return False
+        host = m["host"].lower().rstrip(".")
+        return host in self.exact or host.endswith(self.suffixes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = Headers(scope=scope).get("host")
+        if self.allows(header):
+            return await self.app(scope, receive, send)
+        what = "no Host header" if header is None else f"Host {header[:100]!r}"
+        message = (f"{what} is not served here: this server answers to {self.listed}; start it with "
+                   f"--allowed-hosts to allow more (a browser page may be trying DNS rebinding)")
+        response = JSONResponse(p.error_body(message, "invalid_request_error", "host", "invalid_host"),
+                                status_code=421)
+        await response(scope, receive, send)
+
+
 # ----------------------------------------------------------------------------- handlers
 
 
 class _Handlers:
-    def __init__(self, engine, async_engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_key: str | None):
+    def __init__(self, engine, async_engine: AsyncEngine, metrics: ServerMetrics, model_name: str,
+                 api_key: str | None, special_tokens_in_content: bool, body_timeout_s: float):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.async_engine = async_engine
@@ -104,35 +176,66 @@ class _Handlers:
         # Clients may also name the model as the server was started with it (a path or short name).
         given = engine.config.model
         self.model_names = {model_name} | ({str(given)} if given is not None else set())
-        self.api_key = api_key
+        # Digests have one length whatever the key's, so comparing them tells a timing observer nothing of it.
+        self.api_key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
+        self.special_tokens_in_content = special_tokens_in_content
+        self.body_timeout_s = body_timeout_s
         self.token_text = p.TokenText(self.tokenizer)
+        self.executor = ThreadPoolExecutor(_TOKENIZER_THREADS, thread_name_prefix="jisu-tokenize")
+        bytes_per_token = max_token_bytes(self.tokenizer)
+        self.max_prompt_bytes = None if bytes_per_token is None else engine.max_model_len * bytes_per_token
 
     # ---- shared steps --------------------------------------------------------------------------
 
     def authorize(self, request: Request) -> None:
-        if self.api_key is None:
+        if self.api_key_digest is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
             raise p.APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                              "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        # Header values arrive as latin-1 text; encoding them back gives the bytes the client sent, so a key
+        # with non-ASCII characters (sent as UTF-8) matches the same key given on the command line.
+        sent = hashlib.sha256(token.strip().encode("latin-1")).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, self.api_key_digest):
             raise p.APIError(401, "invalid API key", "authentication_error", code="invalid_api_key",
                              headers={"WWW-Authenticate": "Bearer"})
 
     async def parse(self, request: Request, model: type[BaseModel]):
         self.authorize(request)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise p.APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", param="body")
-            chunks.append(chunk)
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type):
+            # A browser sends text/plain and form bodies cross-site without asking (no CORS preflight).
+            got = "no Content-Type" if content_type is None else f"Content-Type {content_type[:100]!r}"
+            raise p.APIError(415, f"the request has {got}; send the body as JSON with "
+                                  f"'Content-Type: application/json'", param="content-type",
+                             code="unsupported_media_type")
+        body = await self.read_body(request)
         try:
-            return model.model_validate_json(b"".join(chunks))
+            return model.model_validate_json(body)
         except ValidationError as e:
             raise p.from_validation_error(e) from None
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, at most MAX_BODY_BYTES, arriving within the body timeout. A client that hangs up meanwhile
+        raises ClientDisconnect, which the app answers quietly."""
+        chunks, size = [], 0
+        # The rest of a refused body is never read, so the connection cannot carry another request.
+        close = {"Connection": "close"}
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise p.APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                                         param="body", headers=close)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise p.APIError(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                  f"({size} bytes came)", param="body", code="request_timeout",
+                             headers=close) from None
+        return b"".join(chunks)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
@@ -142,12 +245,29 @@ class _Handlers:
                 code="model_not_found",
             )
 
-    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+    def check_prompt_bytes(self, text: str, param: str) -> None:
+        """Refuses, before tokenizing it, text too long for the context whatever its tokens are."""
+        if self.max_prompt_bytes is None or len(text) * 4 <= self.max_prompt_bytes:  # 4: most bytes a char takes
+            return
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise p.bad_request(
+                f"{param}: {size} bytes of text cannot fit in this model's context of {self.engine.max_model_len} "
+                f"tokens (no token of its vocabulary stands for more than "
+                f"{self.max_prompt_bytes // self.engine.max_model_len} bytes); shorten it",
+                param=param, code="context_length_exceeded")
+
+    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True,
+                     param: str = "prompt") -> list[int]:
         if not isinstance(prompt, str):
             return prompt
+        self.check_prompt_bytes(prompt, param)
         if len(prompt) > _LONG_TEXT:  # would stall every stream on the event loop
-            return await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens)
+            return await self.off_loop(self.tokenizer.encode, prompt, add_special_tokens)
         return self.tokenizer.encode(prompt, add_special_tokens)
+
+    async def off_loop(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
     async def submit(self, prompts: list[list[int]], params, prefix: str, prompt_param: str):
         """Hands the prompts to the engine thread; returns (request id, its OutputStream)."""
@@ -262,9 +382,15 @@ class _Handlers:
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         try:
-            if sum(len(m["content"] or "") for m in messages) > _LONG_TEXT:
-                return await asyncio.to_thread(self.tokenizer.encode_chat, messages, add_generation_prompt)
-            return self.tokenizer.encode_chat(messages, add_generation_prompt)
+            if self.max_prompt_bytes is not None and sum(_content_chars(m) for m in messages) * 4 > self.max_prompt_bytes:
+                # Rendering alone (no tokenizing) tells whether the template's text can fit at all.
+                text = await self.off_loop(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
+                self.check_prompt_bytes(text, "messages")
+            # Always off the event loop: the template is the model file's code and may be slow on purpose.
+            return await self.off_loop(self.tokenizer.encode_chat, messages, add_generation_prompt,
+                                       special_tokens_in_content=self.special_tokens_in_content)
+        except p.APIError:
+            raise
         except InvalidRequestError as e:
             raise p.bad_request(f"messages: {e}", param="messages") from None
         except JisuError as e:  # ChatTemplateError: the model's template failed or the sandbox refused it
@@ -430,6 +556,55 @@ async def _disconnected(request: Request) -> None:
 # ----------------------------------------------------------------------------- errors and schema
 
 
+_JSON_MEDIA_TYPE = re.compile(r"application/([a-z0-9.!#$&^_-]+\+)?json", re.IGNORECASE)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json or application/<anything>+json, with or without parameters (charset)."""
+    if content_type is None:
+        return False
+    return _JSON_MEDIA_TYPE.fullmatch(content_type.split(";", 1)[0].strip()) is not None
+
+
+def _content_chars(message: dict) -> int:
+    return len(message.get("content") or "") + len(message.get("name") or "")
+
+
+# Normalizers and pre-tokenizers that never drop text nor shrink it into fewer bytes than the tokens give back.
+_KEEPS_TEXT = {"ByteLevel", "Metaspace", "Digits", "Prepend"}
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """The most bytes of text one token of `tokenizer` can stand for (plus one for a leading space a decoder
+    drops), or None when text length bounds nothing: a step of the pipeline may delete or shrink text
+    (whitespace splitting, lowercasing, Unicode normalization) or a fused unknown token may swallow a run."""
+    hf = tokenizer.spec.tokenizer
+    parts = []
+    for step in (hf.normalizer, hf.pre_tokenizer):
+        if step is not None:
+            parts.append(json.loads(step.__getstate__()))
+    while parts:
+        part = parts.pop()
+        kind = part.get("type")
+        if kind == "Sequence":
+            parts.extend(part.get("normalizers") or part.get("pretokenizers") or [])
+        elif kind == "Replace":
+            pattern = part.get("pattern", {}).get("String")
+            if pattern is None or len(part.get("content", "").encode()) < len(pattern.encode()):
+                return None
+        elif kind in ("Split", "Punctuation"):
+            if part.get("behavior") == "Removed":
+                return None
+        elif kind not in _KEEPS_TEXT:
+            return None
+    model = hf.model
+    if type(model).__name__ != "BPE" or (getattr(model, "unk_token", None) and getattr(model, "fuse_unk", False)
+                                        and not getattr(model, "byte_fallback", False)):
+        return None
+    pieces = hf.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    return max(len(piece.encode("utf-8", "surrogatepass")) for piece in pieces) + 1
+
+
 def _params(req):
     try:
         return req.to_params()
@@ -470,6 +645,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {e.detail}"
         return JSONResponse(p.error_body(message, kind), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect):
+        # The client hung up while sending its body: nobody reads an answer, and nothing went wrong here.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
