@@ -60,6 +60,7 @@ def input_statistics(checkpoint, texts: list[str], second_moments: bool = False)
     from jisu.config import CacheConfig, EngineConfig, SchedulerConfig
     from jisu.engine import LLMEngine
     from jisu.eval.scoring import score_batch
+    from jisu.models.fused_decode import layer_by_layer
     from jisu.models.layers import Linear, MergedLinear
     from jisu.tokenizer import Tokenizer
 
@@ -95,8 +96,10 @@ def input_statistics(checkpoint, texts: list[str], second_moments: bool = False)
     linears = {n: m for n, m in engine.model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
     handles = [m.register_forward_hook(record(n)) for n, m in linears.items()]
     try:
-        for step in steps:
-            score_batch(engine, step, every_row=False)
+        # The hooks must see every product, so the steps run the Python layers (a fused C++ step calls none).
+        with layer_by_layer(engine.model):
+            for step in steps:
+                score_batch(engine, step, every_row=False)
     finally:
         for h in handles:
             h.remove()

@@ -140,7 +140,8 @@ class ModelRunner:
         slots: list[int] = []
         tables: list[list[int]] = []
         sample_rows, sampled = [], []
-        for s in out.scheduled:
+        # Rows in prepare()'s order (decodes first), which callers of the runner rely on (eval.scoring).
+        for s in sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1):
             req, n = s.request, s.num_new_tokens
             start_pos = req.num_computed_tokens
             table = self.blocks.table(req.request_id)
