@@ -388,7 +388,7 @@ def test_max_token_bytes_bounds_every_token(llm):
     tok = llm.engine.tokenizer
     bound = max_token_bytes(tok)
     assert bound is not None
-    for text in ("hello world", " " * 5000, "日本語のテキスト🙂" * 50, "\x00\xff" * 100, "the quick brown fox " * 200):
+    for text in ("hello world", " " * 5000, "日本語のテキスト🙂" * 50, "\x00\xff" * 100, "quick fox " * 200):
         assert len(text.encode()) <= bound * len(tok.encode(text, add_special_tokens=False))
 
 
@@ -403,7 +403,8 @@ def _hf(normalizer=None, pre_tokenizer=None, **model) -> SimpleNamespace:
 
 def test_max_token_bytes_gives_up_where_text_can_shrink():
     assert max_token_bytes(_hf()) == 6  # "<unk>" plus a dropped leading space
-    assert max_token_bytes(_hf(normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]))) == 6
+    metaspace = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    assert max_token_bytes(_hf(metaspace)) == 6
     assert max_token_bytes(_hf(pre_tokenizer=pre_tokenizers.ByteLevel())) == 6
     for shrinking in (dict(normalizer=normalizers.NFKC()), dict(normalizer=normalizers.Lowercase()),
                       dict(normalizer=normalizers.Replace("  ", " ")), dict(normalizer=normalizers.Strip()),

@@ -382,7 +382,8 @@ class _Handlers:
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         try:
-            if self.max_prompt_bytes is not None and sum(_content_chars(m) for m in messages) * 4 > self.max_prompt_bytes:
+            chars = sum(_content_chars(m) for m in messages)
+            if self.max_prompt_bytes is not None and chars * 4 > self.max_prompt_bytes:
                 # Rendering alone (no tokenizing) tells whether the template's text can fit at all.
                 text = await self.off_loop(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
                 self.check_prompt_bytes(text, "messages")
