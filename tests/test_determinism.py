@@ -54,8 +54,9 @@ def test_tokens_do_not_depend_on_cache_batch_chunking_preemption_or_streaming(
         streamed = list(llm.stream_outputs(target, params))[-1]
         assert answer(streamed) == cold, "streaming changed the answer"
 
-        # Prompts prefilled 7 tokens a step, and so few KV blocks that sequences are preempted and recomputed.
-        small = make(tiny_llama_dir, weights, activations, kv, kernels, max_num_batched_tokens=7,
+        # Prompts prefilled 13 tokens a step (the target's last token alone: a row computed by itself, as a
+        # decode is), and so few KV blocks that sequences are preempted and recomputed.
+        small = make(tiny_llama_dir, weights, activations, kv, kernels, max_num_batched_tokens=13,
                      num_kv_blocks=8, enable_prefix_caching=False)
         chunked = small.generate([target], params)[0]
         assert answer(chunked) == cold, "chunked prefill changed the answer"

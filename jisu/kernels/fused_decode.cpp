@@ -255,6 +255,53 @@ inline void pv_all_heads(const float* p, int64_t ld, int64_t H, int64_t G, int64
     }
   }
 }
+
+// ---- the same arithmetic for rows whose K/V chunk is already in cache (prompt rows of one sequence) ----
+// qk_rows / pv_all_heads read each K/V row once for all heads (decode: the cache streams from memory). Rows of a
+// prompt share their keys, which a neighbouring row has just read, so there the loads of q and of the running
+// sums cost more than memory: these take one q head at a time against 4 keys (each key's sum the same FMA
+// chain over the head's lanes and the same lane tree as qk_rows, so the same bits), and keep one head's V sums
+// in registers across the chunk (each element the same FMA chain over the keys in order).
+template <typename KV>
+inline void qk_head_cached(const float* q, int64_t hd, const KV* k, const int64_t* vis, int64_t n, float scale,
+                           float* s) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  alignas(32) float out[8];
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t m = std::min<int64_t>(4, n - j);
+    __m256 a[8];
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+    const KV* r0 = k + vis[j];
+    const KV* r1 = k + vis[j + (m > 1)];
+    const KV* r2 = k + vis[j + (m > 2 ? 2 : 0)];
+    const KV* r3 = k + vis[j + (m > 3 ? 3 : 0)];
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 qi = _mm256_loadu_ps(q + i);
+      a[0] = _mm256_fmadd_ps(qi, load_kv8(r0 + i), a[0]);
+      a[1] = _mm256_fmadd_ps(qi, load_kv8(r1 + i), a[1]);
+      a[2] = _mm256_fmadd_ps(qi, load_kv8(r2 + i), a[2]);
+      a[3] = _mm256_fmadd_ps(qi, load_kv8(r3 + i), a[3]);
+    }
+    _mm256_store_ps(out, _mm256_mul_ps(sum_lanes8(a), sv));
+    for (int64_t u = 0; u < m; ++u) s[j + u] = out[u];
+  }
+}
+
+// acc[c] = sum_j p[j] v_j[c] over the chunk for one head (offset already in v), c < hd.
+template <typename KV>
+inline void pv_head_cached(const float* p, int64_t hd, const KV* v, const int64_t* vis, int64_t n, float* acc) {
+  for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+    const int64_t w = std::min<int64_t>(64, hd - c0) / 8;
+    __m256 a[8];
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 pj = _mm256_broadcast_ss(p + j);
+      const KV* x = v + vis[j] + c0;
+      for (int64_t u = 0; u < w; ++u) a[u] = _mm256_fmadd_ps(pj, load_kv8(x + 8 * u), a[u]);
+    }
+    for (int64_t u = 0; u < w; ++u) _mm256_storeu_ps(acc + c0 + 8 * u, a[u]);
+  }
+}
 #else
 #define JISU_ATTN_VEC 0
 #endif
@@ -387,6 +434,11 @@ class FusedDecoder {
       }
       count_[d] = c;
     }
+    // Rows whose first visible slot a neighbour shares are prompt rows of one sequence: their keys stay in cache.
+    shares_keys_.assign(D, 0);
+    for (int64_t d = 1; d < D; ++d)
+      if (count_[d] > 0 && count_[d - 1] > 0 && visible_[d * ctx] == visible_[(d - 1) * ctx])
+        shares_keys_[d] = shares_keys_[d - 1] = 1;
     const int64_t* sm = slot_mapping.data_ptr<int64_t>();
     for (int64_t d = 0; d < D; ++d) {
       TORCH_CHECK(sm[d] >= 0 && sm[d] < num_slots, "slot_mapping slot ", sm[d], " outside the cache");
@@ -556,6 +608,17 @@ class FusedDecoder {
       const int64_t n = task.j1 - task.j0;
       const int64_t* vis = visible_.data() + task.d * ctx + task.j0;
 #if JISU_ATTN_VEC
+      if (hd_ % 8 == 0 && shares_keys_[task.d]) {
+        const float* q = qkv + task.d * qkvN_;
+        float* part = partial_.data() + t * H_ * stride;
+        for (int64_t h = 0; h < H_; ++h) {
+          float* sh = sc + h * kAttnChunk;
+          qk_head_cached(q + h * hd_, hd_, kc + (h / G) * hd_, vis, n, scale_, sh);
+          softmax_exp(sh, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
+          pv_head_cached(sh, hd_, vc + (h / G) * hd_, vis, n, part + h * stride);
+        }
+        continue;
+      }
       if (hd_ % 8 == 0) {
         const float* q = qkv + task.d * qkvN_;
         float* part = partial_.data() + t * H_ * stride;
@@ -631,6 +694,7 @@ class FusedDecoder {
   std::vector<Layer> layers_;
   std::vector<float> h_, qkv_, attn_, proj_, gu_;
   std::vector<int64_t> visible_, count_, first_task_;
+  std::vector<uint8_t> shares_keys_;  // per row: a neighbour reads the same keys (attention_tasks)
   std::vector<AttnTask> tasks_;
   std::vector<float> partial_;  // per task and q head of its group: acc[hd], max, sum
   std::mutex mutex_;

@@ -1153,10 +1153,14 @@ void register_qlinear(pybind11::module_& m) {
             w.act_bits = v;
           })
       .def("nbytes", &QWeight::nbytes);
-  m.def("qlinear", &qlinear, "y = x @ W.T + b for a QWeight W (float32 x on CPU)");
+  // Without the GIL, as torch's own ops run: a server's event loop (/health, other clients) keeps running while
+  // the engine thread is inside a long product (the soak saw /health wait up to 2.9 s before this).
+  m.def("qlinear", &qlinear, "y = x @ W.T + b for a QWeight W (float32 x on CPU)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("qweight_dequantize", &qweight_dequantize,
         "a QWeight as a float32 [N, K] matrix, or only the rows given (int64 indices, flattened): [len(rows), K]",
-        pybind11::arg("weight"), pybind11::arg("rows") = pybind11::none());
+        pybind11::arg("weight"), pybind11::arg("rows") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   // For benchmarks/bench_qlinear.py: the weights' qweight_matvec calls back to back from C++, as a fused decoder
   // makes them (no Python or tensor overhead between calls); seconds for each of `passes` passes.
   m.def(
