@@ -45,9 +45,7 @@ def decode_sized_products():
 
 
 def set_act_bits(llm, bits: int) -> None:
-    for m in llm.engine.model.modules():
-        if getattr(m, "kernel_weight", None) is not None:
-            m.kernel_weight.act_bits = bits
+    llm.engine.model.set_activation_bits(bits)
 
 
 def main() -> None:

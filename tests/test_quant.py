@@ -269,9 +269,7 @@ def default_model_runs(real_model_path):
 
 
 def _set_activations(llm, act_bits: int) -> None:
-    for m in llm.engine.model.modules():
-        if getattr(m, "kernel_weight", None) is not None:
-            m.kernel_weight.act_bits = act_bits
+    llm.engine.model.set_activation_bits(act_bits)
 
 
 def test_default_model_keeps_its_q4_1_blocks(default_model_runs):

@@ -205,6 +205,15 @@ class LlamaForCausalLM(nn.Module):
         self.model.rotary.to(device)
         self.fused_decode = FusedDecoder.build(self)
 
+    def set_activation_bits(self, bits: int) -> None:
+        """Rounds int8/int4 products' activations to int16 (16) or keeps them float32 (32), on the eager layers and
+        the fused stack alike: the fused stack holds its own copies of the matrices' settings, so it is rebuilt."""
+        for m in self.modules():
+            if getattr(m, "kernel_weight", None) is not None and hasattr(m.kernel_weight, "act_bits"):
+                m.kernel_weight.act_bits = bits
+        if self.fused_decode is not None:
+            self.fused_decode = FusedDecoder.build(self)
+
     def _stored_layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """q/k projections are stored with rotary pairs adjacent (see RotaryEmbedding)."""
         leaf = name.rsplit(".", 2)[-2]

@@ -191,12 +191,7 @@ def decode_batch(context_len: int, num_seqs: int = 1) -> list[SeqWork]:
 
 def seq_work_from_step(step: Any) -> list[SeqWork]:
     """The batch of a runner StepInput (jisu.runner.runner): decode rows first, then prefill chunks."""
-    positions = step.positions.tolist()
-    sampled_rows = set(step.sample_rows.tolist())
-    out = [SeqWork(1, positions[i] + 1, i in sampled_rows) for i in range(step.meta.num_decodes)]
-    for c in step.meta.prefills:
-        out.append(SeqWork(c.length, c.context_len, c.start + c.length - 1 in sampled_rows))
-    return out
+    return [SeqWork(n, context_len, samples) for n, context_len, samples in step.batch]
 
 
 def _check_count(name: str, v: Any) -> None:
@@ -342,8 +337,9 @@ def step_cost(
     q, kv, vocab = heads * d, kv_heads * d, config.vocab_size
     t = sum(s.new_tokens for s in batch)
     sampled = sum(1 for s in batch if s.samples)
-    # Sum over sequences of new x context: the (query, key) pairs attention visits.
-    pairs = sum(s.new_tokens * s.context_len for s in batch)
+    # The (query, key) pairs attention visits: each new token attends its context up to itself (causal), as the
+    # deterministic runner computes it row by row.
+    pairs = sum(s.new_tokens * s.cached + s.new_tokens * (s.new_tokens + 1) // 2 for s in batch)
 
     linear = {
         "qkv_proj": 2 * t * h * (q + 2 * kv) * layers,

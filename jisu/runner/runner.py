@@ -15,7 +15,7 @@ cache (written earlier in the same call, or by an earlier group) when it attends
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ class StepInput:
     """Rows of the flattened tokens whose logits are needed (last token of each sampled sequence)."""
     sampled: list[ScheduledRequest]
     """The sequences that sample, in the order of sample_rows."""
+    batch: list[tuple[int, int, bool]] = field(default_factory=list)
+    """Per scheduled sequence, in row order: (tokens computed, context length after them, whether it samples)."""
     groups: list[RowGroup] | None = None
     """Deterministic steps: the forwards that compute the rows, in order (None: one forward of every row)."""
     logits_group: int | None = None
@@ -97,9 +99,11 @@ class ModelRunner:
         decode_tables, decode_lens = [], []
         prefills: list[PrefillChunk] = []
         sample_rows, sampled = [], []
+        batch = []
         for s in ordered:
             req, n = s.request, s.num_new_tokens
             start_pos = req.num_computed_tokens
+            batch.append((n, start_pos + n, s.samples))
             row = len(ids)
             table = self.blocks.table(req.request_id)
             if n == 1:
@@ -129,6 +133,7 @@ class ModelRunner:
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sampled=sampled,
+            batch=batch,
         )
 
     def _prepare_rows(self, out: SchedulerOutput, group: int) -> StepInput:
@@ -140,10 +145,12 @@ class ModelRunner:
         slots: list[int] = []
         tables: list[list[int]] = []
         sample_rows, sampled = [], []
+        batch = []
         # Rows in prepare()'s order (decodes first), which callers of the runner rely on (eval.scoring).
         for s in sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1):
             req, n = s.request, s.num_new_tokens
             start_pos = req.num_computed_tokens
+            batch.append((n, start_pos + n, s.samples))
             table = self.blocks.table(req.request_id)
             for pos in range(start_pos, start_pos + n):
                 ids.append(_token_at(req, pos))
@@ -168,6 +175,7 @@ class ModelRunner:
             meta=groups[0].meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sampled=sampled,
+            batch=batch,
             groups=groups,
             logits_group=group,
         )
