@@ -482,9 +482,25 @@ _AS_LIMIT = 4 << 30  # a guard for the machine, should a regression try to alloc
 _PEAK_RSS_LIMIT_KB = 1 << 20  # 1 GiB: importing torch takes about a third of it
 
 
+# The child reports its own peak RSS (VmHWM) at exit: getrusage's ru_maxrss would also count the pytest process
+# it was forked from (several GB late in the suite), as Linux keeps the pre-exec high-water mark.
+_CLI_WITH_PEAK = """
+import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as f:
+        peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["JISU_TEST_PEAK_FILE"], "w") as out:
+        out.write(peak)
+atexit.register(report)
+sys.argv = ["jisu"] + sys.argv[1:]
+runpy.run_module("jisu.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_cli(model: Path, timeout_s: float = 30.0) -> tuple[int, str, int, float]:
     """`jisu generate` on `model` in a child process: (exit code, stderr, peak RSS in KiB, seconds)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    peak_file = Path(tempfile.mkdtemp()) / "peak"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", JISU_TEST_PEAK_FILE=str(peak_file))
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (_AS_LIMIT, _AS_LIMIT))
@@ -492,19 +508,20 @@ def run_cli(model: Path, timeout_s: float = 30.0) -> tuple[int, str, int, float]
     with tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jisu.cli", "generate", "hi", "--model", str(model), "--max-tokens", "1"],
+            [sys.executable, "-c", _CLI_WITH_PEAK, "generate", "hi", "--model", str(model), "--max-tokens", "1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env, preexec_fn=limit,
         )
         timer = threading.Timer(timeout_s, proc.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not all children's
+            proc.wait()
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - start
         err.seek(0)
-        return proc.returncode, err.read().decode(errors="replace"), usage.ru_maxrss, seconds
+        peak_kb = int(peak_file.read_text()) if peak_file.exists() else 1 << 40  # killed: no report
+        shutil.rmtree(peak_file.parent, ignore_errors=True)
+        return proc.returncode, err.read().decode(errors="replace"), peak_kb, seconds
 
 
 def _cli_cases(hf: Path, src: Path, root: Path) -> dict[str, tuple[Path, str]]:

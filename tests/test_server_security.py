@@ -37,6 +37,7 @@ from jisu import LLM
 from jisu.server import serve
 from jisu.server.app import LOOPBACK_HOSTS, create_app, max_token_bytes
 from jisu.server.serve import ServerThread
+from test_server import slowed
 
 BASE = "http://127.0.0.1"
 CHAT = [{"role": "user", "content": "hello world"}]
@@ -59,17 +60,6 @@ def client(llm, **kwargs) -> TestClient:
     """The app over TestClient without its lifespan: routes that need no engine thread (auth, parsing,
     tokenize, middleware). Sharing the module's engine is safe as nothing here steps it."""
     return TestClient(create_app(llm.engine, model_name="tiny", **kwargs), base_url=BASE)
-
-
-@contextmanager
-def slowed(engine, seconds: float):
-    """Each engine step takes at least `seconds`, so requests are reliably still running when a test acts."""
-    step = engine.step
-    engine.step = lambda: (time.sleep(seconds), step())[1]
-    try:
-        yield
-    finally:
-        engine.step = step
 
 
 @contextmanager
@@ -496,7 +486,13 @@ def test_queue_limit_counts_only_waiting_requests(tiny_llama_dir):
 
             tasks = [asyncio.create_task(one()) for _ in range(30)]
             await asyncio.wait_for(all_answered.wait(), 20)
-            gauges = [metric(url, "jisu:num_requests_running"), metric(url, "jisu:num_requests_waiting")]
+            # Requests reach the engine thread between its (slowed) steps: the gauges settle within a step or two.
+            deadline = time.monotonic() + 5
+            while True:
+                gauges = [metric(url, "jisu:num_requests_running"), metric(url, "jisu:num_requests_waiting")]
+                if gauges == [4, 8] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             release.set()
             await asyncio.gather(*tasks)
         return statuses, gauges

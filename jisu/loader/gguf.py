@@ -24,7 +24,6 @@ from jisu.loader.checkpoint import Checkpoint
 from jisu.loader.gguf_scan import scan_gguf
 from jisu.loader.gguf_tokenizer import build_gguf_tokenizer
 from jisu.loader.validate import check_tensors_fit_config
-from jisu.loader.validate import expected_shapes as expected_shapes  # re-exported: jisu.profile.estimate
 from jisu.models.config import ModelConfig
 from jisu.quant.formats import QuantizedTensor
 

@@ -23,12 +23,12 @@ from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelErr
 from jisu.loader.gguf import (
     KEPT_BLOCK_FORMATS,
     GGUF_ARCHITECTURES,
-    expected_shapes,
     gguf_to_hf_config,
     hf_tensor_name,
     open_gguf,
     read_metadata,
 )
+from jisu.loader.validate import expected_shapes
 from jisu.loader.resolve import resolve_model
 from jisu.models.config import ModelConfig
 from jisu.profile.roofline import WeightFormat, decode_cost, parameter_count
