@@ -9,6 +9,9 @@ never waits on a forward pass, and a step never waits on a slow client.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
 import queue
 import threading
@@ -221,6 +224,8 @@ class AsyncEngine:
                     self._abort_all("the server shut down before the request finished")
                 if self.engine.has_unfinished_requests():
                     self._step()
+                    if not self.engine.has_unfinished_requests():
+                        release_free_memory()
                 self._publish()
         except BaseException:
             logger.exception("the engine thread stopped on an unexpected error")
@@ -394,3 +399,23 @@ def _aborted(request_id: str, live: _Live) -> RequestOutput:
     else:
         outputs = [CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort") for i in range(live.n)]
     return RequestOutput(request_id, None, live.prompt_ids, outputs, finished=True, metrics=None)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def release_free_memory() -> None:
+    """Returns freed heap pages to the OS (glibc's malloc_trim), called when the engine goes idle.
+
+    NOTE: the engine's, torch's and OpenMP's threads free their buffers into per-thread malloc arenas that glibc
+    rarely shrinks. Soaks of the default model grew the server's RSS by 246 MiB in 2 minutes without this (99 MiB
+    with MALLOC_ARENA_MAX=2) and by 112 MiB in 4 minutes with it (benchmarks/soak.py); what remains is not yet
+    explained. A trim when the last request finishes costs ~10 ms; without glibc it does nothing.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
