@@ -533,8 +533,9 @@ def _tojson(
             raise ChatTemplateLimitError(
                 f"the chat template passed tojson an {what} over {MAX_FORMAT_ARG_CHARS} characters"
             )
-    # Escapes (\uXXXX, or \ud83d\ude00 for one emoji) make JSON up to 12 times longer than the text.
-    m.check_chars(m.size(value) * (12 if ensure_ascii else 2), "a tojson result")
+    # JSON escapes one character into at most 12 (an emoji as \ud83d\ude00 under ensure_ascii) or, without
+    # ensure_ascii, 6 (a control character as \u001f).
+    m.check_chars(m.size(value) * (12 if ensure_ascii else 6), "a tojson result")
     encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     if indent is None:
         return encoder.encode(value)
