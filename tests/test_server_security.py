@@ -35,7 +35,8 @@ from tokenizers.models import BPE
 
 from jisu import LLM
 from jisu.server import serve
-from jisu.server.app import LOOPBACK_HOSTS, create_app, max_token_bytes
+from jisu.server.app import create_app
+from jisu.server.guards import LOOPBACK_HOSTS, max_token_bytes
 from jisu.server.serve import ServerThread
 from test_server import slowed
 

@@ -29,7 +29,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -38,6 +37,7 @@ from jisu.errors import InvalidRequestError, JisuError
 from jisu.server import protocol as p
 from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStream, QueueFullError
 from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from jisu.server.guards import LOOPBACK_HOSTS, HostCheck, is_json, max_token_bytes
 from jisu.server.metrics import ServerMetrics
 
 logger = logging.getLogger("jisu.server")
@@ -45,7 +45,6 @@ logger = logging.getLogger("jisu.server")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 RETRY_AFTER_S = 1
 REQUEST_BODY_TIMEOUT_S = 30.0
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _LONG_TEXT = 16384  # characters; longer prompts are tokenized in a worker thread
 _TOKENIZER_THREADS = 4  # chat templates and long prompts; bounds the CPU a flood of them can take
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -105,7 +104,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     if allowed_hosts is not None and "*" not in allowed_hosts:
-        app.add_middleware(_HostCheck, allowed_hosts=allowed_hosts)
+        app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
 
     body_models = {}
 
@@ -122,44 +121,6 @@ def create_app(
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], response_model=None)
     _register_schemas(app, body_models.values())
     return app
-
-
-# ----------------------------------------------------------------------------- Host check
-
-
-_HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*)(?::(?P<port>\d{1,5}))?")
-
-
-class _HostCheck:
-    """Answers only requests whose Host header names an allowed host (any port). A page on evil.example whose
-    name the attacker re-points at 127.0.0.1 (DNS rebinding) reaches the server as same-origin, but its
-    requests still say Host: evil.example. Entries may be "*.example.com" (any subdomain)."""
-
-    def __init__(self, app, allowed_hosts: Sequence[str]):
-        self.app = app
-        self.exact = {h.lower().rstrip(".") for h in allowed_hosts if not h.startswith("*.")}
-        self.suffixes = tuple(h.lower()[1:] for h in allowed_hosts if h.startswith("*."))
-        self.listed = ", ".join(allowed_hosts)
-
-    def allows(self, header: str | None) -> bool:
-        m = _HOST.fullmatch(header or "")
-        if m is None or not m["host"]:
-            return False
-        host = m["host"].lower().rstrip(".")
-        return host in self.exact or host.endswith(self.suffixes)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        header = Headers(scope=scope).get("host")
-        if self.allows(header):
-            return await self.app(scope, receive, send)
-        what = "no Host header" if header is None else f"Host {header[:100]!r}"
-        message = (f"{what} is not served here: this server answers to {self.listed}; start it with "
-                   f"--allowed-hosts to allow more (a browser page may be trying DNS rebinding)")
-        response = JSONResponse(p.error_body(message, "invalid_request_error", "host", "invalid_host"),
-                                status_code=421)
-        await response(scope, receive, send)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -205,7 +166,7 @@ class _Handlers:
     async def parse(self, request: Request, model: type[BaseModel]):
         self.authorize(request)
         content_type = request.headers.get("content-type")
-        if not _is_json(content_type):
+        if not is_json(content_type):
             # A browser sends text/plain and form bodies cross-site without asking (no CORS preflight).
             got = "no Content-Type" if content_type is None else f"Content-Type {content_type[:100]!r}"
             raise p.APIError(415, f"the request has {got}; send the body as JSON with "
@@ -557,53 +518,8 @@ async def _disconnected(request: Request) -> None:
 # ----------------------------------------------------------------------------- errors and schema
 
 
-_JSON_MEDIA_TYPE = re.compile(r"application/([a-z0-9.!#$&^_-]+\+)?json", re.IGNORECASE)
-
-
-def _is_json(content_type: str | None) -> bool:
-    """application/json or application/<anything>+json, with or without parameters (charset)."""
-    if content_type is None:
-        return False
-    return _JSON_MEDIA_TYPE.fullmatch(content_type.split(";", 1)[0].strip()) is not None
-
-
 def _content_chars(message: dict) -> int:
     return len(message.get("content") or "") + len(message.get("name") or "")
-
-
-# Normalizers and pre-tokenizers that never drop text nor shrink it into fewer bytes than the tokens give back.
-_KEEPS_TEXT = {"ByteLevel", "Metaspace", "Digits", "Prepend"}
-
-
-def max_token_bytes(tokenizer) -> int | None:
-    """The most bytes of text one token of `tokenizer` can stand for (plus one for a leading space a decoder
-    drops), or None when text length bounds nothing: a step of the pipeline may delete or shrink text
-    (whitespace splitting, lowercasing, Unicode normalization) or a fused unknown token may swallow a run."""
-    hf = tokenizer.spec.tokenizer
-    parts = []
-    for step in (hf.normalizer, hf.pre_tokenizer):
-        if step is not None:
-            parts.append(json.loads(step.__getstate__()))
-    while parts:
-        part = parts.pop()
-        kind = part.get("type")
-        if kind == "Sequence":
-            parts.extend(part.get("normalizers") or part.get("pretokenizers") or [])
-        elif kind == "Replace":
-            pattern = part.get("pattern", {}).get("String")
-            if pattern is None or len(part.get("content", "").encode()) < len(pattern.encode()):
-                return None
-        elif kind in ("Split", "Punctuation"):
-            if part.get("behavior") == "Removed":
-                return None
-        elif kind not in _KEEPS_TEXT:
-            return None
-    model = hf.model
-    if type(model).__name__ != "BPE" or (getattr(model, "unk_token", None) and getattr(model, "fuse_unk", False)
-                                        and not getattr(model, "byte_fallback", False)):
-        return None
-    pieces = hf.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
-    return max(len(piece.encode("utf-8", "surrogatepass")) for piece in pieces) + 1
 
 
 def _params(req):

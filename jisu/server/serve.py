@@ -75,7 +75,7 @@ def is_loopback(host: str) -> bool:
 def allowed_hosts_for(bind_host: str, flag: str | None) -> list[str] | None:
     """The Host names the app answers to (None: any). Bound to loopback, only the loopback names unless the
     flag adds more; bound elsewhere, any unless the flag names them (the loopback names are always fine)."""
-    from jisu.server.app import LOOPBACK_HOSTS
+    from jisu.server.guards import LOOPBACK_HOSTS
 
     extra = _split(flag)
     if "*" in extra or (not extra and not is_loopback(bind_host)):
