@@ -18,13 +18,11 @@ Where the checks sit:
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import json
-import time
 import types
-from collections.abc import Iterator, MappingView
+from collections.abc import Iterator
 from datetime import datetime
 from string import Formatter
 from typing import Any
@@ -36,382 +34,43 @@ from jinja2.compiler import CodeGenerator
 from jinja2.ext import Extension
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import LoopContext
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
-from jinja2.utils import Namespace, pass_context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import pass_context
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
 
-from jisu.errors import JisuError
-
-# Real templates are a few kB to a few tens of kB (a few thousand Jinja tokens). Parsing and compiling take
-# time per token, about 2 s for 50,000 on a slow machine; the character cap only bounds reading the text.
-MAX_TEMPLATE_CHARS = 1_000_000
-MAX_TEMPLATE_TOKENS = 50_000
-# Lexing, parsing and generating code check this deadline; Python's compile() of the result is bounded by
-# the token cap.
-COMPILE_SECONDS = 5.0
-# A chat template renders in milliseconds; seconds means a loop bomb, and it blocks the request meanwhile.
-RENDER_SECONDS = 2.0
-# The rendered prompt: 1 MB of template text plus room for the messages it quotes (twice: e.g. raw and JSON).
-MAX_OUTPUT_CHARS = 1_000_000
-OUTPUT_CHARS_PER_INPUT_CHAR = 2
-# Everything a render builds (strings, lists, output), summed over the render and never given back, in
-# characters (a list element counts 8): bounds memory even when values are dropped and rebuilt.
-WORK_PER_OUTPUT_CHAR = 16
-# Loop iterations in one render, over all loops together; ranges longer than this are refused outright.
-MAX_LOOP_ITERATIONS = 1_000_000
-# Nested calls (macros calling macros, recursive loops); real templates nest a few levels for JSON schemas.
-MAX_CALL_DEPTH = 50
-# Nesting of lists and dicts a template may print or serialize.
-MAX_NESTING = 100
-# Integers from ** and *: 4096 bits is ~1200 digits; chat templates count messages, they do not need bignums.
-MAX_INT_BITS = 4096
-# indent/separators of tojson, and strftime_now formats: long ones only multiply the output.
-MAX_FORMAT_ARG_CHARS = 64
-# A Python object inside a list or dict: its pointer, or the ", " it prints as.
-_ELEMENT_CHARS = 8
-# Error messages quote template-made text (raise_exception); keep them readable.
-_MAX_MESSAGE_CHARS = 500
-
-
-class ChatTemplateError(JisuError):
-    """The model's chat template failed to render or tried something the sandbox forbids."""
-
-
-class ChatTemplateLimitError(ChatTemplateError):
-    """The chat template went over one of this module's limits (the message names which)."""
-
-
-_METER: contextvars.ContextVar["_Meter | None"] = contextvars.ContextVar("jisu_chat_template_meter", default=None)
-
-
-class _Meter:
-    """Time, work and size accounting for one compile or render."""
-
-    def __init__(self, seconds: float, max_chars: int, phase: str):
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
-        self.max_chars = max_chars
-        self.budget = max_chars * WORK_PER_OUTPUT_CHAR
-        self.used = 0
-        self.iterations = 0
-        self.depth = 0
-        self.phase = phase
-        # Sizes of large containers already measured, keyed by id; the value keeps the object alive so the
-        # id cannot be reused during the render. Containers the template sees cannot be mutated (immutable
-        # sandbox), except namespaces, which are never cached.
-        self._sizes: dict[int, tuple[Any, int]] = {}
-
-    def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise ChatTemplateLimitError(f"the chat template's {self.phase} took longer than {self.seconds:g} s")
-
-    def check_chars(self, n: int, what: str) -> None:
-        """Refuse before building something of about n characters that would be over a limit."""
-        if n > self.max_chars:
-            raise ChatTemplateLimitError(
-                f"{what} would be {n:,} characters, over the chat template limit of {self.max_chars:,}"
-            )
-        if self.used + n > self.budget:
-            self._over_budget(n)
-
-    def check(self, value: Any, what: str) -> int:
-        n = self.size(value)
-        self.check_chars(n, what)
-        return n
-
-    def charge(self, n: int) -> None:
-        self.used += n
-        if self.used > self.budget:
-            self._over_budget(0)
-
-    def _over_budget(self, n: int) -> None:
-        raise ChatTemplateLimitError(
-            f"the chat template built more than {self.budget:,} characters of values in one {self.phase} "
-            f"({self.used + n:,} so far)"
-        )
-
-    def count_iteration(self, weight: int) -> None:
-        self.iterations += 1
-        if self.iterations > MAX_LOOP_ITERATIONS:
-            raise ChatTemplateLimitError(
-                f"the chat template ran more than {MAX_LOOP_ITERATIONS:,} loop iterations in one {self.phase}"
-            )
-        self.tick()
-        self.charge(weight)
-
-    def size(self, value: Any) -> int:
-        """About how many characters value prints as (and so, within a small factor, how much memory it holds).
-
-        Shared references count once per reference, as printing or serializing repeats them. Stops counting
-        past the budget, so measuring is never much more work than the work already charged.
-        """
-        return self._size(value, 0, self.budget + 1)
-
-    def _size(self, value: Any, depth: int, cap: int) -> int:
-        if isinstance(value, str):
-            return len(value)
-        if isinstance(value, (bytes, bytearray)):
-            return 4 * len(value)  # repr writes \xNN
-        if isinstance(value, bool) or value is None:
-            return _ELEMENT_CHARS
-        if isinstance(value, int):
-            return value.bit_length() // 3 + 2  # decimal digits, over-estimated
-        if isinstance(value, float):
-            return 24
-        if isinstance(value, range):
-            try:
-                return _ELEMENT_CHARS * (len(value) + 1)
-            except OverflowError:
-                return cap
-        if isinstance(value, Namespace):  # mutable: measured afresh each time
-            value, cacheable = object.__getattribute__(value, "_Namespace__attrs"), False
-        elif isinstance(value, MappingView) and isinstance(getattr(value, "mapping", None), dict):
-            value, cacheable = value.mapping, True  # d.items() prints every item
-        elif isinstance(value, (list, tuple, dict, set, frozenset)):
-            cacheable = True
-        else:
-            return 64  # anything else prints as a short repr
-        if cacheable and (cached := self._sizes.get(id(value))) is not None:
-            return cached[1]
-        if depth >= MAX_NESTING:
-            raise ChatTemplateLimitError(f"the chat template used values nested more than {MAX_NESTING} levels deep")
-        total = _ELEMENT_CHARS * (len(value) + 1)
-        if isinstance(value, dict):
-            parts: Any = (x for kv in value.items() for x in kv)
-        else:
-            parts = value
-        for x in parts:
-            total += _ELEMENT_CHARS + self._size(x, depth + 1, cap)
-            if total >= cap:
-                total = cap
-                break
-        if cacheable and len(value) >= 16:
-            self._sizes[id(value)] = (value, total)
-        return total
-
-
-def _meter() -> _Meter:
-    meter = _METER.get()
-    if meter is None:  # guarded code reached outside ChatTemplate.render / compile
-        raise ChatTemplateError("chat template code ran outside a metered render")
-    return meter
-
-
-def _limit_message(e: BaseException) -> str:
-    text = str(e)
-    return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
-
-
-# ----------------------------------------------------------------------------- size estimates before work
-
-
-def _int_bits(x: Any) -> int:
-    return abs(x).bit_length() if isinstance(x, int) else 0
-
-
-def _check_pow(m: _Meter, base: Any, exp: Any) -> None:
-    if isinstance(base, int) and isinstance(exp, int) and exp > 0 and abs(base) > 1:
-        bits = base.bit_length() * exp if exp < MAX_INT_BITS + 1 else MAX_INT_BITS + 1
-        if bits > MAX_INT_BITS:
-            raise ChatTemplateLimitError(
-                f"the chat template computed a power ({_short_int(base)} ** {_short_int(exp)}) over the "
-                f"{MAX_INT_BITS}-bit integer limit"
-            )
-
-
-def _short_int(x: int) -> str:
-    return str(x) if x.bit_length() < 64 else f"<{x.bit_length()}-bit integer>"
-
-
-def _check_mul(m: _Meter, left: Any, right: Any) -> None:
-    if isinstance(left, int) and isinstance(right, int):
-        if _int_bits(left) + _int_bits(right) > MAX_INT_BITS:
-            raise ChatTemplateLimitError(f"the chat template multiplied integers past the {MAX_INT_BITS}-bit limit")
-        return
-    for seq, n in ((left, right), (right, left)):
-        if isinstance(n, int) and isinstance(seq, (str, bytes, list, tuple)):
-            if n > 0:
-                m.check_chars(m.size(seq) * n, "a repeated string or list (*)")
-            return
-
-
-def _check_add(m: _Meter, left: Any, right: Any) -> None:
-    if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)):
-        m.check_chars(m.size(left) + m.size(right), "a concatenation (+)")
-
-
-def _printf_specs(fmt: str) -> list[tuple[str | None, int, int, str]]:
-    """The conversions of a %-format string as (mapping key, width, precision, type), as Python parses them."""
-    specs = []
-    i, n = 0, len(fmt)
-    while True:
-        i = fmt.find("%", i)
-        if i < 0 or i + 1 >= n:
-            return specs
-        i += 1
-        key = None
-        if fmt[i] == "(":
-            depth, j = 1, i + 1
-            while j < n and depth:
-                depth += {"(": 1, ")": -1}.get(fmt[j], 0)
-                j += 1
-            key, i = fmt[i + 1 : j - 1], j
-        while i < n and fmt[i] in "#0- +":
-            i += 1
-        numbers = []
-        for lead in ("", "."):
-            if lead:
-                if i >= n or fmt[i] != ".":
-                    numbers.append(0)
-                    continue
-                i += 1
-            if i < n and fmt[i] == "*":
-                raise ChatTemplateLimitError("the chat template used a '*' width in % formatting, which is not allowed")
-            j = i
-            while j < n and fmt[j].isdigit():
-                j += 1
-            numbers.append(0 if j == i else int(fmt[i:j]) if j - i < 19 else 10**18)
-            i = j
-        while i < n and fmt[i] in "hlL":
-            i += 1
-        if i < n:
-            specs.append((key, numbers[0], numbers[1], fmt[i]))
-            i += 1
-
-
-def _check_printf(m: _Meter, fmt: Any, args: Any) -> None:
-    """Refuse a % formatting whose result would be over the limits, before Python builds it."""
-    if not isinstance(fmt, str):
-        return
-    total = len(fmt)
-    position = 0
-    for key, width, precision, kind in _printf_specs(fmt):
-        if kind == "%":
-            continue
-        if key is not None:
-            try:
-                arg = args[key]
-            except Exception:
-                arg = None  # Python raises its own error for a missing key
-        elif isinstance(args, tuple):
-            arg = args[position] if position < len(args) else None
-            position += 1
-        else:
-            arg = args
-        arg_chars = m.size(arg) * (10 if kind in "ra" else 1)  # repr escapes
-        total += width + precision + arg_chars + (320 if kind in "fF" else 0)  # %f of 1e308 has 309 digits
-        m.check_chars(total, "a % formatted string")
-
-
-def _check_format_spec(m: _Meter, value: Any, spec: str, so_far: int) -> int:
-    """Size of str.format's result for one field, estimated from the spec's width and precision."""
-    digits, numbers = "", []
-    for c in spec + "\0":
-        if c.isdigit():
-            digits += c
-        elif digits:
-            numbers.append(int(digits) if len(digits) < 19 else 10**18)
-            digits = ""
-    est = so_far + sum(numbers) + m.size(value) + (320 if spec.endswith(("f", "F", "%")) else 0)
-    m.check_chars(est, "a str.format result")
-    return est
-
-
-class _BoundedFormatterMixin:
-    """str.format in the sandbox (attribute lookups through it), with each field's size checked first."""
-
-    _produced = 0
-
-    def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
-        self._produced = len(format_string)
-        return super().vformat(format_string, args, kwargs)  # type: ignore[misc]
-
-    def format_field(self, value: Any, format_spec: str) -> Any:
-        m = _meter()
-        m.tick()
-        _check_format_spec(m, value, format_spec, self._produced)
-        out = super().format_field(value, format_spec)  # type: ignore[misc]
-        self._produced += len(out)
-        m.check_chars(self._produced, "a str.format result")
-        return out
-
-
-class _BoundedFormatter(_BoundedFormatterMixin, SandboxedFormatter):
-    pass
-
-
-class _BoundedEscapeFormatter(_BoundedFormatterMixin, SandboxedEscapeFormatter):
-    pass
-
-
-def _str_method_args(method: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Checks a str/bytes/int method call that can build something far larger than its inputs.
-
-    Returns the arguments to call it with (join's iterable is read here, metered, so a one-shot iterator is
-    replaced by the list it produced).
-    """
-    owner = getattr(method, "__self__", None)
-    name = getattr(method, "__name__", "")
-    m = _meter()
-    if isinstance(owner, int) and not isinstance(owner, bool) and name == "to_bytes":
-        length = args[0] if args else kwargs.get("length", 1)
-        if isinstance(length, int):
-            m.check_chars(4 * length, "int.to_bytes")
-        return args, kwargs
-    if not isinstance(owner, (str, bytes)):
-        return args, kwargs
-    n = len(owner)
-    try:
-        bound = inspect.signature(getattr(type(owner), name)).bind(owner, *args, **kwargs).arguments
-    except (TypeError, ValueError):
-        return args, kwargs  # a wrong call: Python raises its own error
-    if name in ("center", "ljust", "rjust", "zfill"):
-        width = bound.get("width")
-        if isinstance(width, int):
-            m.check_chars(max(n, width), f"str.{name}")
-    elif name == "expandtabs":
-        tabsize = bound.get("tabsize", 8)
-        if isinstance(tabsize, int):
-            tabs = owner.count("\t" if isinstance(owner, str) else b"\t")
-            m.check_chars(n + tabs * max(tabsize, 0), "str.expandtabs")
-    elif name == "replace":
-        _check_replace(m, owner, bound.get("old"), bound.get("new"), bound.get("count", -1))
-    elif name == "translate":
-        table = bound.get("table")
-        longest = max((m.size(v) for v in table.values()), default=1) if isinstance(table, dict) else 1
-        m.check_chars(n * max(longest, 1), "str.translate")
-    elif name == "join":
-        items = _metered_list(m, bound.get("iterable", ()), "str.join")
-        m.check_chars(sum(m.size(x) for x in items) + n * max(len(items) - 1, 0), "str.join")
-        return (items,), {}
-    return args, kwargs
-
-
-def _check_replace(m: _Meter, s: Any, old: Any, new: Any, count: Any) -> None:
-    if not (isinstance(s, (str, bytes)) and isinstance(old, type(s)) and isinstance(new, type(s))):
-        return
-    hits = s.count(old) if old else len(s) + 1
-    if isinstance(count, int) and count >= 0:
-        hits = min(hits, count)
-    m.check_chars(len(s) + hits * max(len(new) - len(old), 0), "a replace")
-
-
-def _metered_list(m: _Meter, iterable: Any, what: str) -> list:
-    """list(iterable), counting its items against the loop and size limits as they come."""
-    out, total = [], 0
-    for item in iterable:
-        m.count_iteration(0)
-        total += m.size(item) + _ELEMENT_CHARS
-        m.check_chars(total, what)
-        out.append(item)
-    return out
-
+from jisu.template_limits import (
+    BoundedEscapeFormatter,
+    BoundedFormatter,
+    COMPILE_SECONDS,
+    ChatTemplateError,
+    ChatTemplateLimitError,
+    ELEMENT_CHARS,
+    MAX_CALL_DEPTH,
+    MAX_FORMAT_ARG_CHARS,
+    MAX_LOOP_ITERATIONS,
+    MAX_OUTPUT_CHARS,
+    MAX_TEMPLATE_CHARS,
+    MAX_TEMPLATE_TOKENS,
+    METER,
+    Meter,
+    OUTPUT_CHARS_PER_INPUT_CHAR,
+    RENDER_SECONDS,
+    check_add,
+    check_mul,
+    check_pow,
+    check_printf,
+    check_replace,
+    current_meter,
+    limit_message,
+    metered_list,
+    str_method_args,
+)
 
 # ----------------------------------------------------------------------------- filters
 
 
-def _check_filter_args(name: str, m: _Meter, bound: dict[str, Any]) -> None:
+def _check_filter_args(name: str, m: Meter, bound: dict[str, Any]) -> None:
     """Filters whose output size is set by an argument rather than by their input."""
     if name == "center":
         width = bound.get("width", 80)
@@ -428,14 +87,14 @@ def _check_filter_args(name: str, m: _Meter, bound: dict[str, Any]) -> None:
             breaks = len(s) // width + sum(s.count(c) for c in " \t\n-") + 1
             m.check_chars(len(s) + breaks * (len(wrap) if isinstance(wrap, str) else 1), "the wordwrap filter's output")
     elif name == "replace":
-        _check_replace(m, bound.get("s"), bound.get("old"), bound.get("new"), bound.get("count"))
+        check_replace(m, bound.get("s"), bound.get("old"), bound.get("new"), bound.get("count"))
     elif name == "format":
         args, kwargs = bound.get("args", ()), bound.get("kwargs", {})
-        _check_printf(m, bound.get("value"), kwargs or args)
+        check_printf(m, bound.get("value"), kwargs or args)
     elif name in ("batch", "slice"):
         n = bound.get("linecount" if name == "batch" else "slices")
         if isinstance(n, int):
-            m.check_chars(n * _ELEMENT_CHARS, f"the {name} filter's output")
+            m.check_chars(n * ELEMENT_CHARS, f"the {name} filter's output")
     elif name == "join":
         value, sep = bound.get("value"), bound.get("d", "")
         if isinstance(sep, str) and hasattr(value, "__len__"):
@@ -454,11 +113,11 @@ def _guard_filter(name: str, func: Any) -> Any:
 
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        m = _meter()
+        m = current_meter()
         m.tick()
         # A lazy input (map, select, a generator) is read here, each item counted as it comes.
-        args = tuple(_metered_list(m, a, f"the {name} filter's input") if _is_lazy(a) else a for a in args)
-        kwargs = {k: _metered_list(m, v, f"the {name} filter's input") if _is_lazy(v) else v for k, v in kwargs.items()}
+        args = tuple(metered_list(m, a, f"the {name} filter's input") if _is_lazy(a) else a for a in args)
+        kwargs = {k: metered_list(m, v, f"the {name} filter's input") if _is_lazy(v) else v for k, v in kwargs.items()}
         for a in args[1 if passes_first else 0 :]:
             m.check(a, f"the {name} filter's input")
         if signature is not None:
@@ -472,7 +131,7 @@ def _guard_filter(name: str, func: Any) -> Any:
                 break
         result = func(*args, **kwargs)
         if isinstance(result, Iterator) and not isinstance(result, (str, list, tuple, dict)):
-            return _MeteredIterator(result, _ELEMENT_CHARS, charge_items=True)
+            return _MeteredIterator(result, ELEMENT_CHARS, charge_items=True)
         m.charge(m.size(result))
         return result
 
@@ -493,7 +152,7 @@ class _MeteredIterator:
         self._it = iter(iterable)
         self.weight = weight
         self._charge_items = charge_items
-        self._meter = _meter()
+        self._meter = current_meter()
 
     def __iter__(self) -> "_MeteredIterator":
         return self
@@ -514,7 +173,7 @@ def _sum_filter(environment: Any, iterable: Any, attribute: Any = None, start: A
     # jinja's sum is Python's sum(), which adds lists in quadratic time; add through the metered +.
     getter = jinja2.filters.make_attrgetter(environment, attribute) if attribute is not None else None
     total = start
-    for item in _MeteredIterator(iterable, _ELEMENT_CHARS):
+    for item in _MeteredIterator(iterable, ELEMENT_CHARS):
         total = environment.call_binop(None, "+", total, getter(item) if getter else item)
     return total
 
@@ -526,7 +185,7 @@ def _tojson(
     value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
 ) -> str:
     # Jinja's own tojson escapes HTML characters, which changes prompts; templates expect plain JSON.
-    m = _meter()
+    m = current_meter()
     for what, arg in (("indent", indent), ("separators", separators)):
         too_wide = isinstance(arg, int) and not isinstance(arg, bool) and arg > MAX_FORMAT_ARG_CHARS
         if too_wide or m.size(arg) > MAX_FORMAT_ARG_CHARS:
@@ -579,7 +238,7 @@ class _CountTokens(Extension):
     """Caps the template's tokens and checks the compile deadline while jinja lexes and parses."""
 
     def filter_stream(self, stream: Any) -> Any:
-        m = _meter()
+        m = current_meter()
         for count, token in enumerate(stream, 1):
             if count > MAX_TEMPLATE_TOKENS:
                 raise ChatTemplateLimitError(
@@ -592,7 +251,7 @@ class _CountTokens(Extension):
 
 class _MeteredCodeGenerator(CodeGenerator):
     def visit(self, node: nodes.Node, *args: Any, **kwargs: Any) -> Any:
-        _meter().tick()
+        current_meter().tick()
         return super().visit(node, *args, **kwargs)
 
 
@@ -653,9 +312,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             return None
         is_map = value.__name__ == "format_map"
         if isinstance(owner, Markup):
-            formatter: Formatter = _BoundedEscapeFormatter(self, escape=owner.escape)
+            formatter: Formatter = BoundedEscapeFormatter(self, escape=owner.escape)
         else:
-            formatter = _BoundedFormatter(self)
+            formatter = BoundedFormatter(self)
 
         def bounded_format(*args: Any, **kwargs: Any) -> str:
             if is_map:
@@ -669,16 +328,16 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     # -- operators and calls
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        m = _meter()
+        m = current_meter()
         m.tick()
         if operator == "**":
-            _check_pow(m, left, right)
+            check_pow(m, left, right)
         elif operator == "*":
-            _check_mul(m, left, right)
+            check_mul(m, left, right)
         elif operator == "+":
-            _check_add(m, left, right)
+            check_add(m, left, right)
         elif operator == "%":
-            _check_printf(m, left, right)
+            check_printf(m, left, right)
         result = self.binop_table[operator](left, right)
         if isinstance(result, (str, bytes, list, tuple)):
             m.charge(m.size(result))
@@ -689,17 +348,17 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         scope = {k: kwargs.pop(k) for k in ("_loop_vars", "_block_vars") if k in kwargs}
         if getattr(__obj, _INTERNAL, False):
             return __obj(*args, **kwargs)
-        m = _meter()
+        m = current_meter()
         m.tick()
         if not __self.is_safe_callable(__obj):
             raise SecurityError(f"{__obj!r} is not safely callable")
         for a in (*args, *kwargs.values()):
             m.check(a, "a call's argument")
         if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive for-loop
-            weight = getattr(__obj._iterable, "weight", _ELEMENT_CHARS)
+            weight = getattr(__obj._iterable, "weight", ELEMENT_CHARS)
             args = (_MeteredIterator(args[0], weight), *args[1:])
         else:
-            args, kwargs = _str_method_args(__obj, args, kwargs)
+            args, kwargs = str_method_args(__obj, args, kwargs)
         if m.depth >= MAX_CALL_DEPTH:
             raise ChatTemplateLimitError(f"the chat template nested calls more than {MAX_CALL_DEPTH} deep")
         m.depth += 1
@@ -719,7 +378,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     @_internal
     def _jisu_tilde(self, *pieces: Any) -> str:
-        m = _meter()
+        m = current_meter()
         m.tick()
         m.check_chars(sum(m.size(p) for p in pieces), "a concatenation (~)")
         text = "".join(map(str, pieces))
@@ -728,12 +387,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     @_internal
     def _jisu_tick(self, value: Any) -> Any:
-        _meter().tick()
+        current_meter().tick()
         return value
 
     @_internal
     def _jisu_sliced(self, value: Any) -> Any:
-        m = _meter()
+        m = current_meter()
         m.tick()
         m.charge(m.size(value))
         return value
@@ -744,13 +403,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def _finalize(self, context: Any, value: Any) -> Any:
         # Each {{ }}: its printed size is checked before str() builds it. pass_context also keeps jinja from
         # finalizing constants at compile time.
-        m = _meter()
+        m = current_meter()
         m.tick()
         m.charge(m.check(value, "a printed value"))
         return value
 
     def _concat(self, pieces: Any) -> str:
-        m = _meter()
+        m = current_meter()
         m.tick()
         pieces = list(pieces)
         total = sum(len(p) for p in pieces)
@@ -774,7 +433,7 @@ class _Guards(NodeTransformer):
         node = self.generic_visit(node)
         # Each iteration may append every piece of literal text in its body to an output buffer; charge that.
         pieces = sum(1 for stmt in node.body for _ in stmt.find_all(nodes.TemplateData))
-        weight = _ELEMENT_CHARS * (1 + pieces)
+        weight = ELEMENT_CHARS * (1 + pieces)
         node.iter = self._hook("_jisu_loop", [node.iter, nodes.Const(weight, lineno=node.lineno)], node)
         return node
 
@@ -807,8 +466,8 @@ class ChatTemplate:
             )
         self.source = source
         self._env = _Sandbox()
-        meter = _Meter(COMPILE_SECONDS, MAX_OUTPUT_CHARS, "compile")
-        token = _METER.set(meter)
+        meter = Meter(COMPILE_SECONDS, MAX_OUTPUT_CHARS, "compile")
+        token = METER.set(meter)
         try:
             tree = self._env.parse(source)
             tree = _Guards(self._env).visit(tree)
@@ -816,20 +475,20 @@ class ChatTemplate:
         except ChatTemplateError:
             raise
         except jinja2.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"the model's chat template does not parse: {_limit_message(e)}") from None
+            raise ChatTemplateError(f"the model's chat template does not parse: {limit_message(e)}") from None
         except RecursionError:
             raise ChatTemplateLimitError("the model's chat template is nested too deeply to compile") from None
         except Exception as e:  # the template compiler on text it was not built for
             raise ChatTemplateError(
-                f"the model's chat template does not compile: {type(e).__name__}: {_limit_message(e)}"
+                f"the model's chat template does not compile: {type(e).__name__}: {limit_message(e)}"
             ) from None
         finally:
-            _METER.reset(token)
+            METER.reset(token)
 
     def render(self, variables: dict[str, Any], input_chars: int = 0) -> str:
         """The template's output for these variables; input_chars (the messages' text) widens the size limits."""
-        meter = _Meter(RENDER_SECONDS, MAX_OUTPUT_CHARS + OUTPUT_CHARS_PER_INPUT_CHAR * input_chars, "render")
-        token = _METER.set(meter)
+        meter = Meter(RENDER_SECONDS, MAX_OUTPUT_CHARS + OUTPUT_CHARS_PER_INPUT_CHAR * input_chars, "render")
+        token = METER.set(meter)
         stream = None
         try:
             stream = self._template.generate(**variables)
@@ -841,22 +500,22 @@ class ChatTemplate:
                 chunks.append(chunk)
             return "".join(chunks)
         except ChatTemplateError as e:
-            raise type(e)(_limit_message(e)) from None
+            raise type(e)(limit_message(e)) from None
         except SecurityError as e:
             raise ChatTemplateError(
-                f"the model's chat template was refused by the sandbox: {_limit_message(e)}"
+                f"the model's chat template was refused by the sandbox: {limit_message(e)}"
             ) from None
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"the model's chat template failed: {_limit_message(e)}") from None
+            raise ChatTemplateError(f"the model's chat template failed: {limit_message(e)}") from None
         except RecursionError:
             raise ChatTemplateLimitError("the model's chat template recursed too deeply") from None
         except MemoryError:
             raise ChatTemplateLimitError("the model's chat template ran out of memory") from None
         except Exception as e:  # a template doing arithmetic on what the messages lack, e.g. None + str
             raise ChatTemplateError(
-                f"the model's chat template failed on these messages: {type(e).__name__}: {_limit_message(e)}"
+                f"the model's chat template failed on these messages: {type(e).__name__}: {limit_message(e)}"
             ) from None
         finally:
             if stream is not None:
                 stream.close()
-            _METER.reset(token)
+            METER.reset(token)

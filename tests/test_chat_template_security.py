@@ -11,14 +11,8 @@ import time
 import pytest
 from tiny_models import _CHAT_TEMPLATES, corpus, tiny_tokenizer
 
-from jisu.chat_template import (
-    MAX_LOOP_ITERATIONS,
-    MAX_TEMPLATE_CHARS,
-    MAX_TEMPLATE_TOKENS,
-    ChatTemplate,
-    ChatTemplateError,
-    ChatTemplateLimitError,
-)
+from jisu.chat_template import ChatTemplate, ChatTemplateError, ChatTemplateLimitError
+from jisu.template_limits import MAX_LOOP_ITERATIONS, MAX_TEMPLATE_CHARS, MAX_TEMPLATE_TOKENS
 from jisu.errors import JisuError
 from jisu.loader.checkpoint import TokenizerSpec
 from jisu.tokenizer import Tokenizer
