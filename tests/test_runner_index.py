@@ -28,9 +28,9 @@ def test_decode_index_matches_the_block_tables(window):
     # Tables may hold more blocks than a sequence needs (allocated ahead); their order is arbitrary.
     tables = [torch.randperm(64, generator=g)[: -(-n // block_size) + extra].tolist() for n, extra in
               zip(lens, [0, 1, 0, 2, 0])]
-    runner = ModelRunner(None, SimpleNamespace(sliding_window=window), SimpleNamespace(block_size=block_size),
+    runner = ModelRunner(None, SimpleNamespace(attention_windows=(window,)), SimpleNamespace(block_size=block_size),
                          None, "cpu")
-    gather, mask = runner._decode_index(tables, lens)
+    gather, mask = runner._decode_index(tables, lens, window)
     want_gather, want_mask = reference(tables, lens, block_size, window)
     assert torch.equal(gather, want_gather) and torch.equal(mask, want_mask)
     assert gather.dtype == torch.long and mask.dtype == torch.bool

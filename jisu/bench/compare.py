@@ -190,11 +190,13 @@ class LlamaCppEngine:
         return time.perf_counter() - start, tokens
 
     def weight_format(self):
-        from jisu.loader.gguf import hf_tensor_name, open_gguf
+        from jisu.loader.gguf import hf_tensor_name, open_gguf, read_metadata
+        from jisu.models.arch import for_gguf
         from jisu.profile.roofline import WeightFormat
 
         reader = open_gguf(self.path)
-        rows = [(hf_tensor_name(t.name), int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+        table = for_gguf(str(read_metadata(reader).get("general.architecture"))).gguf_tensors
+        rows = [(hf_tensor_name(t.name, table), int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
         tied = not any(name == "lm_head.weight" for name, _, _ in rows)
         return WeightFormat.from_tensors([r for r in rows if r[0]], tied, name="GGUF as stored")
 

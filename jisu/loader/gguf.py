@@ -24,11 +24,14 @@ from jisu.loader.checkpoint import Checkpoint
 from jisu.loader.gguf_scan import scan_gguf
 from jisu.loader.gguf_tokenizer import build_gguf_tokenizer
 from jisu.loader.validate import check_tensors_fit_config
+from jisu.models.arch import GGUF_ARCHITECTURES as _GGUF_MODULES
+from jisu.models.arch import for_gguf
+from jisu.models.arch.base import COMMON_GGUF_TENSORS, Architecture
 from jisu.models.config import ModelConfig
 from jisu.quant.formats import QuantizedTensor
 
-# GGUF `general.architecture` -> config.json architecture. Mistral GGUFs are written as "llama".
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES: dict[str, str] = {name: for_gguf(name).hf_name for name in _GGUF_MODULES}
+"""GGUF `general.architecture` -> config.json architecture. Mistral GGUFs are written as "llama"."""
 
 Q = GGMLQuantizationType
 # F16/BF16 stay in their dtype; the block formats are dequantized to float32 unless kept as blocks
@@ -38,24 +41,6 @@ SUPPORTED_TENSOR_TYPES = (
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 )  # fmt: skip
 
-# GGUF tensor name -> HF parameter name; {n} is the layer index.
-TENSOR_NAMES: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{n}.attn_norm.weight": "model.layers.{n}.input_layernorm.weight",
-    "blk.{n}.attn_q.weight": "model.layers.{n}.self_attn.q_proj.weight",
-    "blk.{n}.attn_k.weight": "model.layers.{n}.self_attn.k_proj.weight",
-    "blk.{n}.attn_v.weight": "model.layers.{n}.self_attn.v_proj.weight",
-    "blk.{n}.attn_q.bias": "model.layers.{n}.self_attn.q_proj.bias",
-    "blk.{n}.attn_k.bias": "model.layers.{n}.self_attn.k_proj.bias",
-    "blk.{n}.attn_v.bias": "model.layers.{n}.self_attn.v_proj.bias",
-    "blk.{n}.attn_output.weight": "model.layers.{n}.self_attn.o_proj.weight",
-    "blk.{n}.ffn_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
-    "blk.{n}.ffn_gate.weight": "model.layers.{n}.mlp.gate_proj.weight",
-    "blk.{n}.ffn_up.weight": "model.layers.{n}.mlp.up_proj.weight",
-    "blk.{n}.ffn_down.weight": "model.layers.{n}.mlp.down_proj.weight",
-}
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 # llama.cpp stores Llama 3.1-style rope scaling as per-dimension factors in this tensor, not as metadata.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -83,7 +68,8 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
     arch_name = meta.get("general.architecture")
     if not isinstance(arch_name, str):
         raise ModelLoadError(f"{path}: GGUF metadata lacks general.architecture")
-    hf_arch = _gguf_architecture(arch_name, path)
+    spec = _gguf_architecture(arch_name, path)
+    hf_arch = spec.hf_name
 
     by_name = {t.name: t for t in reader.tensors}
     hf_config = gguf_to_hf_config(meta, arch_name, hf_arch, by_name, path)
@@ -93,11 +79,11 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
     for gguf_name in by_name:
         if gguf_name == _ROPE_FREQS:
             continue  # folded into config.rope_scaling by gguf_to_hf_config
-        hf_name = hf_tensor_name(gguf_name)
+        hf_name = hf_tensor_name(gguf_name, spec.gguf_tensors)
         if hf_name is None:
             raise UnsupportedModelError(
                 f"{path}: unexpected tensor {gguf_name!r} for a {arch_name} model; "
-                f"jisu knows: {', '.join(TENSOR_NAMES)}"
+                f"jisu knows: {', '.join(spec.gguf_tensors)}"
             )
         hf_names[hf_name] = gguf_name
     shapes = {hf: _torch_shape(by_name[g].shape) for hf, g in hf_names.items()}
@@ -123,9 +109,9 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
                 w = tensor_to_torch(t.data, t.tensor_type, shapes[hf_name], gguf_name)
         except JisuError as e:
             raise type(e)(f"{path}: {e}") from None
-        if arch_name == "llama":
+        if spec.permute_gguf_qk:
             w = _unpermute_qk(w, gguf_name, config)
-        tensors[hf_name] = w
+        tensors[hf_name] = spec.sanitize_gguf(hf_name, w)
     return Checkpoint(
         config=config,
         tensors=tensors,
@@ -263,13 +249,13 @@ def _field_value(field: Any) -> Any:
     return value[0].item()
 
 
-def _gguf_architecture(arch: str, path: Path) -> str:
+def _gguf_architecture(arch: str, path: Path) -> Architecture:
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: unsupported GGUF architecture {arch!r}; jisu runs GGUF architectures "
             f"{', '.join(GGUF_ARCHITECTURES)} ({', '.join(GGUF_ARCHITECTURES.values())})"
         )
-    return GGUF_ARCHITECTURES[arch]
+    return for_gguf(arch)
 
 
 def gguf_field_names(arch: str) -> dict[str, str]:
@@ -337,6 +323,7 @@ def gguf_to_hf_config(
         "attention_bias": any(name.endswith("attn_q.bias") for name in tensors),
         "rope_scaling": _rope_scaling(get, path),
     }
+    hf |= for_gguf(arch).gguf_config(get, tensors)
     names = gguf_field_names(arch)
     config = ModelConfig.from_hf_dict(hf, str(path), names)
     rot = get("rope.dimension_count")
@@ -456,12 +443,14 @@ def _llama3_band(factors: np.ndarray, factor: float, theta: float, head_dim: int
 # ----------------------------------------------------------------------------- tensors
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF parameter name for a GGUF tensor name, or None when the table has no entry."""
+def hf_tensor_name(gguf_name: str, table: dict[str, str] | None = None) -> str | None:
+    """The HF parameter name for a GGUF tensor name under an architecture's table (default: the names every
+    architecture shares), or None when it has no entry."""
+    table = COMMON_GGUF_TENSORS if table is None else table
     m = _LAYER_NAME.match(gguf_name)
     if m is None:
-        return TENSOR_NAMES.get(gguf_name)
-    template = TENSOR_NAMES.get(f"blk.{{n}}.{m.group(2)}")
+        return table.get(gguf_name)
+    template = table.get(f"blk.{{n}}.{m.group(2)}")
     return template.format(n=int(m.group(1))) if template else None
 
 

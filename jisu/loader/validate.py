@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import torch
+
 from jisu.errors import ModelConfigError, ModelLoadError
 from jisu.models.config import ModelConfig
 
@@ -18,35 +20,14 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> shape for every tensor a model of this config must have."""
-    h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        }
-        if config.attention_bias:
-            shapes |= {
-                p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.bias": (kv,),
-            }
-    return shapes
+    """HF parameter name -> shape for every tensor a model of this config must have: the model's own parameters
+    (built on the meta device, so nothing is allocated), fused projections by their shards' names."""
+    from jisu.models.registry import model_class
+    from jisu.models.weights import checkpoint_shapes
+
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config, max_positions=1)
+    return checkpoint_shapes(model)
 
 
 def check_shape(name: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, ...]], what: str) -> None:

@@ -1,24 +1,20 @@
-"""The shape of a Llama-family model, read from a Hugging Face config.json dict.
+"""The shape of a decoder model, read from a Hugging Face config.json dict.
 
 GGUF files are translated into the same dict by the loader, so there is one path from metadata to model,
-and one place (from_hf_dict) where every value is checked before anything is sized from it.
+and one place (from_hf_dict) where every value is checked before anything is sized from it. What differs
+between architectures is read by their module (jisu/models/arch/) into the fields below, which switch the
+blocks of jisu/models/decoder.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from jisu.errors import ModelConfigError, UnsupportedModelError
-
-# Architecture name (as in config.json "architectures") -> whether q/k/v projections carry a bias.
-SUPPORTED_ARCHITECTURES: dict[str, bool] = {
-    "LlamaForCausalLM": False,
-    "MistralForCausalLM": False,
-    "Qwen2ForCausalLM": True,
-}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -53,11 +49,95 @@ class ModelConfig:
     """The config's rope_scaling / rope_parameters dict with key "rope_type"; None for plain RoPE."""
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    """q/k/v projections carry biases (Qwen2); o_proj never does in this family."""
+    """q/k/v projections carry biases (Qwen2)."""
     sliding_window: int | None = None
-    """Mistral's window; attention beyond it is masked when the context is longer than the window."""
+    """The attention window of sliding layers (every layer, unless layer_types says which); attention beyond it
+    is masked when the context is longer than the window."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # ---- what varies between architectures (defaults: Llama) ----
+    qk_norm: bool = False
+    """An RMSNorm over each q and k head before rotary (Qwen3, Gemma 3)."""
+    norm_unit_offset: bool = False
+    """RMSNorm weights are stored as w and applied as (1 + w) (Gemma)."""
+    sandwich_norm: bool = False
+    """Norms after attention and after the MLP too, before each residual add (Gemma 2/3)."""
+    hidden_act: str = "silu"
+    """The MLP's gate activation: silu, gelu_tanh or gelu."""
+    embed_scale: float | None = None
+    """Embeddings are multiplied by this (Gemma: sqrt(hidden_size), rounded to float32)."""
+    attn_scale: float | None = None
+    """Attention score scale; None: head_dim ** -0.5."""
+    attn_softcap: float | None = None
+    """Attention scores pass through cap * tanh(s / cap) (Gemma 2)."""
+    final_softcap: float | None = None
+    """Output logits pass through cap * tanh(l / cap) (Gemma 2)."""
+    layer_types: tuple[str, ...] = ()
+    """Per layer 'sliding' or 'full'; () = every layer alike (sliding when sliding_window is set)."""
+    rope_local_theta: float | None = None
+    """RoPE base of the sliding layers when it differs from rope_theta (Gemma 3); they take no rope scaling."""
+    rotary_dim: int | None = None
+    """Dimensions of each head that rotate (partial rotary, Phi); None: all of head_dim."""
+    rope_layers: tuple[bool, ...] = ()
+    """Per layer, whether it applies RoPE (SmolLM3 skips every n-th); () = every layer does."""
+    o_bias: bool = False
+    """o_proj carries a bias (GPT-2)."""
+    mlp_bias: bool = False
+    """The MLP's projections carry biases (GPT-2)."""
+    norm_type: str = "rms"
+    """'rms' (RMSNorm) or 'layer' (LayerNorm with a bias, GPT-2)."""
+    gated_mlp: bool = True
+    """The MLP is down(act(gate) * up); False: down(act(up)) (GPT-2, whose up is c_fc)."""
+    learned_positions: bool = False
+    """Absolute position embeddings added to the token embeddings (GPT-2), instead of RoPE."""
+    num_experts: int = 0
+    """Experts of a sparse MoE MLP (Mixtral, Qwen3-MoE); 0: a dense MLP."""
+    num_experts_per_tok: int = 0
+    """Experts each token is routed to (top-k)."""
+    moe_intermediate_size: int = 0
+    """Each expert's intermediate size (Mixtral: intermediate_size)."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing weights to sum to 1."""
+    moe_layers: tuple[bool, ...] = ()
+    """Per layer, whether its MLP is the MoE one; () = every layer when num_experts > 0."""
+
+    def layer_is_moe(self, layer: int) -> bool:
+        if not self.num_experts:
+            return False
+        return not self.moe_layers or self.moe_layers[layer]
+
+    def layer_rope(self, layer: int) -> str | None:
+        """Which RoPE table a layer uses: 'global', 'local' (Gemma 3's sliding layers) or None (no RoPE)."""
+        if self.learned_positions or (self.rope_layers and not self.rope_layers[layer]):
+            return None
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return "local"
+        return "global"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of one layer (None: it sees the whole context)."""
+        if self.layer_types and self.layer_types[layer] != "sliding":
+            return None
+        return self.sliding_window
+
+    @property
+    def attention_windows(self) -> tuple[int | None, ...]:
+        """The distinct windows of the layers, full attention (None) first."""
+        seen = {self.layer_window(i) for i in range(self.num_hidden_layers)}
+        return tuple(sorted(seen, key=lambda w: -1 if w is None else w))
+
+    def with_rope(self, theta: float, scaling: dict[str, Any] | None) -> "ModelConfig":
+        """The same model with another RoPE base and scaling (for a second rotary table)."""
+        return dataclasses.replace(self, rope_theta=theta, rope_scaling=scaling)
+
+    def output_is_tied(self, tensor_names) -> bool:
+        """Whether the output layer multiplies by the embedding matrix: the config says so, or the checkpoint
+        has no output matrix of its own. The one place this is decided."""
+        return self.tie_word_embeddings or "lm_head.weight" not in tensor_names
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
     @property
     def max_context(self) -> int:
@@ -88,15 +168,20 @@ class ModelConfig:
         f = _Fields(d, source, field_names or {})
         if not isinstance(d, dict):
             raise ModelConfigError(f"{f.prefix}the model config is {_show(d)}; allowed: a JSON object")
+        from jisu.models.arch import HF_ARCHITECTURES, for_hf
+
         archs = d.get("architectures") or []
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             f.fail("architectures", archs, "a list of architecture names, e.g. [\"LlamaForCausalLM\"]")
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
             found = ", ".join(archs) if archs else f"model_type={d.get('model_type')!r}"
             raise UnsupportedModelError(
-                f"{f.prefix}unsupported architecture {found}; jisu runs: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{f.prefix}unsupported architecture {found}; jisu runs: {', '.join(HF_ARCHITECTURES)}"
             )
+        spec = for_hf(arch)
+        d = spec.normalize(d)
+        f.d = d
         hidden = f.integer("hidden_size", 1, MAX_HIDDEN)
         heads = f.integer("num_attention_heads", 1, MAX_HEADS)
         kv_heads = f.integer("num_key_value_heads", 1, MAX_HEADS, default=heads)
@@ -115,9 +200,6 @@ class ModelConfig:
                 f.fail("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM}")
         vocab = f.integer("vocab_size", 1, MAX_VOCAB)
         max_positions = f.integer("max_position_embeddings", 1, MAX_CONTEXT, default=2048)
-        window = None
-        if arch == "MistralForCausalLM" and d.get("sliding_window"):  # null or 0: no window
-            window = f.integer("sliding_window", 1, MAX_CONTEXT)
         eos = d.get("eos_token_id")
         eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         if len(eos_list) > 1024:
@@ -125,7 +207,7 @@ class ModelConfig:
         eos_ids = tuple(f.integer("eos_token_id", 0, vocab - 1, value=e, what=f"a token id below vocab_size ({vocab})")
                         for e in eos_list)
         bos = d.get("bos_token_id")
-        config = cls(
+        common = dict(
             architecture=arch,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -139,12 +221,11 @@ class ModelConfig:
             rope_theta=_rope_theta(d, f),
             rope_scaling=_rope_scaling(d, f, head_dim),
             tie_word_embeddings=f.boolean("tie_word_embeddings", default=False),
-            attention_bias=SUPPORTED_ARCHITECTURES[arch] or f.boolean("attention_bias", default=False),
-            sliding_window=window,
             bos_token_id=None if bos is None else f.integer("bos_token_id", 0, vocab - 1,
                                                             what=f"a token id below vocab_size ({vocab}), or null"),
             eos_token_ids=eos_ids,
         )
+        config = cls(**common, **spec.config_fields(d, f, common))
         if config.max_context > MAX_CONTEXT:
             key = f"{f.rope_key}.factor"
             f.fail(key, config.rope_scaling["factor"],

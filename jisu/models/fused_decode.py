@@ -48,6 +48,26 @@ def layer_by_layer(model: torch.nn.Module) -> Iterator[None]:
         model.use_fused_decode = before
 
 
+def supports(config) -> bool:
+    """Whether the C++ stack computes this architecture's layers: pre-norm RMSNorm, SwiGLU, one RoPE table on
+    every layer, one attention window for all layers. Others run their eager layers (a measured fallback, see
+    docs/MODELS.md)."""
+    return (
+        not config.qk_norm
+        and not config.sandwich_norm
+        and not config.norm_unit_offset
+        and config.hidden_act == "silu"
+        and config.norm_type == "rms"
+        and config.gated_mlp
+        and not config.num_experts
+        and not config.learned_positions
+        and config.attn_softcap is None
+        and len(config.attention_windows) == 1
+        and config.rope_local_theta is None
+        and not config.rope_layers
+    )
+
+
 class FusedDecoder:
     """Callable as `decoder(x, rotation, meta, kv_caches) -> hidden [D, hidden]` in place of
     `for layer, kv in zip(layers, kv_caches): x = layer(x, rotation, meta, kv)`, when `applies(meta, D)`."""
@@ -68,6 +88,8 @@ class FusedDecoder:
         if not layers:
             return None
         cfg = model.config
+        if not supports(cfg):
+            return None
         lists: dict[str, list] = {k: [] for k in ("input_norms", "qkv", "o", "post_norms", "gate_up", "down")}
         eps = layers[0].input_layernorm.eps
         scale = layers[0].self_attn.attn.scale
@@ -111,19 +133,19 @@ class FusedDecoder:
         )
 
     def __call__(
-        self, x: torch.Tensor, rotation: torch.Tensor, meta: AttentionMetadata, kv_caches, final_norm=None
+        self, x: torch.Tensor, rotations: dict, meta: AttentionMetadata, kv_caches, final_norm=None
     ) -> torch.Tensor:
-        """x [D, hidden] float32 (embeddings), rotation [D, 1, head_dim/2] complex (RotaryEmbedding.for_positions),
+        """x [D, hidden] float32 (embeddings), rotations {'global': [D, 1, head_dim/2] complex} (the model's),
         kv_caches [(k, v)] per layer. Writes this step's K/V into the caches; returns the layers' output
         [D, hidden], passed through `final_norm` (the model's RMSNorm) when given."""
         return self._impl.forward(
             x,
-            torch.view_as_real(rotation),
+            torch.view_as_real(rotations["global"]),
             meta.decode_gather,
             meta.decode_mask,
             meta.slot_mapping,
             [kv[0] for kv in kv_caches],
             [kv[1] for kv in kv_caches],
-            None if final_norm is None else final_norm.weight.data,
+            None if final_norm is None else final_norm.applied_weight().data,
             0.0 if final_norm is None else float(final_norm.eps),
         )

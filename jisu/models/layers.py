@@ -1,4 +1,4 @@
-"""Building blocks shared by the Llama family: norm, fused projections, the SwiGLU MLP."""
+"""Building blocks of the decoder (jisu/models/decoder.py): norms, fused projections, the gated MLP."""
 
 from __future__ import annotations
 
@@ -8,13 +8,49 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """RMSNorm over the last dimension. unit_offset (Gemma): the weight is stored as checkpoints hold it, w, and
+    applied as (1 + w); the sum is made once per weight, not per call."""
+
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.unit_offset = unit_offset
+        self._applied: tuple[object, torch.Tensor] | None = None
+
+    def applied_weight(self) -> torch.Tensor:
+        """The weight the normalised values are multiplied by."""
+        w = self.weight
+        if not self.unit_offset:
+            return w
+        key = (w.data_ptr(), w._version)
+        if self._applied is None or self._applied[0] != key:
+            self._applied = (key, (w.float() + 1).to(w.dtype))
+        return self._applied[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.applied_weight(), self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias over the last dimension (GPT-2)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def make_norm(config, size: int | None = None) -> nn.Module:
+    """The norm the config's architecture uses, over `size` values (default: hidden_size)."""
+    size = size or config.hidden_size
+    if config.norm_type == "layer":
+        return LayerNorm(size, config.rms_norm_eps)
+    return RMSNorm(size, config.rms_norm_eps, config.norm_unit_offset)
 
 
 class Linear(nn.Linear):
@@ -90,30 +126,79 @@ class MergedLinear(Linear):
         raise KeyError(name)
 
 
-class SiluAndMul(nn.Module):
-    """silu(gate) * up. A module (not an inline expression) so the profiler can time activations apart."""
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
-    def __init__(self, intermediate_size: int):
+
+class GateAndMul(nn.Module):
+    """act(gate) * up (SiLU: SwiGLU; GELU-tanh: GeGLU). A module (not an inline expression) so the profiler can
+    time activations apart."""
+
+    def __init__(self, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.act = act
+        self._fn = ACTIVATIONS[act]
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return F.silu(gate) * up
+        return self._fn(gate) * up
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up in one product."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
         super().__init__()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = MergedLinear(
-            hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias=False
+            hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias=bias
         )
-        self.act_fn = SiluAndMul(intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = GateAndMul(intermediate_size, act)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Activation(nn.Module):
+    """act(x), a module so the profiler can time activations apart."""
+
+    def __init__(self, act: str):
+        super().__init__()
+        self.act = act
+        self._fn = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+
+class MLP(nn.Module):
+    """down(act(up(x))): the ungated MLP (GPT-2's c_fc -> GELU -> c_proj)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.act_fn = Activation(act)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def make_mlp(config, layer: int) -> nn.Module:
+    """The MLP of one layer: sparse MoE (jisu/models/moe.py), gated, or plain."""
+    if config.layer_is_moe(layer):
+        from jisu.models.moe import SparseMoE
+
+        return SparseMoE(config)
+    if config.gated_mlp:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+    return MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
 
 def weight_bytes_held(model: nn.Module) -> int:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-
-from jisu.errors import UnsupportedModelError
-
-_MODELS: dict[str, str] = {
-    "LlamaForCausalLM": "jisu.models.llama:LlamaForCausalLM",
-    "MistralForCausalLM": "jisu.models.llama:LlamaForCausalLM",
-    "Qwen2ForCausalLM": "jisu.models.llama:LlamaForCausalLM",
-}
-
 
 def model_class(architecture: str):
-    try:
-        module, _, name = _MODELS[architecture].partition(":")
-    except KeyError:
-        raise UnsupportedModelError(
-            f"unsupported architecture {architecture!r}; jisu runs: {', '.join(_MODELS)}"
-        ) from None
-    return getattr(importlib.import_module(module), name)
+    """The class that runs `architecture` (every architecture runs jisu/models/decoder.py's decoder, switched by
+    its ModelConfig); raises UnsupportedModelError for one jisu does not run."""
+    from jisu.models.arch import for_hf
+
+    for_hf(architecture)
+    from jisu.models.decoder import DecoderForCausalLM
+
+    return DecoderForCausalLM

@@ -14,8 +14,8 @@ from jisu.models.config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Returns (inv_freq [head_dim/2], attention_factor) for the config's rope kind."""
-    dim = config.head_dim
+    """Returns (inv_freq [rotary_dim/2], attention_factor) for the config's rope kind."""
+    dim = config.rotary_dim or config.head_dim
     base = config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling or {}
@@ -57,7 +57,7 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 def _yarn(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
-    dim, base = config.head_dim, config.rope_theta
+    dim, base = config.rotary_dim or config.head_dim, config.rope_theta
     factor = float(s["factor"])
     orig = s.get("original_max_position_embeddings") or config.max_position_embeddings
     beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
@@ -100,7 +100,11 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         inv_freq, attention_factor = inverse_frequencies(config)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("table", torch.polar(torch.full_like(angles, attention_factor), angles), persistent=False)
+        table = torch.polar(torch.full_like(angles, attention_factor), angles)
+        rest = config.head_dim // 2 - table.shape[1]
+        if rest:  # partial rotary: the other pairs turn by 1 + 0j, which leaves them exactly as they are
+            table = torch.cat([table, torch.ones(max_positions, rest, dtype=table.dtype)], dim=1)
+        self.register_buffer("table", table, persistent=False)
 
     def for_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """[T] positions -> [T, 1, head_dim/2] complex rotations, shared by every layer of a step."""
@@ -121,9 +125,16 @@ class ApplyRotary(torch.nn.Module):
         return RotaryEmbedding.apply(x, rotation)
 
 
-def pairs_adjacent(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Reorders q/k projection rows (weight [heads*head_dim, in] or bias [heads*head_dim]) of each head from
-    Hugging Face's (first halves, second halves) to (x0, x_half, x1, x_half+1, ...)."""
+def pairs_adjacent(rows: torch.Tensor, num_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """Reorders q/k projection rows (weight [heads*head_dim, in] or bias [heads*head_dim]; a q/k norm's weight
+    [head_dim] with num_heads 1) of each head from Hugging Face's (first halves, second halves) to (x0, x_half,
+    x1, x_half+1, ...). With partial rotary only the first rotary_dim rows of a head rotate and are reordered."""
     shape = rows.shape
-    per_head = rows.reshape(num_heads, 2, shape[0] // num_heads // 2, *shape[1:])
-    return per_head.transpose(1, 2).reshape(shape)
+    head_dim = shape[0] // num_heads
+    rot = rotary_dim or head_dim
+    per_head = rows.reshape(num_heads, head_dim, *shape[1:])
+    turned = per_head[:, :rot].reshape(num_heads, 2, rot // 2, *shape[1:]).transpose(1, 2).reshape(
+        num_heads, rot, *shape[1:])
+    if rot < head_dim:
+        turned = torch.cat([turned, per_head[:, rot:]], dim=1)
+    return turned.reshape(shape)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from jisu.models.fused_decode import layer_by_layer
-from jisu.models.layers import Linear, RMSNorm, SiluAndMul
+from jisu.models.layers import GateAndMul, Linear, RMSNorm
 from jisu.models.rotary import ApplyRotary
 from jisu.runner.attention import PagedAttention
 
@@ -32,7 +32,7 @@ def operator_class(name: str, module: nn.Module) -> str | None:
         return "norm"
     if isinstance(module, ApplyRotary):
         return "rotary"
-    if isinstance(module, SiluAndMul):
+    if isinstance(module, GateAndMul):
         return "activation"
     return None
 

@@ -78,6 +78,31 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     """[D, 1, 1, max_ctx] bool, True = attend."""
     prefills: list[PrefillChunk] = field(default_factory=list)
+    window: int | None = None
+    """The sliding window these indices honour (None: the whole context)."""
+    by_window: dict[int | None, AttentionMetadata] = field(default_factory=dict)
+    """The same step for layers with other windows (models that interleave sliding and global layers)."""
+
+    def for_window(self, window: int | None) -> AttentionMetadata:
+        return self if window == self.window else self.by_window[window]
+
+
+def _attend(q, k, v, mask, scale: float, softcap: float | None, is_causal: bool = False) -> torch.Tensor:
+    """softmax(scale q k^T [masked]) v over [B, heads, len, Dh] tensors (k/v may have fewer heads: GQA). With
+    softcap, scores pass through cap * tanh(s / cap) before the mask (Gemma 2), which torch's SDPA cannot do."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    if is_causal:
+        n, m = scores.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def paged_attention(
@@ -88,6 +113,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [slots, KVH, D], in q's dtype or a narrower one (K/V are
     rounded to it when written, and every read, fresh or cached, sees the rounded values). Returns [T, H, D]."""
@@ -106,9 +132,7 @@ def paged_attention(
         keys = widen(k_cache[meta.decode_gather].transpose(1, 2))  # [D, KVH, ctx, Dh]
         values = widen(v_cache[meta.decode_gather].transpose(1, 2))
         query = q[:d].unsqueeze(2)  # [D, H, 1, Dh]
-        o = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        ).squeeze(2)
+        o = _attend(query, keys, values, meta.decode_mask, scale, softcap).squeeze(2)
         if not meta.prefills:
             return o  # a pure decode step needs no assembly (saves two ops per layer)
         out = torch.empty_like(q)
@@ -124,25 +148,25 @@ def paged_attention(
         qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[rows], keys, values))  # [1, heads, len, Dh]
         if c.query_blocks:
             for b in c.query_blocks:
-                o = F.scaled_dot_product_attention(
-                    qh[:, :, b.q0 : b.q1], kh[:, :, b.k0 : b.k1], vh[:, :, b.k0 : b.k1],
-                    attn_mask=b.mask, scale=scale, enable_gqa=True,
-                )
+                o = _attend(qh[:, :, b.q0 : b.q1], kh[:, :, b.k0 : b.k1], vh[:, :, b.k0 : b.k1], b.mask, scale,
+                            softcap)
                 out[c.start + b.q0 : c.start + b.q1] = o.squeeze(0).transpose(0, 1)
             continue
-        o = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=c.mask, is_causal=c.mask is None, scale=scale, enable_gqa=True
-        )
+        o = _attend(qh, kh, vh, c.mask, scale, softcap, is_causal=c.mask is None)
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
 
 
 class PagedAttention(torch.nn.Module):
-    """paged_attention as a module: writes this step's K/V into the layer's cache and attends."""
+    """paged_attention as a module: writes this step's K/V into the layer's cache and attends, within the layer's
+    sliding window when it has one."""
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, softcap: float | None = None, window: int | None = None):
         super().__init__()
         self.scale = scale
+        self.softcap = softcap
+        self.window = window
 
     def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
-        return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        meta = meta.for_window(self.window)
+        return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.softcap)

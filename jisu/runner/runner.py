@@ -66,6 +66,8 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.deterministic = deterministic
         """Batch-invariant steps (see the module's NOTE)."""
+        self.windows = config.attention_windows
+        """The layers' distinct attention windows: a step's indices are built once for each."""
 
     def row_group(self) -> int | None:
         """How many rows one deterministic forward may take: MAX_FUSED_SEQS on the fused C++ stack, 1 on the
@@ -117,16 +119,22 @@ class ModelRunner:
                 positions.extend(range(start_pos, start_pos + n))
                 table_t = torch.tensor(table, dtype=torch.long)
                 prefill_slots.append(self._slots(table_t, torch.arange(start_pos, start_pos + n)))
-                prefills.append(self._prefill_chunk(row, n, start_pos, table_t))
+                prefills.append((row, n, start_pos, table_t))
             if s.samples:
                 sample_rows.append(row + n - 1)
                 sampled.append(s)
         slots = torch.tensor(decode_slots, dtype=torch.long)
         if prefill_slots:
             slots = torch.cat([slots, *prefill_slots])
-        meta = AttentionMetadata(slot_mapping=slots.to(self.device), num_decodes=len(decode_lens), prefills=prefills)
-        if decode_lens:
-            meta.decode_gather, meta.decode_mask = self._decode_index(decode_tables, decode_lens)
+        slots = slots.to(self.device)
+        metas = []
+        for window in self.windows:
+            meta = AttentionMetadata(slot_mapping=slots, num_decodes=len(decode_lens), window=window,
+                                     prefills=[self._prefill_chunk(*p, window) for p in prefills])
+            if decode_lens:
+                meta.decode_gather, meta.decode_mask = self._decode_index(decode_tables, decode_lens, window)
+            metas.append(meta)
+        meta = _with_others(metas)
         return StepInput(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -164,11 +172,15 @@ class ModelRunner:
         groups = []
         for start in range(0, len(ids), group):
             end = min(len(ids), start + group)
-            meta = AttentionMetadata(slot_mapping=slot_t[start:end].to(self.device), num_decodes=end - start)
-            meta.decode_gather, meta.decode_mask = self._decode_index(
-                tables[start:end], [p + 1 for p in positions[start:end]]
-            )
-            groups.append(RowGroup(start, end, meta))
+            metas = []
+            for window in self.windows:
+                meta = AttentionMetadata(slot_mapping=slot_t[start:end].to(self.device), num_decodes=end - start,
+                                         window=window)
+                meta.decode_gather, meta.decode_mask = self._decode_index(
+                    tables[start:end], [p + 1 for p in positions[start:end]], window
+                )
+                metas.append(meta)
+            groups.append(RowGroup(start, end, _with_others(metas)))
         return StepInput(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -227,9 +239,8 @@ class ModelRunner:
     def _slots(self, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _prefill_chunk(self, row: int, n: int, start_pos: int, table: torch.Tensor) -> PrefillChunk:
+    def _prefill_chunk(self, row: int, n: int, start_pos: int, table: torch.Tensor, window: int | None) -> PrefillChunk:
         ctx = start_pos + n
-        window = self.config.sliding_window
         if n >= BLOCKED_PREFILL_MIN and self.device.type == "cpu":
             gather = self._slots(table, torch.arange(ctx)) if start_pos > 0 else None
             blocks = query_blocks(n, start_pos, window, self.device)
@@ -243,7 +254,7 @@ class ModelRunner:
         mask = visible(q_pos, k_pos, window)
         return PrefillChunk(row, n, ctx, gather=_to(gather, self.device), mask=mask.to(self.device))
 
-    def _decode_index(self, tables: list[list[int]], lens: list[int]):
+    def _decode_index(self, tables: list[list[int]], lens: list[int], window: int | None):
         """[D, max_ctx] slots of every decoding sequence's positions 0..ctx-1 (0 past its context) and the
         [D, 1, 1, max_ctx] mask of those it attends (all of them, or its sliding window)."""
         # numpy, not torch: these few small ops are dispatch-bound (measured 18 vs 62 us for one sequence).
@@ -256,10 +267,17 @@ class ModelRunner:
         last = np.array(lens, dtype=np.int64)[:, None] - 1  # each sequence's own position
         mask = k_pos <= last
         gather = gather * mask
-        window = self.config.sliding_window
         if window is not None:
             mask &= k_pos > last - window
         return torch.from_numpy(gather).to(self.device), torch.from_numpy(mask)[:, None, None, :].to(self.device)
+
+
+def _with_others(metas: list[AttentionMetadata]) -> AttentionMetadata:
+    """The first window's metadata, carrying the others' for layers with another window."""
+    first = metas[0]
+    if len(metas) > 1:
+        first.by_window = {m.window: m for m in metas[1:]}
+    return first
 
 
 def _token_at(req, pos: int) -> int:
