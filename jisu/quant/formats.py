@@ -42,6 +42,16 @@ class QuantizedTensor:
     """Inputs whose weights are kept in float16 (int64 [C]); None: none."""
     outlier_weights: torch.Tensor | None = None
     """Those weights, float16 [N, C]."""
+    fidelity: str = ""
+    """How the numbers compare with the file's own (GGUF blocks, jisu/loader/gguf_blocks.py): 'exact' (dequantize()
+    gives the file's dequantized values bit for bit), 'scales rounded' (the file's integers kept, its per-group
+    scales / zeros rounded to float16: each value moves by at most 2^-11 (|scale * q| + |zero|)), 'requantized'
+    (rounded again onto a new grid); '' where it does not apply (quantized by jisu)."""
+
+    @property
+    def exact(self) -> bool:
+        """Whether these are a file's own numbers, bit for bit."""
+        return self.fidelity == "exact"
 
     @property
     def num_outliers(self) -> int:
@@ -92,7 +102,7 @@ class QuantizedTensor:
         return QuantizedTensor(
             self.bits, fn(self.qweight), fn(self.scales), None if self.zeros is None else fn(self.zeros),
             self.group_size, self.origin, self.outlier_cols,
-            None if self.outlier_weights is None else fn(self.outlier_weights),
+            None if self.outlier_weights is None else fn(self.outlier_weights), self.fidelity,
         )
 
     def shape_only(self) -> QuantizedTensor:
@@ -103,7 +113,7 @@ class QuantizedTensor:
 
         return QuantizedTensor(
             self.bits, meta(self.qweight), meta(self.scales), meta(self.zeros), self.group_size, self.origin,
-            meta(self.outlier_cols), meta(self.outlier_weights),
+            meta(self.outlier_cols), meta(self.outlier_weights), self.fidelity,
         )
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
@@ -149,11 +159,17 @@ def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
         raise InvalidRequestError("cannot stack matrices with different outlier columns into one")
     zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
     origin = "/".join(sorted({p.origin for p in parts}))
+    # The least faithful part's; '' (does not apply) when any part was quantized by jisu.
+    fidelities = {p.fidelity for p in parts}
+    fidelity = "" if "" in fidelities else max(fidelities, key=lambda f: _FIDELITY_ORDER.index(f))
     return QuantizedTensor(
         first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), zeros,
         first.group_size, origin, cols[0],
-        None if cols[0] is None else torch.cat([p.outlier_weights for p in parts]),
+        None if cols[0] is None else torch.cat([p.outlier_weights for p in parts]), fidelity,
     )
+
+
+_FIDELITY_ORDER = ("exact", "scales rounded", "requantized")
 
 
 def _check_matrix(w: torch.Tensor, what: str) -> tuple[int, int]:
