@@ -22,6 +22,7 @@ from jisu.loader.validate import (
     safetensors_problem,
     weight_file_inside,
 )
+from jisu.models.arch import for_hf
 from jisu.models.config import ModelConfig
 from jisu.quant.formats import QuantizedTensor, check_outlier_columns
 
@@ -51,9 +52,10 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_bl
         )
     # An unsupported architecture or a bad value is the first thing to report.
     config = ModelConfig.from_hf_dict(config_dict, str(config_path))
+    arch = for_hf(config.architecture)
     files = _shard_files(folder)
     headers = _read_headers(files, folder)
-    check_tensors_fit_config(config, _stated_shapes(headers), str(config_path))
+    check_tensors_fit_config(config, _sanitized_shapes(arch, _stated_shapes(headers)), str(config_path))
     tokenizer = load_hf_tokenizer(folder, config_dict)
     config_dict = dict(config_dict)
     config_dict["bos_token_id"] = tokenizer.bos_token_id
@@ -62,6 +64,7 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_bl
     tensors = _load_safetensors(files, headers, progress)
     if jisu_quantized:
         tensors = _assemble_quantized(tensors, keep_blocks, folder)
+    tensors = dict(pair for name, t in tensors.items() for pair in arch.sanitize(name, t))
     _check_tensors(tensors, config, folder)
     metadata = {"format": "hf", "model_type": config_dict.get("model_type")}
     if jisu_quantized:
@@ -196,6 +199,16 @@ def _stated_shapes(headers: dict[str, tuple[Path, str, tuple[int, ...]]]) -> dic
         elif not name.endswith(_QUANT_PARTS):
             shapes[name] = shape
     return shapes
+
+
+def _sanitized_shapes(arch, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The shapes the model will see once the architecture's sanitize hook has renamed, split or transposed the
+    checkpoint's tensors (run on meta tensors: nothing is read or allocated)."""
+    out = {}
+    for name, shape in shapes.items():
+        for new, t in arch.sanitize(name, torch.empty(shape, device="meta")):
+            out[new] = tuple(t.shape)
+    return out
 
 
 def _load_safetensors(
