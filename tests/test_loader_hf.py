@@ -182,11 +182,11 @@ def test_bad_config_json(llama_copy):
 def test_unsupported_architecture(llama_copy):
     cfg_path = llama_copy / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    cfg["architectures"], cfg["model_type"] = ["FalconForCausalLM"], "falcon"
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError) as e:
         load_checkpoint(str(llama_copy))
-    assert "GPT2LMHeadModel" in str(e.value)
+    assert "FalconForCausalLM" in str(e.value)
     assert all(arch in str(e.value) for arch in SUPPORTED_ARCHITECTURES)
 
 

@@ -28,6 +28,7 @@ from jisu.models.arch import GGUF_ARCHITECTURES as _GGUF_MODULES
 from jisu.models.arch import for_gguf
 from jisu.models.arch.base import COMMON_GGUF_TENSORS, Architecture
 from jisu.models.config import ModelConfig
+from jisu.models.weights import fused_splitter
 from jisu.quant.formats import QuantizedTensor
 
 GGUF_ARCHITECTURES: dict[str, str] = {name: for_gguf(name).hf_name for name in _GGUF_MODULES}
@@ -44,6 +45,8 @@ SUPPORTED_TENSOR_TYPES = (
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 # llama.cpp stores Llama 3.1-style rope scaling as per-dimension factors in this tensor, not as metadata.
 _ROPE_FREQS = "rope_freqs.weight"
+# ... and LongRoPE's (Phi-3) per-pair divisors in these two, folded into config.rope_scaling too.
+_ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
 _GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
@@ -77,7 +80,7 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
     config = ModelConfig.from_hf_dict(hf_config, str(path), names)
     hf_names: dict[str, str] = {}  # HF name -> GGUF name
     for gguf_name in by_name:
-        if gguf_name == _ROPE_FREQS:
+        if gguf_name == _ROPE_FREQS or gguf_name in _ROPE_FACTORS:
             continue  # folded into config.rope_scaling by gguf_to_hf_config
         hf_name = hf_tensor_name(gguf_name, spec.gguf_tensors)
         if hf_name is None:
@@ -87,7 +90,11 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
             )
         hf_names[hf_name] = gguf_name
     shapes = {hf: _torch_shape(by_name[g].shape) for hf, g in hf_names.items()}
-    check_tensors_fit_config(config, shapes, str(path), names, hf_names)
+    # A fused projection held whole (Phi-3's attn_qkv and ffn_up, GPT-2's attn_qkv) is checked and loaded as its shards.
+    split = fused_splitter(config)
+    parts = {p: (hf, tuple(t.shape)) for hf, s in shapes.items() for p, t in split(hf, torch.empty(s, device="meta"))}
+    check_tensors_fit_config(config, {p: s for p, (_, s) in parts.items()}, str(path), names,
+                             {p: hf_names[hf] for p, (hf, _) in parts.items()})
 
     try:
         tokenizer = build_gguf_tokenizer(meta)
@@ -111,7 +118,7 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
             raise type(e)(f"{path}: {e}") from None
         if spec.permute_gguf_qk:
             w = _unpermute_qk(w, gguf_name, config)
-        tensors[hf_name] = spec.sanitize_gguf(hf_name, w)
+        tensors.update(split(hf_name, spec.sanitize_gguf(hf_name, w)))
     return Checkpoint(
         config=config,
         tensors=tensors,
@@ -327,11 +334,13 @@ def gguf_to_hf_config(
     names = gguf_field_names(arch)
     config = ModelConfig.from_hf_dict(hf, str(path), names)
     rot = get("rope.dimension_count")
-    if rot is not None and rot != config.head_dim:
+    if rot is not None and rot != (config.rotary_dim or config.head_dim):  # the architecture reads partial rotary
         raise UnsupportedModelError(
             f"{path}: partial rotary embedding ({arch}.rope.dimension_count {rot!r} of {config.head_dim} "
-            "dims) is not supported"
+            f"dims) is not supported for {arch}"
         )
+    if any(name in tensors for name in _ROPE_FACTORS):
+        hf["rope_scaling"] = _longrope_scaling(get, tensors, config, path)
     rope_freqs = tensors.get(_ROPE_FREQS)
     if rope_freqs is not None:
         shape = _torch_shape(rope_freqs.shape)
@@ -366,6 +375,26 @@ def _rope_scaling(get: Any, path: Path | str) -> dict[str, Any] | None:
                 out[hf_key] = get(f"rope.scaling.{gguf_key}")
         return out
     raise UnsupportedModelError(f"{path}: unsupported rope scaling type {kind!r}; jisu supports linear, yarn")
+
+
+def _longrope_scaling(get: Any, tensors: dict[str, Any], config: ModelConfig, path: Path | str) -> dict[str, Any]:
+    """HF's longrope rope_scaling from llama.cpp's rope_factors_long / rope_factors_short tensors (one divisor per
+    rotary pair each) and its rope.scaling.attn_factor / original_context_length metadata."""
+    pairs = (config.rotary_dim or config.head_dim) // 2
+    out: dict[str, Any] = {"rope_type": "longrope"}
+    for name, key in _ROPE_FACTORS.items():
+        t = tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"{path}: lacks tensor {name}, the other half of LongRoPE's factors")
+        shape = _torch_shape(t.shape)
+        if shape != (pairs,):
+            raise ModelLoadError(f"{path}: tensor {name} has shape {shape}; {pairs} rotary pairs imply ({pairs},)")
+        out[key] = tensor_to_torch(t.data, t.tensor_type, shape, name).float().tolist()
+    out["original_max_position_embeddings"] = get("rope.scaling.original_context_length",
+                                                  config.max_position_embeddings)
+    if get("rope.scaling.attn_factor") is not None:
+        out["attention_factor"] = get("rope.scaling.attn_factor")
+    return out
 
 
 def llama3_rope_factors(theta: float, head_dim: int, params: dict[str, Any]) -> np.ndarray:

@@ -24,6 +24,7 @@ from jisu.loader.validate import (
 )
 from jisu.models.arch import for_hf
 from jisu.models.config import ModelConfig
+from jisu.models.weights import fused_splitter
 from jisu.quant.formats import QuantizedTensor, check_outlier_columns
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -55,7 +56,8 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_bl
     arch = for_hf(config.architecture)
     files = _shard_files(folder)
     headers = _read_headers(files, folder)
-    check_tensors_fit_config(config, _sanitized_shapes(arch, _stated_shapes(headers)), str(config_path))
+    split = fused_splitter(config)
+    check_tensors_fit_config(config, _sanitized_shapes(arch, split, _stated_shapes(headers)), str(config_path))
     tokenizer = load_hf_tokenizer(folder, config_dict)
     config_dict = dict(config_dict)
     config_dict["bos_token_id"] = tokenizer.bos_token_id
@@ -64,7 +66,7 @@ def load_hf_folder(path: str | Path, progress: ProgressFn | None = None, keep_bl
     tensors = _load_safetensors(files, headers, progress)
     if jisu_quantized:
         tensors = _assemble_quantized(tensors, keep_blocks, folder)
-    tensors = dict(pair for name, t in tensors.items() for pair in arch.sanitize(name, t))
+    tensors = dict(part for name, t in tensors.items() for pair in arch.sanitize(name, t) for part in split(*pair))
     _check_tensors(tensors, config, folder)
     metadata = {"format": "hf", "model_type": config_dict.get("model_type")}
     if jisu_quantized:
@@ -201,13 +203,14 @@ def _stated_shapes(headers: dict[str, tuple[Path, str, tuple[int, ...]]]) -> dic
     return shapes
 
 
-def _sanitized_shapes(arch, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def _sanitized_shapes(arch, split, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """The shapes the model will see once the architecture's sanitize hook has renamed, split or transposed the
-    checkpoint's tensors (run on meta tensors: nothing is read or allocated)."""
+    checkpoint's tensors and `split` (weights.fused_splitter) has cut a fused projection held whole into its shards
+    (run on meta tensors: nothing is read or allocated)."""
     out = {}
     for name, shape in shapes.items():
         for new, t in arch.sanitize(name, torch.empty(shape, device="meta")):
-            out[new] = tuple(t.shape)
+            out.update((part, tuple(u.shape)) for part, u in split(new, t))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from jisu.errors import ModelConfigError, UnsupportedModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 # Model files are untrusted input. These bounds are far above any published Llama-family model, and a config
 # past them is corrupt or hostile: refusing it here keeps model construction and the KV cache from sizing
@@ -348,7 +348,8 @@ def _rope_scaling(d: dict[str, Any], f: _Fields, head_dim: int) -> dict[str, Any
         if name in raw or required:
             f.integer(f"{key}.{name}", 1, MAX_CONTEXT, value=raw.get(name), default=None if not required else _MISSING)
 
-    number("factor", what="a finite number above 0 (at most 1000000)")
+    # LongRoPE may leave factor out: it is then max_position_embeddings / original_max_position_embeddings.
+    number("factor", default=None if kind == "longrope" else _MISSING, what="a finite number above 0 (at most 1000000)")
     if kind == "dynamic" and head_dim <= 2:  # dynamic NTK raises the base to head_dim / (head_dim - 2)
         f.fail("head_dim", head_dim, "above 2 for dynamic rope scaling")
     if kind == "llama3":
@@ -367,4 +368,24 @@ def _rope_scaling(d: dict[str, Any], f: _Fields, head_dim: int) -> dict[str, Any
                 f.number(f"{key}.{name}", 0.0, 1e6, value=raw[name], default=None, what="a number from 0 to 1000000")
         if "truncate" in raw:
             f.boolean(f"{key}.truncate", value=raw["truncate"], default=None)
+    if kind == "longrope":
+        integer("original_max_position_embeddings", required=True)
+        number("attention_factor", default=None)
+        _longrope_factors(raw, f, key, head_dim)
     return raw
+
+
+def _longrope_factors(raw: dict[str, Any], f: _Fields, key: str, head_dim: int) -> None:
+    """LongRoPE's short_factor and long_factor: lists of one positive divisor per rotary pair, of equal length (the
+    architecture, which knows the rotary dimensions, checks that length; here it is at most head_dim / 2)."""
+    lengths = set()
+    for name in ("short_factor", "long_factor"):
+        values = raw.get(name)
+        what = f"a list of at most {head_dim // 2} numbers above 0, one per rotary pair"
+        if not isinstance(values, list) or not 0 < len(values) <= head_dim // 2:
+            f.fail(f"{key}.{name}", values, what)
+        for v in values:
+            f.number(f"{key}.{name}", 0.0, 1e6, value=v, what=what, above=True)
+        lengths.add(len(values))
+    if len(lengths) > 1:
+        f.fail(f"{key}.long_factor", raw["long_factor"], f"a list as long as short_factor ({len(raw['short_factor'])})")

@@ -13,8 +13,9 @@ import torch
 from jisu.models.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Returns (inv_freq [rotary_dim/2], attention_factor) for the config's rope kind."""
+def inverse_frequencies(config: ModelConfig, max_positions: int | None = None) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [rotary_dim/2], attention_factor) for the config's rope kind, for a context of
+    `max_positions` (default: the model's max_position_embeddings; only LongRoPE depends on it)."""
     dim = config.rotary_dim or config.head_dim
     base = config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -39,6 +40,8 @@ def inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
         return _llama3(inv_freq, scaling), 1.0
     if kind == "yarn":
         return _yarn(config, scaling)
+    if kind == "longrope":
+        return _longrope(config, scaling, max_positions or config.max_position_embeddings)
     raise ValueError(f"unknown rope kind {kind!r}")
 
 
@@ -87,6 +90,28 @@ def _yarn(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
+def _longrope(config: ModelConfig, s: dict, max_positions: int) -> tuple[torch.Tensor, float]:
+    # NOTE: transformers picks LongRoPE's short or long factors by the length of the sequence it is running, for all
+    # of its positions: once a sequence outgrows original_max_position_embeddings every key is rotated anew. A KV
+    # cache holds keys rotated when they were written and cannot re-rotate them, so (like vLLM and llama.cpp) the
+    # choice is made once, by the context window this model is built for: long factors when it exceeds the original
+    # window, short ones otherwise. Equal to transformers whenever the window stays within the original one, and for
+    # any sequence longer than it; a shorter sequence under a longer window gets the long factors where transformers
+    # uses the short ones.
+    dim, base = config.rotary_dim or config.head_dim, config.rope_theta
+    orig = int(s["original_max_position_embeddings"])
+    chosen = s["long_factor"] if max_positions > orig else s["short_factor"]
+    if len(chosen) != dim // 2:
+        raise ValueError(f"LongRoPE has {len(chosen)} factors for {dim // 2} rotary pairs")
+    factors = torch.tensor(chosen, dtype=torch.float32)
+    inv_freq = 1.0 / (factors * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    factor = s.get("factor") or config.max_position_embeddings / orig
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:  # the LongRoPE paper's, from the context extension ratio
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return inv_freq, float(attention_factor)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotations for positions [0, max_positions), applied as one complex multiply per step.
 
@@ -98,7 +123,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
-        inv_freq, attention_factor = inverse_frequencies(config)
+        inv_freq, attention_factor = inverse_frequencies(config, max_positions)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         table = torch.polar(torch.full_like(angles, attention_factor), angles)
         rest = config.head_dim // 2 - table.shape[1]

@@ -127,6 +127,17 @@ def place(model: nn.Module, tensors: dict, dtype: torch.dtype, device: torch.dev
     return floats, quantized
 
 
+def fused_splitter(config):
+    """name, tensor -> the (name, tensor) pairs a checkpoint tensor stands for: a fused projection held whole (Phi-3's
+    qkv_proj, GPT-2's c_attn once renamed) as its declared shards, so checks and quantization see each projection's
+    own name; any other tensor as it is. Meta tensors too."""
+    from jisu.models.registry import model_class
+
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config, max_positions=1)
+    return lambda name, tensor: list(_split_fused(model, {name: tensor}))
+
+
 def _split_fused(model: nn.Module, tensors: dict):
     """(name, tensor) pairs with a fused projection held whole (e.g. Phi-3's qkv_proj) cut into its shards, so
     each shard gets its own stored layout."""

@@ -16,6 +16,9 @@ HF_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma",
     "Gemma3ForCausalLM": "gemma",
+    "GPT2LMHeadModel": "gpt2",
+    "Phi3ForCausalLM": "phi3",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 # GGUF general.architecture -> module.
 GGUF_ARCHITECTURES: dict[str, str] = {
@@ -24,6 +27,9 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "qwen3": "qwen3",
     "gemma2": "gemma",
     "gemma3": "gemma",
+    "gpt2": "gpt2",
+    "phi3": "phi3",
+    "smollm3": "smollm3",
 }
 
 
