@@ -206,8 +206,6 @@ def q6_k_group16(gemma: Path | None) -> dict | None:
     mapping block_tensor makes: error on Gemma 3's Q6_K matrices, and batch-1 matvec time on jisu's kernels."""
     from jisu.kernels.build import cpu_linear_kernels
     from jisu.loader.gguf import open_gguf
-    from jisu.loader.gguf_blocks import _q6_k_ints
-    from jisu.quant.formats import QuantizedTensor
 
     ext = cpu_linear_kernels()
     if gemma is None or ext is None:
@@ -220,9 +218,7 @@ def q6_k_group16(gemma: Path | None) -> dict | None:
     for t in found:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         want = dequantize(t.data, Q.Q6_K, shape).double()
-        x, a = _q6_k_ints(np.array(t.data).reshape(shape[0], -1, 210))
-        g16 = QuantizedTensor(8, torch.from_numpy(x.reshape(shape).copy()),
-                              torch.from_numpy(a.astype(np.float16).reshape(shape[0], -1)), None, 16, "Q6_K")
+        g16 = block_tensor(t.data, Q.Q6_K, shape, t.name, q6_k_group=16)
         g32 = block_tensor(t.data, Q.Q6_K, shape, t.name)
         for g, q in ((16, g16), (32, g32)):
             err[g] += (q.dequantize().double() - want).pow(2).sum().item()
@@ -268,7 +264,7 @@ def _timed(fn) -> float:
 # ----------------------------------------------------------------------------- SmolLM2
 
 
-def model_rows(chunks: int) -> list[dict]:
+def model_rows(chunks: int, types: list[str]) -> list[dict]:
     from activation_quality import decode_sized_products
 
     from jisu import LLM
@@ -281,7 +277,8 @@ def model_rows(chunks: int) -> list[dict]:
     base = load_gguf(resolve_model(None))
     text = TEXT.read_text(encoding="utf-8")
     out = []
-    for qtype in (Q.Q8_0,) + NEW:
+    for label in types:
+        qtype, group16 = Q[label.removesuffix("-g16")], label.endswith("-g16")
         ref_tensors, test_tensors, kinds = {}, {}, {}
         for name, w in base.tensors.items():
             if w.dim() != 2 or not (is_linear_weight(name) or name == "model.embed_tokens.weight"):
@@ -290,7 +287,7 @@ def model_rows(chunks: int) -> list[dict]:
             kind = qtype if w.shape[1] % GGML_QUANT_SIZES[qtype][0] == 0 else FALLBACK[qtype]
             raw = encode(w.float().numpy(), kind)
             ref_tensors[name] = dequantize(raw, kind, tuple(w.shape))
-            test_tensors[name] = block_tensor(raw, kind, tuple(w.shape), name)
+            test_tensors[name] = block_tensor(raw, kind, tuple(w.shape), name, q6_k_group=16 if group16 else 32)
             kinds[kind.name] = kinds.get(kind.name, 0) + 1
 
         def ckpt(tensors):
@@ -298,7 +295,7 @@ def model_rows(chunks: int) -> list[dict]:
 
         common = {"max_model_len": 640, "max_num_seqs": 1, "enable_prefix_caching": False}
         ref = LLM(checkpoint=ckpt(ref_tensors), weights="float32", **common)
-        row = {"type": qtype.name, "matrices": kinds}
+        row = {"type": label, "matrices": kinds}
         for acts in ("float32", "int16"):
             test = LLM(checkpoint=ckpt(test_tensors), weights="auto", activations=acts, **common)
             with decode_sized_products():  # products in decode-sized calls, so int16 activations are used
@@ -310,7 +307,7 @@ def model_rows(chunks: int) -> list[dict]:
         out.append(row)
         f, i = row["float32"], row["int16"]
         mix = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
-        print(f"| {qtype.name} | {mix} | {f['kl_mean']:.2e} | {100 * f['top1']:.2f}% | {i['kl_mean']:.2e} | "
+        print(f"| {label} | {mix} | {f['kl_mean']:.2e} | {100 * f['top1']:.2f}% | {i['kl_mean']:.2e} | "
               f"{100 * i['top1']:.2f}% | {f['ref_ppl']:.3f} -> {i['ppl']:.3f} | {f['tokens']} |", flush=True)
     return out
 
@@ -321,6 +318,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=4, help="512-token chunks of WikiText-2 per KL run")
     ap.add_argument("--no-model", action="store_true", help="skip the SmolLM2 KL runs")
     ap.add_argument("--no-timing", action="store_true", help="skip the 262144-row timings")
+    ap.add_argument("--types", default="Q8_0,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K",
+                    help="model runs: GGUF types, comma-separated (Q6_K-g16: Q6_K kept as int8 group 16)")
+    ap.add_argument("--no-matrices", action="store_true", help="skip the per-matrix table and timings")
     ap.add_argument("--json", default=None, help="also write every number here")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
@@ -331,17 +331,18 @@ def main() -> None:
 
         gemma = gemma3_gguf_path()
     results: dict = {"threads": torch.get_num_threads()}
-    print(MATRIX_HEADER)
-    results["matrices"] = matrix_rows(gemma)
-    print()
-    results["q6_k_group16"] = q6_k_group16(gemma)
-    if not args.no_timing:
+    if not args.no_matrices:
+        print(MATRIX_HEADER)
+        results["matrices"] = matrix_rows(gemma)
+        print()
+        results["q6_k_group16"] = q6_k_group16(gemma)
+    if not args.no_timing and not args.no_matrices:
         print("\n| type | shape | convert s | gguf dequant (float32) s |\n|---|---|---|---|")
         results["timing"] = timing_rows()
     if not args.no_model:
         print("\n| SmolLM2 as | matrices | KL, float32 acts | top-1 | KL, int16 acts | top-1 | ppl ref -> int16 | "
               "tokens |\n|---|---|---|---|---|---|---|---|")
-        results["model"] = model_rows(args.chunks)
+        results["model"] = model_rows(args.chunks, args.types.split(","))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

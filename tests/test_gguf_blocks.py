@@ -15,7 +15,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from tiny_models import gemma3_gguf_path
 
 import jisu.loader.gguf_blocks as gb
-from jisu.errors import ModelLoadError, UnsupportedModelError
+from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from jisu.kernels.build import cpu_linear_kernels
 from jisu.loader.gguf import open_gguf
 from jisu.loader.gguf_blocks import EXACT, KEPT_BLOCK_FORMATS, REQUANTIZED, SCALES_ROUNDED, block_tensor
@@ -157,16 +157,36 @@ def test_q6_k_keeps_the_larger_sub_block_of_each_group(power_of_two):
     assert t.qweight.min() >= -128 and (t.qweight == -128).any()  # 4 * (0 - 32): int8's -128 is used
 
 
+def test_q6_k_group_16_keeps_every_integer():
+    rows, cols = 5, 512
+    raw = random_blocks(Q.Q6_K, rows, cols, seed=12, power_of_two=True)
+    t = block_tensor(raw, Q.Q6_K, (rows, cols), "t", q6_k_group=16)
+    assert (t.bits, t.group_size, t.fidelity) == (8, 16, EXACT)
+    assert torch.equal(t.dequantize(), reference(raw, Q.Q6_K, rows, cols))
+    raw = random_blocks(Q.Q6_K, rows, cols, seed=13)
+    t = block_tensor(raw, Q.Q6_K, (rows, cols), "t", q6_k_group=16)
+    want = reference(raw, Q.Q6_K, rows, cols)
+    a = _q6_k_sub_scales(raw, rows, cols)
+    assert t.fidelity == SCALES_ROUNDED and torch.equal(t.scales, a.half())
+    assert ((t.dequantize() - want).abs() <= 2.0**-11 * want.abs() * (1 + 2.0**-10) + 2.0**-23 * want.abs()).all()
+    assert t.qweight.min() >= -32 and t.qweight.max() <= 31
+    with pytest.raises(InvalidRequestError, match="16 or 32"):
+        block_tensor(raw, Q.Q6_K, (rows, cols), "t", q6_k_group=64)
+
+
 # ----------------------------------------------------------------------------- the C++ kernels
 
 ext = cpu_linear_kernels()
 
 
 @pytest.mark.skipif(ext is None, reason="C++ kernels unavailable (no toolchain)")
-@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL + ["Q6_K-g16"], ids=lambda q: getattr(q, "name", q))
 def test_kernel_product_matches_the_dequantized_matrix(qtype):
     rows, cols = 67, 512
-    t = block_tensor(random_blocks(qtype, rows, cols, seed=8), qtype, (rows, cols), "t")
+    group = 16 if qtype == "Q6_K-g16" else 32
+    qtype = Q.Q6_K if group == 16 else qtype
+    t = block_tensor(random_blocks(qtype, rows, cols, seed=8), qtype, (rows, cols), "t", q6_k_group=group)
+    assert t.group_size == group
     w = t.dequantize().double()
     bias = torch.randn(rows, generator=torch.Generator().manual_seed(9))
     kw = t.to_kernel(ext, bias)
@@ -177,6 +197,7 @@ def test_kernel_product_matches_the_dequantized_matrix(qtype):
         exact = x.double() @ w.T + bias.double()
         mag = x.double().abs() @ w.abs().T + bias.double().abs()
         # float32 sums of K terms, plus (M <= 192) x rounded to int16 per 32 inputs: <= max|x_b| / 65534 each.
+        # (group 16 never takes the int16 path; the bound holds all the same.)
         xd = x.double().abs().reshape(m, -1, 32).amax(dim=2).repeat_interleave(32, dim=1) / 65534
         bound = (cols + 2) * 2.0**-24 * mag + (xd + 4 * 2.0**-24 * x.double().abs()) @ w.abs().T
         assert ((y - exact).abs() <= bound).all(), f"M={m}"
