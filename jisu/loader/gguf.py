@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 
 from jisu.errors import JisuError, ModelConfigError, ModelLoadError, UnsupportedModelError
 from jisu.loader.checkpoint import Checkpoint
+from jisu.loader.gguf_blocks import KEPT_BLOCK_FORMATS, block_tensor  # noqa: F401  (re-exported)
 from jisu.loader.gguf_scan import scan_gguf
 from jisu.loader.gguf_tokenizer import build_gguf_tokenizer
 from jisu.loader.validate import check_tensors_fit_config
@@ -36,7 +37,7 @@ GGUF_ARCHITECTURES: dict[str, str] = {name: for_gguf(name).hf_name for name in _
 
 Q = GGMLQuantizationType
 # F16/BF16 stay in their dtype; the block formats are dequantized to float32 unless kept as blocks
-# (KEPT_BLOCK_FORMATS below). Q5_0/Q5_1 are here too
+# (KEPT_BLOCK_FORMATS, jisu/loader/gguf_blocks.py: every block type here). Q5_0/Q5_1 are here too
 # because llama.cpp's K-quant mixes fall back to them for rows not divisible by 256 (SmolLM2's 576).
 SUPPORTED_TENSOR_TYPES = (
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K,
@@ -486,36 +487,6 @@ def hf_tensor_name(gguf_name: str, table: dict[str, str] | None = None) -> str |
 def _torch_shape(gguf_shape: Any) -> tuple[int, ...]:
     # GGUF lists dimensions fastest-first (ne[0] = row length); torch wants rows first.
     return tuple(int(d) for d in reversed(list(gguf_shape)))
-
-
-# Block formats whose numbers jisu's int8/int4 kernels use as they are (see jisu/quant/formats.py):
-# bytes per 32-weight block.
-KEPT_BLOCK_FORMATS = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
-
-
-def block_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], name: str) -> QuantizedTensor:
-    """A Q8_0 / Q4_0 / Q4_1 matrix as jisu's int8 / int4 blocks, without dequantizing.
-
-    Q8_0 blocks are (d f16, 32 x int8): w = d * q, exactly int8 with group 32. Q4_1 blocks are (d f16, m f16,
-    16 bytes of nibbles): w = d * q + m, exactly int4 with group 32, scale d and zero m. Q4_0 blocks are
-    (d f16, 16 bytes): w = d * (q - 8), which is int4 with zero -8d (exact: a power-of-two multiple).
-    """
-    block_bytes = KEPT_BLOCK_FORMATS[qtype]
-    rows, cols = shape
-    raw = np.ascontiguousarray(data).reshape(rows, cols // 32, block_bytes)
-    try:
-        d = torch.from_numpy(raw[:, :, :2].copy().view(np.float16)).reshape(rows, cols // 32)
-        if qtype == Q.Q8_0:
-            q = torch.from_numpy(raw[:, :, 2:].copy().view(np.int8)).reshape(rows, cols)
-            return QuantizedTensor(8, q, d, None, 32, qtype.name)
-        if qtype == Q.Q4_1:
-            m = torch.from_numpy(raw[:, :, 2:4].copy().view(np.float16)).reshape(rows, cols // 32)
-            q = torch.from_numpy(raw[:, :, 4:].copy()).reshape(rows, cols // 2)
-            return QuantizedTensor(4, q, d, m, 32, qtype.name)
-        q = torch.from_numpy(raw[:, :, 2:].copy()).reshape(rows, cols // 2)
-        return QuantizedTensor(4, q, d, d * -8, 32, qtype.name)
-    except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"tensor {name!r} ({qtype.name}, shape {shape}) is corrupt: {e}") from None
 
 
 def tensor_to_torch(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], name: str) -> torch.Tensor:
