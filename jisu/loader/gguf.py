@@ -44,6 +44,7 @@ SUPPORTED_TENSOR_TYPES = (
 )  # fmt: skip
 
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+_EXPERT_NAME = re.compile(r"^(.+)\.(\d+)\.(weight|bias)$")
 # llama.cpp stores Llama 3.1-style rope scaling as per-dimension factors in this tensor, not as metadata.
 _ROPE_FREQS = "rope_freqs.weight"
 # ... and LongRoPE's (Phi-3) per-pair divisors in these two, folded into config.rope_scaling too.
@@ -72,7 +73,7 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
     arch_name = meta.get("general.architecture")
     if not isinstance(arch_name, str):
         raise ModelLoadError(f"{path}: GGUF metadata lacks general.architecture")
-    spec = _gguf_architecture(arch_name, path)
+    spec = _gguf_architecture(arch_name, path, meta)
     hf_arch = spec.hf_name
 
     by_name = {t.name: t for t in reader.tensors}
@@ -80,6 +81,7 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
     names = gguf_field_names(arch_name)
     config = ModelConfig.from_hf_dict(hf_config, str(path), names)
     hf_names: dict[str, str] = {}  # HF name -> GGUF name
+    experts: dict[str, int] = {}  # HF name -> its expert's index in a stacked [experts, rows, cols] GGUF tensor
     for gguf_name in by_name:
         if gguf_name == _ROPE_FREQS or gguf_name in _ROPE_FACTORS:
             continue  # folded into config.rope_scaling by gguf_to_hf_config
@@ -89,8 +91,17 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
                 f"{path}: unexpected tensor {gguf_name!r} for a {arch_name} model; "
                 f"jisu knows: {', '.join(spec.gguf_tensors)}"
             )
+        if "{e}" in hf_name:  # llama.cpp's *_exps: every expert's matrix in one tensor, loaded one per expert
+            count = _torch_shape(by_name[gguf_name].shape)[0]
+            if count != config.num_experts:
+                raise ModelLoadError(f"{path}: tensor {gguf_name} stacks {count} experts, the config implies "
+                                     f"{config.num_experts}")
+            for e in range(count):
+                experts[hf_name.replace("{e}", str(e))] = e
+                hf_names[hf_name.replace("{e}", str(e))] = gguf_name
+            continue
         hf_names[hf_name] = gguf_name
-    shapes = {hf: _torch_shape(by_name[g].shape) for hf, g in hf_names.items()}
+    shapes = {hf: _torch_shape(by_name[g].shape)[hf in experts:] for hf, g in hf_names.items()}
     # A fused projection held whole (Phi-3's attn_qkv and ffn_up, GPT-2's attn_qkv) is checked and loaded as its shards.
     split = fused_splitter(config)
     parts = {p: (hf, tuple(t.shape)) for hf, s in shapes.items() for p, t in split(hf, torch.empty(s, device="meta"))}
@@ -110,11 +121,13 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
         if progress is not None:
             progress(done, len(hf_names), f"loading {path.name}")
         t = by_name[gguf_name]
+        # An expert of a stacked tensor: its rows are contiguous, so its blocks are sliced out before converting.
+        data = t.data if hf_name not in experts else t.data[experts[hf_name]]
         try:
             if keep_blocks and t.tensor_type in KEPT_BLOCK_FORMATS and len(shapes[hf_name]) == 2:
-                w = block_tensor(t.data, t.tensor_type, shapes[hf_name], gguf_name)
+                w = block_tensor(data, t.tensor_type, shapes[hf_name], gguf_name)
             else:
-                w = tensor_to_torch(t.data, t.tensor_type, shapes[hf_name], gguf_name)
+                w = tensor_to_torch(data, t.tensor_type, shapes[hf_name], gguf_name)
         except JisuError as e:
             raise type(e)(f"{path}: {e}") from None
         if spec.permute_gguf_qk:
@@ -257,13 +270,13 @@ def _field_value(field: Any) -> Any:
     return value[0].item()
 
 
-def _gguf_architecture(arch: str, path: Path) -> Architecture:
+def _gguf_architecture(arch: str, path: Path, meta: dict[str, Any] | None = None) -> Architecture:
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: unsupported GGUF architecture {arch!r}; jisu runs GGUF architectures "
             f"{', '.join(GGUF_ARCHITECTURES)} ({', '.join(GGUF_ARCHITECTURES.values())})"
         )
-    return for_gguf(arch)
+    return for_gguf(arch, meta)
 
 
 def gguf_field_names(arch: str) -> dict[str, str]:
@@ -331,7 +344,7 @@ def gguf_to_hf_config(
         "attention_bias": any(name.endswith("attn_q.bias") for name in tensors),
         "rope_scaling": _rope_scaling(get, path),
     }
-    hf |= for_gguf(arch).gguf_config(get, tensors)
+    hf |= for_gguf(arch, meta).gguf_config(get, tensors)
     names = gguf_field_names(arch)
     config = ModelConfig.from_hf_dict(hf, str(path), names)
     rot = get("rope.dimension_count")
@@ -475,13 +488,19 @@ def _llama3_band(factors: np.ndarray, factor: float, theta: float, head_dim: int
 
 def hf_tensor_name(gguf_name: str, table: dict[str, str] | None = None) -> str | None:
     """The HF parameter name for a GGUF tensor name under an architecture's table (default: the names every
-    architecture shares), or None when it has no entry."""
+    architecture shares), or None when it has no entry. A stacked experts tensor's name keeps the table's {e}
+    (the loader fills it per expert); an older file's per-expert name (blk.N.ffn_gate.E.weight) gets E."""
     table = COMMON_GGUF_TENSORS if table is None else table
     m = _LAYER_NAME.match(gguf_name)
     if m is None:
         return table.get(gguf_name)
-    template = table.get(f"blk.{{n}}.{m.group(2)}")
-    return template.format(n=int(m.group(1))) if template else None
+    template, expert = table.get(f"blk.{{n}}.{m.group(2)}"), None
+    if template is None and (e := _EXPERT_NAME.match(m.group(2))):
+        template, expert = table.get(f"blk.{{n}}.{e.group(1)}.{{e}}.{e.group(3)}"), str(int(e.group(2)))
+    if template is None:
+        return None
+    name = template.replace("{n}", str(int(m.group(1))))
+    return name if expert is None else name.replace("{e}", expert)
 
 
 def _torch_shape(gguf_shape: Any) -> tuple[int, ...]:

@@ -19,6 +19,8 @@ HF_ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # GGUF general.architecture -> module.
 GGUF_ARCHITECTURES: dict[str, str] = {
@@ -30,6 +32,12 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "gpt2": "gpt2",
     "phi3": "phi3",
     "smollm3": "smollm3",
+    "qwen3moe": "qwen3_moe",
+}
+# GGUF general.architecture values llama.cpp also writes for a mixture-of-experts model, which it tells apart by
+# `{arch}.expert_count` being set -> that model's config.json architecture.
+GGUF_MOE_ARCHITECTURES: dict[str, str] = {
+    "llama": "MixtralForCausalLM",
 }
 
 
@@ -47,12 +55,16 @@ def for_hf(architecture: str) -> Architecture:
     return _module(module).ARCHITECTURES[architecture]
 
 
-def for_gguf(gguf_architecture: str) -> Architecture:
-    """The Architecture of a GGUF general.architecture value."""
+def for_gguf(gguf_architecture: str, metadata: dict | None = None) -> Architecture:
+    """The Architecture of a GGUF general.architecture value; with the file's `metadata`, a "llama" file holding
+    experts is Mixtral."""
     module = GGUF_ARCHITECTURES.get(gguf_architecture)
     if module is None:
         raise UnsupportedModelError(
             f"unsupported GGUF architecture {gguf_architecture!r}; jisu runs GGUF architectures "
             f"{', '.join(GGUF_ARCHITECTURES)}"
         )
+    moe = GGUF_MOE_ARCHITECTURES.get(gguf_architecture)
+    if moe is not None and metadata and metadata.get(f"{gguf_architecture}.expert_count"):
+        return for_hf(moe)
     return _module(module).GGUF[gguf_architecture]
