@@ -58,6 +58,19 @@ class CacheConfig:
         _check_int("num_blocks", self.num_blocks, 1, allow_none=True)
 
 
+SCORING_BLOCK_SIZE = 16
+"""KV block size of runs that batch their own sequences (scoring, calibration; see exact_cache)."""
+
+
+def exact_cache(*batches: list[int]) -> CacheConfig:
+    """A KV cache that holds any one of `batches` (the token lengths of sequences run together) and no more, without
+    prefix caching: for runs that size their own steps (scoring, calibration), where every sequence starts from an
+    empty cache."""
+    bs = SCORING_BLOCK_SIZE
+    blocks = max((sum(-(-n // bs) for n in lengths) for lengths in batches), default=1)
+    return CacheConfig(block_size=bs, num_blocks=max(blocks, 1), enable_prefix_caching=False)
+
+
 DETERMINISTIC_HELP = ("let prefill chunks and large batches run on faster kernels whose rounding depends on the "
                       "batch's shape (default: deterministic, a request's tokens do not depend on batching, prompt "
                       "chunking or prefix-cache hits)")
@@ -113,6 +126,7 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}"
             )
+        from jisu.capabilities import low_bit_support
         from jisu.quant.plan import FLOAT_WEIGHTS, parse_weights
 
         spec = parse_weights(self.weights, self.group_size, self.outlier_columns)
@@ -121,13 +135,6 @@ class EngineConfig:
             if self.dtype not in ("auto", spec.name):
                 raise InvalidRequestError(f"weights={spec.name} contradicts dtype={self.dtype}; give one of them")
             self.dtype = spec.name
-        elif spec.quantized and kind == "cuda":
-            # On CUDA only int4 has a fast kernel (torch's, jisu/kernels/torch_int4.py), computing in bfloat16.
-            if spec.name != "int4":
-                raise InvalidRequestError(
-                    f"{spec.name} weights run on jisu's CPU kernels (use device cpu); on cuda use int4 or bfloat16"
-                )
-            if self.dtype not in ("auto", "bfloat16"):
-                raise InvalidRequestError(f"int4 weights on cuda compute in bfloat16, not {self.dtype}")
-        elif spec.quantized and self.dtype not in ("auto", "float32"):
-            raise InvalidRequestError(f"{spec.name} weights compute in float32, not {self.dtype}")
+        elif spec.quantized:
+            # By the rules alone: whether the kernels build, or the GPU is new enough, is the engine's to find out.
+            low_bit_support(kind, self.dtype, self.cpu_kernels, probe=False).formats(spec.name)
