@@ -12,41 +12,20 @@ from typing import Callable
 
 import torch
 
+from jisu.capabilities import low_bit_support, resolve_device, resolve_dtype
 from jisu.config import EngineConfig
 from jisu.detokenizer import OutputText
 from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
-from jisu.models.registry import model_class
+from jisu.model_run import ModelRun
 from jisu.profile.timeline import StepLog, StepRecord
-from jisu.quant.formats import QuantizedTensor
-from jisu.quant.plan import WeightsSpec, convert_tensors, load_rounding
+from jisu.quant.calibration import calibration_texts, input_statistics
+from jisu.quant.plan import WeightsSpec, load_rounding, plan_for
 from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
-from jisu.runner.kv_cache import KVCache, plan_num_blocks, resolve_kv_dtype
-from jisu.runner.runner import ModelRunner
 from jisu.sampling import Sampler, SamplingRow, make_generator
 from jisu.sampling_params import SamplingParams
-from jisu.scheduler.blocks import BlockManager
 from jisu.scheduler.scheduler import Scheduler
 from jisu.tokenizer import Tokenizer
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    if config.dtype == "auto":
-        # NOTE: this CPU class has no fast half-precision matmul in torch (about 1 GFLOP/s), so float32.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, config.dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
 
 class _Group:
     """The sequences of one request (n of them) and what the caller has seen."""
@@ -63,88 +42,39 @@ class _Group:
 
 
 class LLMEngine:
-    @staticmethod
-    def _low_bit_formats(config: EngineConfig, spec: WeightsSpec, device: torch.device) -> tuple[str, ...]:
-        """The low-bit formats matrices can run in here: int8 and int4 on jisu's C++ kernels (CPU, float32),
-        int4 alone on torch's int4 kernel (CUDA; on CPU only for int4 asked where the C++ kernels are not in use,
-        being 10-30x slower than float32 there); () = floats only. Asking for a format that cannot run here is an
-        error; auto then loads floats."""
-        cpp = device.type == "cpu" and config.dtype in ("auto", "float32") and config.cpu_kernels
-        if cpp:
-            from jisu.kernels.build import cpu_linear_kernels
-
-            if cpu_linear_kernels() is not None:
-                return ("int8", "int4")
-        from jisu.kernels.torch_int4 import torch_int4_available
-
-        why_not = torch_int4_available(device)
-        if why_not is None and (device.type == "cuda" or spec.name == "int4"):
-            return ("int4",)
-        if spec.quantized:
-            needs = "jisu's C++ CPU kernels (device cpu, float32 compute, cpu_kernels on, a C++ toolchain)"
-            if spec.name == "int4":
-                needs += f" or torch's int4 kernel ({why_not})"
-            raise InvalidRequestError(f"{spec.name} weights need {needs}")
-        return ()
-
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, progress: Callable | None = None):
         self.config = config
+        # The load runs one way: what runs here -> checkpoint -> the format of each matrix (calibrated where the
+        # format needs it) -> model on its KV cache -> scheduler and sampler around it.
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         spec = WeightsSpec(config.weights, config.group_size, config.outlier_columns)
-        formats = self._low_bit_formats(config, spec, self.device)
-        keep_blocks = spec.keeps_blocks and bool(formats)
+        support = low_bit_support(self.device, self.dtype, config.cpu_kernels)
+        formats = support.formats(spec.name)
         if checkpoint is None:
             from jisu.loader.resolve import load_checkpoint
 
-            checkpoint = load_checkpoint(config.model, keep_blocks=keep_blocks)
+            checkpoint = load_checkpoint(config.model, keep_blocks=spec.keeps_blocks and bool(formats))
         ckpt = checkpoint
-        tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
-        rounding = load_rounding(ckpt, spec) if keep_blocks else None
-        tensors = convert_tensors(
-            ckpt.tensors, spec if keep_blocks else WeightsSpec(dtype_name(self.dtype)), tied, round_linear=rounding,
-            int8="int8" in formats,
-        )
+        plan = plan_for(ckpt, spec, formats, self.dtype)
+        statistics = None
+        if plan.needs_statistics:
+            # Calibration, a step of its own: a run of the checkpoint in its own precision (a ModelRun, not an engine).
+            statistics = input_statistics(ckpt, calibration_texts())
+        tensors = plan.apply(ckpt.tensors, load_rounding(spec, statistics))
         self.weights = spec.label()
         self.model_config = ckpt.config
         self.model_source = ckpt.source
         self.tokenizer = Tokenizer(ckpt.tokenizer)
         self.eos_token_ids = tuple(dict.fromkeys(ckpt.tokenizer.eos_token_ids + ckpt.config.eos_token_ids))
 
-        cache = config.cache
-        # Every running sequence at full length is all the cache can ever hold at once.
-        longest = config.max_model_len or self.model_config.max_position_embeddings
-        # Activations are rounded to int16 only by jisu's C++ kernels (the formats that include int8), on low-bit
-        # matrices.
-        rounded = (config.activations == "int16" and "int8" in formats
-                   and any(isinstance(t, QuantizedTensor) for t in tensors.values()))
-        self.kv_dtype = resolve_kv_dtype(cache.dtype, self.dtype, rounded)
-        num_blocks = plan_num_blocks(
-            self.model_config, cache, self.kv_dtype, self.device, longest * config.scheduler.max_num_seqs
-        )
-        kv_capacity = num_blocks * cache.block_size
-        self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, kv_capacity)
-        if self.max_model_len > self.model_config.max_context:
-            raise InvalidRequestError(
-                f"max_model_len {self.max_model_len} exceeds the {self.model_config.max_context} positions this "
-                f"model supports"
-            )
-        if self.max_model_len > kv_capacity:
-            raise InvalidRequestError(
-                f"max_model_len {self.max_model_len} does not fit the KV cache, which holds {kv_capacity} tokens"
-            )
-
-        model = model_class(self.model_config.architecture)(self.model_config, max_positions=self.max_model_len)
-        act_bits = 16 if config.activations == "int16" else 32
-        model.load_weights(tensors, self.dtype, self.device, cpu_kernels=config.cpu_kernels, act_bits=act_bits)
-        model.eval()
-        self.model = model
-
-        self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.kv_cache = KVCache(self.model_config, num_blocks, cache.block_size, self.kv_dtype, self.device)
+        run = ModelRun.build(config, self.model_config, tensors, self.device, self.dtype, support)
+        self.model_run = run
+        """The model on its KV cache (model, kv_cache, blocks and runner below are its own)."""
+        self.model, self.kv_cache, self.blocks, self.runner = run.model, run.kv_cache, run.blocks, run.runner
+        self.kv_dtype = run.kv_dtype
+        self.max_model_len = run.max_model_len
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(model, self.model_config, self.kv_cache, self.blocks, self.device,
-                                  deterministic=config.deterministic)
         self.sampler = Sampler()
         torch.manual_seed(config.seed)
 

@@ -146,20 +146,43 @@ def test_int8_rounding_is_asked_for_only_when_int8_quantizes_a_linear_matrix():
     assert out["model.layers.0.mlp.down_proj.weight"].outlier_cols is None
 
 
-def test_outlier_rounding_is_none_for_no_columns_and_calibrates_once(tiny_llama_dir, monkeypatch):
+def test_outlier_rounding_is_none_for_no_columns_and_reads_its_statistics():
     import jisu.quant.outliers as outliers
-    from jisu.loader.resolve import load_checkpoint
 
-    ckpt = load_checkpoint(str(tiny_llama_dir), keep_blocks=True)
-    assert outliers.outlier_rounding(ckpt, 0) is None
-    runs = []
-    real = outliers.input_statistics
-    monkeypatch.setattr(outliers, "input_statistics", lambda *a, **k: runs.append(1) or real(*a, **k))
-    rounding = outliers.outlier_rounding(ckpt, 2)
     name = "model.layers.0.mlp.down_proj.weight"
-    w = ckpt.tensors[name].float()
-    first, second = rounding(name, w, None), rounding(name, w, 32 if w.shape[1] % 32 == 0 else None)
-    assert runs == [1] and first.num_outliers == 2 and torch.equal(first.outlier_cols, second.outlier_cols)
+    ms = torch.linspace(0.1, 0.2, 32)
+    ms[[1, 5]] = torch.tensor([9.0, 7.0])
+    stats = {name: ms}
+    assert outliers.outlier_rounding(stats, 0) is None
+    rounding = outliers.outlier_rounding(stats, 2)
+    w = _rand(16, 32)
+    first, second = rounding(name, w, None), rounding(name, w, 32)
+    assert first.outlier_cols.tolist() == [1, 5] and torch.equal(first.outlier_cols, second.outlier_cols)
+    assert rounding("model.layers.0.mlp.up_proj.weight", w, None).outlier_cols is None  # no statistics, no columns
+
+
+def test_the_engine_calibrates_once_on_a_model_run_and_only_when_the_plan_rounds(tiny_llama_dir, tmp_path,
+                                                                               monkeypatch):
+    import jisu.engine as engine
+    from jisu.model_run import ModelRun
+    from tiny_models import write_gguf_from_hf
+
+    runs, builds, engines = [], [], []
+    real = engine.input_statistics
+    monkeypatch.setattr(engine, "input_statistics", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real_build = ModelRun.build.__func__
+    monkeypatch.setattr(ModelRun, "build", classmethod(lambda cls, *a: builds.append(1) or real_build(cls, *a)))
+    real_init = engine.LLMEngine.__init__
+    monkeypatch.setattr(engine.LLMEngine, "__init__",
+                        lambda self, *a, **k: engines.append(1) or real_init(self, *a, **k))
+    LLM(model=str(tiny_llama_dir), weights="int8", max_model_len=64)
+    # One calibration run, on a model of its own: no engine inside the engine.
+    assert (runs, builds, engines) == ([1], [1, 1], [1])
+    q41 = write_gguf_from_hf(tiny_llama_dir, tmp_path / "q41.gguf", "Q4_1")
+    runs.clear()
+    LLM(model=str(q41), weights="int4", max_model_len=64)  # Q4_1 is int4 group 32: kept, nothing to round
+    LLM(model=str(tiny_llama_dir), weights="int8-o0", max_model_len=64)  # plain rounding reads no statistics
+    assert runs == []
 
 
 def test_calibration_finds_the_inputs_with_the_largest_activations(tiny_llama_dir):

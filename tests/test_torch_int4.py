@@ -13,7 +13,7 @@ from jisu.errors import ModelLoadError
 from jisu.kernels.torch_int4 import TorchInt4Weight
 from jisu.loader.gguf import block_tensor
 from jisu.quant.formats import quantize_int4, quantize_int8
-from jisu.quant.plan import convert_tensors, load_rounding, parse_weights
+from jisu.quant.plan import convert_tensors, load_rounding, parse_weights, plan_weights
 
 
 def _rand(n, k, seed=0):
@@ -70,9 +70,12 @@ def on_torch_and_reference(tiny_llama_dir):
 
     kw = {"max_model_len": 128, "max_num_seqs": 2}
     on_torch = LLM(model=str(tiny_llama_dir), weights="int4", cpu_kernels=False, **kw)
+    from jisu.quant.calibration import calibration_texts, input_statistics
+
     ckpt = load_checkpoint(str(tiny_llama_dir))
     spec = parse_weights("int4")
-    int4 = convert_tensors(ckpt.tensors, spec, tied=True, int8=False, round_linear=load_rounding(ckpt, spec))
+    rounding = load_rounding(spec, input_statistics(ckpt, calibration_texts()))
+    int4 = plan_weights(ckpt.tensors, spec, tied=True, int8=False).apply(ckpt.tensors, rounding)
     floats = {n: t.dequantize() if hasattr(t, "dequantize") else t for n, t in int4.items()}
     reference = LLM(model=str(tiny_llama_dir), weights="float32", checkpoint=replace(ckpt, tensors=floats), **kw)
     return on_torch, reference
@@ -102,24 +105,34 @@ def test_logits_and_text_equal_the_float_run_of_the_same_int4_numbers(on_torch_a
 
 
 def test_which_low_bit_formats_run_where(monkeypatch):
-    from jisu.config import EngineConfig
-    from jisu.engine import LLMEngine
+    from jisu.capabilities import low_bit_support
     from jisu.errors import InvalidRequestError
     from jisu.kernels import torch_int4
-    from jisu.quant.plan import WeightsSpec
 
-    formats = LLMEngine._low_bit_formats
     # A GPU torch's int4 kernel runs on (this machine has none: the check is stood in for).
     monkeypatch.setattr(torch_int4, "torch_int4_available", lambda device: None)
-    cuda = torch.device("cuda")
-    assert formats(EngineConfig(device="cuda"), WeightsSpec("auto"), cuda) == ("int4",)  # Q4_1 stays 4-bit
-    assert formats(EngineConfig(device="cuda", weights="int4"), WeightsSpec("int4"), cuda) == ("int4",)
+    cuda = low_bit_support("cuda", "auto")
+    assert cuda.formats("auto") == ("int4",) and cuda.formats("int4") == ("int4",)  # Q4_1 stays 4-bit
+    assert cuda.kernels == {"int4": "torch-int4"}
+    # torch's CUDA kernel computes in bfloat16: another compute dtype loads floats, and int4 asked is refused.
+    assert low_bit_support("cuda", "float16").formats("auto") == ()
+    with pytest.raises(InvalidRequestError, match="int4 weights on cuda compute in bfloat16, not float16"):
+        low_bit_support("cuda", "float16").formats("int4")
+    with pytest.raises(InvalidRequestError, match=r"int8 weights run on jisu's CPU kernels \(use device cpu\)"):
+        cuda.formats("int8")
     # CPU without jisu's C++ kernels: int4 only when asked for (torch's CPU kernel is slower than float32).
-    cpu = torch.device("cpu")
-    assert formats(EngineConfig(cpu_kernels=False), WeightsSpec("auto"), cpu) == ()
-    assert formats(EngineConfig(cpu_kernels=False, weights="int4"), WeightsSpec("int4"), cpu) == ("int4",)
+    off = low_bit_support("cpu", "auto", cpu_kernels=False)
+    assert off.formats("auto") == () and off.formats("int4") == ("int4",) and not off.cpu_kernels
+    with pytest.raises(InvalidRequestError, match="int8 weights need jisu's C\\+\\+ CPU kernels"):
+        off.formats("int8")
+    with pytest.raises(InvalidRequestError, match="int4 weights compute in float32, not bfloat16"):
+        low_bit_support("cpu", "bfloat16").formats("int4")
     # An old GPU: int4 is refused with the reason, auto loads floats.
     monkeypatch.setattr(torch_int4, "torch_int4_available", lambda device: "compute capability 7.5 < 8.0")
-    assert formats(EngineConfig(device="cuda"), WeightsSpec("auto"), cuda) == ()
+    old = low_bit_support("cuda", "auto")
+    assert old.formats("auto") == ()
     with pytest.raises(InvalidRequestError, match=r"int4 weights need .* or torch's int4 kernel \(compute capability"):
-        formats(EngineConfig(device="cuda", weights="int4"), WeightsSpec("int4"), cuda)
+        old.formats("int4")
+    # The rules alone (config validation, estimates) assume the kernels would run.
+    assert low_bit_support("cuda", "auto", probe=False).formats("auto") == ("int4",)
+    assert low_bit_support("cpu", "auto", probe=False).formats("auto") == ("int8", "int4")

@@ -15,17 +15,10 @@ from pathlib import Path
 from jisu.errors import InvalidRequestError
 from jisu.sampling_params import SamplingParams
 
-# Used when no prompt file is given: short, varied openings (facts, code, lists, prose).
-DEFAULT_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Here are three tips for staying healthy:",
-    "Once upon a time, in a small village by the sea,",
-    "The theory of relativity states that",
-    "To make a cup of tea, first",
-    "The largest planet in our solar system is",
-    "In Python, a list comprehension",
-)
+PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "prompts.txt"
+# Used when no prompt file is given: short, varied openings (facts, code, lists, prose), one a line. A file rather
+# than code: calibration reads them too (jisu/quant/calibration.py), and nothing below the engine imports eval.
+DEFAULT_PROMPTS = tuple(line for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line)
 
 
 def load_prompts(path: str | Path | None) -> list[str]:

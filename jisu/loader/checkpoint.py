@@ -36,3 +36,9 @@ class Checkpoint:
     source: str
     """Path the checkpoint came from, for messages."""
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ties_output(self) -> bool:
+        """Whether the output layer multiplies by the embedding matrix (the config says so, or there is no
+        lm_head.weight); ModelConfig.output_is_tied is the one rule."""
+        return self.config.output_is_tied(self.tensors)

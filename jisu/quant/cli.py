@@ -47,22 +47,30 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 METHODS = ("rtn", "gptq")
 
 
-def _linear_rounding(checkpoint, spec, method: str, calibration: str | None):
-    """How `checkpoint`'s linear matrices are rounded to `spec` by `method` (see plan.convert_tensors'
-    round_linear): to nearest as at load (plan.load_rounding), or by GPTQ."""
-    from jisu.quant.calibration import sample_text
-    from jisu.quant.gptq import gptq_rounding
-    from jisu.quant.plan import load_rounding
-
+def _check_method(spec, method: str, calibration: str | None) -> None:
     if method not in METHODS:
         raise InvalidRequestError(f"unknown rounding method {method!r}; allowed: {', '.join(METHODS)}")
     if method == "gptq" and spec.name not in ("int8", "int4"):
         raise InvalidRequestError(f"--method gptq rounds int8 or int4 weights, not {spec.name}")
     if calibration is not None and method != "gptq":
         raise InvalidRequestError("--calibration applies to --method gptq")
-    if method == "gptq":
-        return gptq_rounding(checkpoint, spec.outliers, sample_text(calibration), bits=int(spec.name[3:]))
-    return load_rounding(checkpoint, spec)
+
+
+def _apply(checkpoint, plan, method: str, calibration: str | None) -> dict:
+    """`plan` applied to `checkpoint`'s tensors, its linear matrices rounded by `method`: to nearest as at load
+    (plan.load_rounding), or by GPTQ. The calibration run, where the rounding needs one, comes first."""
+    from jisu.quant.calibration import calibration_texts, input_statistics, sample_text
+    from jisu.quant.gptq import gptq_rounding
+    from jisu.quant.plan import load_rounding
+
+    spec = plan.spec
+    rounding = None
+    if method == "gptq" and plan.rounds_linear:
+        statistics = input_statistics(checkpoint, sample_text(calibration), second_moments=True)
+        rounding = gptq_rounding(statistics, spec.outliers, bits=int(spec.name[3:]))
+    elif plan.needs_statistics:
+        rounding = load_rounding(spec, input_statistics(checkpoint, calibration_texts()))
+    return plan.apply(checkpoint.tensors, rounding)
 
 
 def quantized_tensors(checkpoint, weights: str, output_group: int | None = None, method: str = "rtn",
@@ -70,14 +78,14 @@ def quantized_tensors(checkpoint, weights: str, output_group: int | None = None,
     """(spec, tensors to save, {matrix: format}) for `checkpoint` in format `weights`, int8 linear layers rounded
     by `method` (gptq over the text of file `calibration`, default jisu's)."""
     from jisu.quant.formats import QuantizedTensor
-    from jisu.quant.plan import convert_tensors, parse_weights
+    from jisu.quant.plan import parse_weights, plan_weights
 
     spec = parse_weights(weights)
     if not spec.quantized:
         raise InvalidRequestError(f"jisu quantize writes int8 or int4 weights, got {weights!r}")
-    rounding = _linear_rounding(checkpoint, spec, method, calibration)
-    tied = checkpoint.config.tie_word_embeddings or "lm_head.weight" not in checkpoint.tensors
-    converted = convert_tensors(checkpoint.tensors, spec, tied, output_group, round_linear=rounding)
+    _check_method(spec, method, calibration)
+    plan = plan_weights(checkpoint.tensors, spec, checkpoint.ties_output, output_group)
+    converted = _apply(checkpoint, plan, method, calibration)
     out, formats = {}, {}
     for name, t in converted.items():
         if isinstance(t, QuantizedTensor):
@@ -127,7 +135,7 @@ def _run_gguf(ckpt, args) -> int:
 
     from jisu.quant.formats import QuantizedTensor
     from jisu.quant.gguf_out import write_gguf
-    from jisu.quant.plan import convert_tensors, parse_weights
+    from jisu.quant.plan import parse_weights, plan_weights
 
     spec = parse_weights(args.weights)
     if not (spec.label() == "int4-g32" or (spec.name == "int8" and spec.group_size == 32)):
@@ -142,9 +150,9 @@ def _run_gguf(ckpt, args) -> int:
         raise InvalidRequestError(f"{out} exists; pass --overwrite to replace it")
     if spec.name == "int8":
         spec = replace(spec, outlier_columns=0)  # Q8_0 has no place for float outlier columns
-    rounding = _linear_rounding(ckpt, spec, args.method, args.calibration)
-    tied = ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors
-    tensors = convert_tensors(ckpt.tensors, spec, tied, output_group=32, round_linear=rounding)
+    _check_method(spec, args.method, args.calibration)
+    tensors = _apply(ckpt, plan_weights(ckpt.tensors, spec, ckpt.ties_output, output_group=32), args.method,
+                     args.calibration)
     write_gguf(ckpt.source, out, tensors, ckpt.config, bits=int(spec.name.removeprefix("int")))
     kept = sum(1 for t in tensors.values() if isinstance(t, QuantizedTensor) and t.origin in ("Q4_1", "Q8_0"))
     print(f"jisu quantize: {ckpt.source} -> {out} ({spec.label()}; {kept} matrices copied as they were)",

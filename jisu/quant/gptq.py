@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 
 from jisu.errors import InvalidRequestError
-from jisu.quant.calibration import input_statistics, sample_text
 from jisu.quant.formats import (
     LinearRounding,
     QuantizedTensor,
@@ -143,22 +142,19 @@ def _gptq_levels(w: torch.Tensor, hessian: torch.Tensor, base: QuantizedTensor, 
     return q[:, torch.argsort(order)]
 
 
-def gptq_rounding(checkpoint, outlier_columns: int, texts: list[str] | None = None,
-                  damp: float = DEFAULT_DAMP, bits: int = 8) -> LinearRounding:
-    """int8 (or, bits=4, int4) rounding by GPTQ for `checkpoint`'s linear matrices, with input statistics from a
-    run of the model over `texts` (default: jisu's sampled calibration text), taken on the first call. int8's
-    outlier columns are chosen from the same statistics (the diagonal). Holds every distinct input's [K, K]
+def gptq_rounding(statistics: dict[str, torch.Tensor], outlier_columns: int, damp: float = DEFAULT_DAMP,
+                  bits: int = 8) -> LinearRounding:
+    """int8 (or, bits=4, int4) rounding by GPTQ from `statistics`: every linear matrix's input second moments
+    (input_statistics(..., second_moments=True) over calibration text: jisu's sampled text by default). int8's
+    outlier columns are chosen from the same statistics (the diagonal). They hold every distinct input's [K, K]
     matrix at once: for SmolLM2-135M 400 MB."""
     if bits not in (4, 8):
         raise InvalidRequestError(f"GPTQ rounds to int8 or int4, not {bits} bits")
-    stats: dict[str, torch.Tensor] = {}
 
     def round_linear(name: str, w: torch.Tensor, group: int | None) -> QuantizedTensor:
-        if not stats:
-            stats.update(input_statistics(checkpoint, sample_text() if texts is None else texts, second_moments=True))
-        if name not in stats:
+        if name not in statistics:
             raise InvalidRequestError(f"{name}: no calibration statistics (not a linear layer the model runs)")
-        h = stats[name]
+        h = statistics[name]
         if bits == 4:
             return gptq_int4(w, h, group, name, damp)
         cols = choose_columns(torch.diag(h), outlier_columns) if outlier_columns else None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from jisu.errors import InvalidRequestError
-from jisu.quant.calibration import calibration_texts, input_statistics
 from jisu.quant.formats import LinearRounding, QuantizedTensor, check_int4_shape, quantize_int4
 
 TRIAL_GRIDS = 11
@@ -90,15 +89,11 @@ def _error(x, c, s, z):
     return err, s16, z16
 
 
-def fitted_int4_rounding(checkpoint) -> LinearRounding:
-    """int4 rounding to nearest on grids fitted with each input weighted by its mean square over jisu's built-in
-    prompts (the statistics int8's outlier columns come from), calibrating on the first call only: a checkpoint
-    whose int4 matrices are all kept as they are (Q4_1 asked as int4 group 32) never runs it."""
-    found: dict[str, torch.Tensor] = {}
+def fitted_int4_rounding(statistics: dict[str, torch.Tensor]) -> LinearRounding:
+    """int4 rounding to nearest on grids fitted with each input weighted by its mean square in `statistics`
+    (input_statistics over jisu's built-in prompts: the statistics int8's outlier columns come from)."""
 
     def round_linear(name: str, w: torch.Tensor, group: int | None) -> QuantizedTensor:
-        if not found:
-            found.update(input_statistics(checkpoint, calibration_texts()))
-        return quantize_int4(w, group, name, fit_int4_grid(w, group, found.get(name), name))
+        return quantize_int4(w, group, name, fit_int4_grid(w, group, statistics.get(name), name))
 
     return round_linear

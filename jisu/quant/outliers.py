@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from jisu.quant.calibration import calibration_texts, input_statistics
 from jisu.quant.formats import LinearRounding, QuantizedTensor, quantize_int8
 
 GROUPED_OUTLIER_COLUMNS = 8
@@ -49,18 +48,14 @@ def choose_columns(mean_squares: torch.Tensor, k: int) -> torch.Tensor:
     return mean_squares.topk(k).indices.sort().values
 
 
-def outlier_rounding(checkpoint, k: int) -> LinearRounding | None:
-    """int8 rounding to nearest that keeps each linear matrix's k outlier columns (chosen over the built-in
-    prompts), calibrating on its first call only (a checkpoint whose int8 matrices are all kept as they are never
-    needs it); None when k is 0 (plain rounding)."""
+def outlier_rounding(statistics: dict[str, torch.Tensor], k: int) -> LinearRounding | None:
+    """int8 rounding to nearest that keeps each linear matrix's k outlier columns, chosen by their mean squares in
+    `statistics` (input_statistics over the built-in prompts); None when k is 0 (plain rounding)."""
     if not k:
         return None
-    found: dict[str, torch.Tensor] = {}
+    columns = {name: choose_columns(ms, k) for name, ms in statistics.items()}
 
     def round_linear(name: str, w: torch.Tensor, group: int | None) -> QuantizedTensor:
-        if not found:
-            stats = input_statistics(checkpoint, calibration_texts())
-            found.update({n: choose_columns(ms, k) for n, ms in stats.items()})
-        return quantize_int8(w, group, name, found.get(name))
+        return quantize_int8(w, group, name, columns.get(name))
 
     return round_linear

@@ -13,7 +13,12 @@
 A tied embedding shares the output layer's matrix, so it takes the output layer's format; rows are
 dequantized only for the tokens looked up.
 On CUDA only int4 runs on a low-bit kernel (torch's, jisu/kernels/torch_int4.py): there every matrix that would
-be int8 (a Q8_0 matrix under auto, int4's output layer) loads as a float in the compute dtype, and int8 is refused.
+be int8 (a Q8_0 matrix under auto, int4's output layer) loads as a float in the compute dtype, and int8 is refused
+(jisu/capabilities.py decides what runs where).
+
+A load plans first (plan_weights: the format of each tensor), then applies the plan. Where the plan rounds a linear
+matrix with calibrated rounding (int8's outlier columns, int4's fitted grids), the loader gathers the statistics
+before applying it (jisu/quant/calibration.py runs the model for them); the roundings here only read them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jisu.capabilities import dtype_name
 from jisu.errors import InvalidRequestError
 from jisu.quant.formats import (
     INT4_GROUP_SIZES,
@@ -29,6 +35,7 @@ from jisu.quant.formats import (
     QuantizedTensor,
     quantize,
 )
+from jisu.quant.int4_grid import fitted_int4_rounding
 from jisu.quant.outliers import default_outlier_columns, outlier_rounding
 
 FLOAT_WEIGHTS = ("float32", "float16", "bfloat16")
@@ -78,6 +85,11 @@ class WeightsSpec:
         return self.name in ("int8", "int4")
 
     @property
+    def calibrated(self) -> bool:
+        """Whether rounding a linear matrix to this spec reads calibration statistics (load_rounding)."""
+        return self.name == "int4" or (self.name == "int8" and self.outliers > 0)
+
+    @property
     def keeps_blocks(self) -> bool:
         """Whether the loader should hand quantized matrices over as they are."""
         return self.name in ("auto", "int8", "int4")
@@ -118,16 +130,17 @@ def parse_weights(label: str, group_size: int | None = None, outlier_columns: in
     return WeightsSpec(name, given["g"], given["o"])
 
 
-def load_rounding(checkpoint, spec: WeightsSpec) -> LinearRounding | None:
-    """How `spec` rounds the linear matrices of `checkpoint` it must quantize, as at load: int8 to nearest with
-    outlier columns (jisu/quant/outliers.py), int4 to nearest on fitted grids (jisu/quant/int4_grid.py); both
-    calibrate over jisu's built-in prompts on first use. None: plain rounding (int8 without outlier columns)."""
-    from jisu.quant.int4_grid import fitted_int4_rounding
-
+def load_rounding(spec: WeightsSpec, statistics: dict[str, torch.Tensor] | None) -> LinearRounding | None:
+    """How `spec` rounds the linear matrices it must quantize at load, from `statistics` (input_statistics over
+    jisu's built-in prompts, jisu/quant/calibration.py): int8 to nearest with outlier columns
+    (jisu/quant/outliers.py), int4 to nearest on fitted grids (jisu/quant/int4_grid.py). None: plain rounding (int8
+    without outlier columns), or no statistics (the plan rounds no linear matrix)."""
+    if statistics is None:
+        return None
     if spec.name == "int8":
-        return outlier_rounding(checkpoint, spec.outliers)
+        return outlier_rounding(statistics, spec.outliers)
     if spec.name == "int4":
-        return fitted_int4_rounding(checkpoint)
+        return fitted_int4_rounding(statistics)
     return None
 
 
@@ -136,54 +149,103 @@ def is_linear_weight(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _LINEAR_LEAVES
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one checkpoint tensor loads as."""
+
+    action: str
+    """'keep' (as stored), 'float' (dequantized where stored quantized; a float stays in its stored dtype, the model
+    casts it) or 'quantize' (to `format` with `group`)."""
+    format: str | None = None
+    group: int | None = None
+    linear: bool = False
+    """A linear layer's matrix: rounded by the linear rounding given (load_rounding's or GPTQ's), if one is."""
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """The format of every tensor of a checkpoint under one spec."""
+
+    spec: WeightsSpec
+    targets: dict[str, Target]
+
+    @property
+    def rounds_linear(self) -> list[str]:
+        """The linear matrices it rounds (where a rounding is given, by that rounding)."""
+        return [n for n, t in self.targets.items() if t.action == "quantize" and t.linear]
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether applying it as at load needs calibration statistics (see load_rounding)."""
+        return self.spec.calibrated and bool(self.rounds_linear)
+
+    def apply(self, tensors: dict, round_linear: LinearRounding | None = None) -> dict:
+        """`tensors` in their planned formats; round_linear quantizes the linear matrices that must be (called only
+        for those); None: to nearest on min/max, no outlier columns."""
+        return {name: _apply(name, t, self.targets[name], round_linear) for name, t in tensors.items()}
+
+
+def plan_weights(tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None,
+                 int8: bool = True) -> WeightsPlan:
+    """The format each of `tensors` (float or QuantizedTensor) loads in under `spec`. output_group: the int8 output
+    layer's group size when int4 is asked (None = per channel). int8: whether int8 matrices can run where the
+    model loads; where not, what would be int8 stays float (the caller refuses an int8 spec there)."""
+    return WeightsPlan(spec, {name: _target(name, t, spec, tied, output_group, int8) for name, t in tensors.items()})
+
+
+def plan_for(checkpoint, spec: WeightsSpec, formats: tuple[str, ...], dtype: torch.dtype) -> WeightsPlan:
+    """The plan a load makes: `spec` where its low-bit `formats` run (jisu/capabilities.py; stored blocks kept under
+    auto), else every matrix a float of the compute `dtype`."""
+    keep = spec.keeps_blocks and bool(formats)
+    target = spec if keep else WeightsSpec(dtype_name(dtype))
+    return plan_weights(checkpoint.tensors, target, checkpoint.ties_output, int8="int8" in formats)
+
+
 def convert_tensors(
     tensors: dict, spec: WeightsSpec, tied: bool, output_group: int | None = None,
     round_linear: LinearRounding | None = None, int8: bool = True,
 ) -> dict:
-    """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for. Float results stay in
-    their stored dtype; the model casts them. output_group: the int8 output layer's group size when int4 is
-    asked (None = per channel). round_linear: how a linear matrix is quantized to `spec`'s format when it
-    must be (load_rounding's, or GPTQ's, jisu/quant/gptq.py; called only then); None: to nearest on min/max,
-    no outlier columns. int8: whether int8 matrices can run where the model loads; where not, what would be
-    int8 stays float (the caller refuses an int8 spec there)."""
-    out = {}
-    for name, t in tensors.items():
-        out[name] = _convert_one(name, t, spec, tied, output_group, round_linear, int8)
-    return out
+    """Checkpoint tensors (float or QuantizedTensor) -> the formats `spec` asks for: plan_weights, then apply.
+    round_linear: how a linear matrix is quantized to `spec`'s format when it must be (load_rounding's, or GPTQ's,
+    jisu/quant/gptq.py; called only then); None: to nearest on min/max, no outlier columns."""
+    return plan_weights(tensors, spec, tied, output_group, int8).apply(tensors, round_linear)
 
 
-def _convert_one(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None = None,
-                 round_linear: LinearRounding | None = None, int8: bool = True):
-    def as_float():
-        return t.dequantize() if isinstance(t, QuantizedTensor) else t
-
+def _target(name: str, t, spec: WeightsSpec, tied: bool, output_group: int | None, int8: bool) -> Target:
     if spec.name in FLOAT_WEIGHTS:
-        return as_float()
+        return Target("float")
     if spec.name == "auto":
-        return as_float() if not int8 and isinstance(t, QuantizedTensor) and t.bits == 8 else t
+        return Target("float") if not int8 and isinstance(t, QuantizedTensor) and t.bits == 8 else Target("keep")
     output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
     if output and not int8:
-        return as_float()
+        return Target("float")
     if output:
         group = spec.group_size if spec.name == "int8" else output_group
-        return _as(t, "int8", group, name)
+        return _as(t, "int8", group)
     if is_linear_weight(name):
         group = spec.group_size if spec.name == "int8" else (spec.group_size or 32)
-        return _as(t, spec.name, group, name, round_linear)
-    return as_float()
+        return _as(t, spec.name, group, linear=True)
+    return Target("float")
 
 
-def _as(t, fmt: str, group: int | None, name: str, round_linear: LinearRounding | None = None) -> QuantizedTensor:
+def _as(t, fmt: str, group: int | None, linear: bool = False) -> Target:
     """`t` in `fmt`: kept when it already is (Q4_1 asked as int4 group 32 stays byte for byte; Q8_0 stays when
-    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized, by `round_linear` if given
-    (it makes `fmt`)."""
+    int8 per channel is asked, its 32-groups being finer), otherwise (de)quantized."""
+    if isinstance(t, QuantizedTensor) and t.format == fmt and (group is None or t.group_size == group):
+        return Target("keep")
+    return Target("quantize", fmt, group, linear)
+
+
+def _apply(name: str, t, target: Target, round_linear: LinearRounding | None):
+    if target.action == "keep":
+        return t
     if isinstance(t, QuantizedTensor):
-        if t.format == fmt and (group is None or t.group_size == group):
-            return t
         t = t.dequantize()
-    if round_linear is not None:
-        return round_linear(name, t.float(), group)
-    return quantize(t.float(), fmt, group, name)
+    if target.action == "float":
+        return t
+    if target.linear and round_linear is not None:
+        return round_linear(name, t.float(), target.group)
+    return quantize(t.float(), target.format, target.group, name)
 
 
 def unify(parts: list[QuantizedTensor | torch.Tensor], name: str) -> list[QuantizedTensor]:
