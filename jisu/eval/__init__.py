@@ -46,13 +46,14 @@ def open_llm(model: str | None, weights: str, max_model_len: int, num_seqs: int 
 
 def _engine_loader(weights: str) -> Callable[..., object]:
     def load(model: str | None, max_model_len: int, num_seqs: int, device: str = "cpu"):
+        from jisu.config import exact_cache
         from jisu.llm import LLM
 
-        block_size = 16
+        cache = exact_cache([max_model_len] * num_seqs)
         return LLM(
             model=model, device=device, weights=weights, max_model_len=max_model_len, max_num_seqs=num_seqs,
-            max_num_batched_tokens=max(max_model_len, 1024), block_size=block_size,
-            num_kv_blocks=num_seqs * -(-max_model_len // block_size), enable_prefix_caching=False,
+            max_num_batched_tokens=max(max_model_len, 1024), block_size=cache.block_size,
+            num_kv_blocks=cache.num_blocks, enable_prefix_caching=cache.enable_prefix_caching,
         )
 
     return load

@@ -11,7 +11,9 @@ and the tokens the model then generates greedily):
   that term from the layer's attention output.
 - input_sq[matrix][j]: mean of x_j^2 over the inputs of every linear matrix (the norms' outputs for q/k/v,
   gate/up and lm_head, the attention output for o_proj, a for down_proj), for activation-aware unstructured
-  pruning (score |w_ij| * sqrt(input_sq[j]), Wanda's criterion).
+  pruning (score |w_ij| * sqrt(input_sq[j]), Wanda's criterion). They and ffn_sq come from the collector
+  quantization's calibration uses too (jisu/quant/calibration.py's LinearInputs), summed in float64 here; lm_head's
+  from the final norm's output (the output layer itself only sees the rows that are sampled).
 - layer_angular[l]: mean of 1 - cos(x_in, x_out) of the hidden state entering and leaving layer l (ShortGPT's
   "block influence"): a layer that barely turns the residual stream is the cheapest to drop.
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,14 +33,12 @@ import torch.nn.functional as F
 
 from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
-from jisu.models.fused_decode import layer_by_layer
 
 DEFAULT_NEW_TOKENS = 32
 """Greedy tokens generated after each calibration prompt (their activations count too)."""
 DEFAULT_MAX_TOKENS = 8192
 """Cap on prompt tokens taken from a calibration text file."""
 _CHUNK = 256
-_BLOCK = 16
 
 
 @dataclass
@@ -104,7 +103,9 @@ def collect_stats(
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> ActivationStats:
     """Runs the calibration prompts through the engine (greedy, `new_tokens` each) and returns the statistics."""
+    from jisu.config import exact_cache
     from jisu.llm import LLM
+    from jisu.quant.calibration import LinearInputs
     from jisu.sampling_params import SamplingParams
 
     prompts, where = calibration_prompts(checkpoint, source, max_tokens)
@@ -112,17 +113,16 @@ def collect_stats(
     window = min(max(len(p) for p in prompts) + new_tokens + 1, config.max_context)
     prompts = [p[: window - new_tokens - 1] or p[:1] for p in prompts]
     seqs = min(16, len(prompts))
+    cache = exact_cache([window] * seqs)
     llm = LLM(
-        checkpoint=checkpoint, max_model_len=window, max_num_seqs=seqs,
-        max_num_batched_tokens=max(window, 2048), block_size=_BLOCK,
-        num_kv_blocks=seqs * -(-window // _BLOCK), enable_prefix_caching=False,
+        checkpoint=checkpoint, max_model_len=window, max_num_seqs=seqs, max_num_batched_tokens=max(window, 2048),
+        block_size=cache.block_size, num_kv_blocks=cache.num_blocks, enable_prefix_caching=cache.enable_prefix_caching,
     )
     model = llm.engine.model
     n_layers, kv = config.num_hidden_layers, config.num_key_value_heads
     group, d = config.num_attention_heads // kv, config.head_dim
-    kinds = ("ffn", "head", "attn_in", "o_in", "mlp_in")
-    sums: dict[str, list] = {k: [None] * n_layers for k in kinds}
-    sums |= {"angle": [0.0] * n_layers, "rows": [0] * n_layers, "final_in": [None]}
+    sums: dict[str, list] = {"head": [None] * n_layers, "final_in": [None]}
+    sums |= {"angle": [0.0] * n_layers, "rows": [0] * n_layers}
     handles = []
 
     def add(kind: str, layer: int, value: torch.Tensor) -> None:
@@ -138,15 +138,8 @@ def collect_stats(
             sums["angle"][n] += float((1 - F.cosine_similarity(x_in, x_out, dim=-1)).double().sum())
             sums["rows"][n] += x_in.shape[0]
 
-        def on_act(module, args, output, n=n):
-            add("ffn", n, output.float().pow(2).sum(0))
-
-        def on_norm(module, args, output, n=n, kind="attn_in"):
-            add(kind, n, output.float().pow(2).sum(0))
-
         def on_o_proj(module, args, n=n, w_o=w_o):
             a = args[0].float()
-            add("o_in", n, a.pow(2).sum(0))
             a = a.reshape(a.shape[0], kv, group, d)
             total = torch.zeros(kv, dtype=torch.float64)
             for rows in a.split(256):
@@ -155,14 +148,15 @@ def collect_stats(
             add("head", n, total)
 
         handles.append(layer.register_forward_hook(on_layer))
-        handles.append(layer.mlp.act_fn.register_forward_hook(on_act))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj))
-        handles.append(layer.input_layernorm.register_forward_hook(on_norm))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(partial(on_norm, kind="mlp_in")))
-    handles.append(model.model.norm.register_forward_hook(partial(on_norm, n=0, kind="final_in")))
+
+    def on_final_norm(module, args, output):
+        add("final_in", 0, output.float().pow(2).sum(0))
+
+    handles.append(model.model.norm.register_forward_hook(on_final_norm))
     try:
         params = SamplingParams(temperature=0, max_tokens=new_tokens + 1)
-        with layer_by_layer(model):
+        with LinearInputs(model, sums_dtype=torch.float64) as linear:
             outputs = llm.generate(prompts, params)
     finally:
         for h in handles:
@@ -174,16 +168,11 @@ def collect_stats(
     if rows < expected or any(r != rows for r in sums["rows"]):
         raise RuntimeError(f"calibration hooks saw {rows} of {expected} token rows; the engine ran layers "
                            "outside the modules the hooks are on")
-    mean = {k: [(v / rows).float() for v in sums[k]] for k in (*kinds, "final_in")}
-    inputs = {"lm_head.weight": mean["final_in"][0]}
-    for n in range(n_layers):
-        p = f"model.layers.{n}."
-        inputs |= {p + f"self_attn.{m}.weight": mean["attn_in"][n] for m in ("q_proj", "k_proj", "v_proj")}
-        inputs |= {p + f"mlp.{m}.weight": mean["mlp_in"][n] for m in ("gate_proj", "up_proj")}
-        inputs |= {p + "self_attn.o_proj.weight": mean["o_in"][n], p + "mlp.down_proj.weight": mean["ffn"][n]}
+    mean = {k: [(v / rows).float() for v in sums[k]] for k in ("head", "final_in")}
+    inputs = {"lm_head.weight": mean["final_in"][0]} | linear.by_weight()
     return ActivationStats(
         tokens=rows,
-        ffn_sq=mean["ffn"],
+        ffn_sq=[inputs[f"model.layers.{n}.mlp.down_proj.weight"] for n in range(n_layers)],
         head_sq=mean["head"],
         input_sq=inputs,
         layer_angular=torch.tensor([a / r for a, r in zip(sums["angle"], sums["rows"])], dtype=torch.float32),
