@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from jisu.config import CacheConfig
+from jisu.capabilities import low_bit_support, resolve_dtype
+from jisu.config import CacheConfig, EngineConfig, SchedulerConfig
 from jisu.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from jisu.loader.gguf import (
     KEPT_BLOCK_FORMATS,
@@ -32,11 +33,14 @@ from jisu.loader.validate import expected_shapes
 from jisu.loader.resolve import resolve_model
 from jisu.models.config import ModelConfig
 from jisu.profile.roofline import WeightFormat, decode_cost, parameter_count
-from jisu.runner.kv_cache import DEFAULT_CPU_KV_BYTES, kv_bytes_per_token, resolve_kv_dtype
+from jisu.model_run import cache_dtype_for, context_window, kv_blocks
+from jisu.runner.kv_cache import DEFAULT_CPU_KV_BYTES, kv_bytes_per_token
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is a corrupt length field
+_BLOCK_TYPES = {"int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
+"""GGUF block types jisu's low-bit kernels run as they are, by the format they run as."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,9 @@ class StoredModel:
     source: str
     file_bytes: int
     tensor_types: tuple[str, ...]
-    kept_blocks: tuple[tuple[str, int], ...] = ()
-    """(HF name, bytes as loaded) of matrices whose blocks jisu's low-bit kernels run as they are (GGUF
-    Q8_0/Q4_0/Q4_1; see jisu/quant/plan.py)."""
+    kept_blocks: tuple[tuple[str, int, str], ...] = ()
+    """(HF name, bytes as loaded, format: int8 or int4) of matrices whose blocks jisu's low-bit kernels run as they
+    are (GGUF Q8_0/Q4_0/Q4_1; see jisu/quant/plan.py)."""
 
 
 def read_stored_model(name_or_path: str | os.PathLike[str] | None) -> StoredModel:
@@ -82,8 +86,8 @@ def _read_gguf(path: Path) -> StoredModel:
             tensors.append((hf, int(t.n_elements), int(t.n_bytes)))
             if t.tensor_type in KEPT_BLOCK_FORMATS and len(t.shape) == 2:
                 # loaded as q + float16 scale (+ float16 zero for 4-bit) per 32 weights
-                per_block = 34 if t.tensor_type.name == "Q8_0" else 20
-                kept.append((hf, int(t.n_elements) // 32 * per_block))
+                per_block, fmt = (34, "int8") if t.tensor_type.name == "Q8_0" else (20, "int4")
+                kept.append((hf, int(t.n_elements) // 32 * per_block, fmt))
     types = tuple(sorted({t.tensor_type.name for t in reader.tensors}))
     return StoredModel(config, tuple(tensors), "gguf", str(path), path.stat().st_size, types, tuple(kept))
 
@@ -192,16 +196,6 @@ class Estimate:
         return d
 
 
-def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":  # as the engine resolves it
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype in ("float32", "float16", "bfloat16"):
-        return getattr(torch, dtype)
-    raise InvalidRequestError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
-
-
 def _check_positive(name: str, v: Any, allow_none: bool = True) -> None:
     if v is None and allow_none:
         return
@@ -216,7 +210,9 @@ def _rotary_bytes(positions: int, head_dim: int) -> int:
 def _kv_plan(
     budget: int | None, weights: int, seq_len: int, head_dim: int, per_token: int, block_size: int
 ) -> tuple[int, int, int]:
-    """(total budget, KV budget, KV blocks), sized as jisu.runner.kv_cache.plan_num_blocks sizes them."""
+    """(total budget, KV budget, KV blocks it holds): what the weights and the rotary table leave of the budget
+    (None: the engine's default CPU KV budget on top), whole blocks of it as jisu.runner.kv_cache.plan_num_blocks
+    counts them, before the engine's cap at what max_num_seqs sequences fill (see kv_allocated_bytes)."""
     rotary = _rotary_bytes(seq_len, head_dim)
     if budget is None:
         kv_budget = DEFAULT_CPU_KV_BYTES
@@ -255,34 +251,35 @@ def estimate(
         raise InvalidRequestError(f"device must be cpu or cuda, got {device!r}")
     if device.startswith("cuda") and memory_budget_bytes is None:
         raise InvalidRequestError("on cuda, give memory_budget_bytes (jisu sizes the cache from free GPU memory)")
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     elem = torch.empty((), dtype=torch_dtype).element_size()
+    # What runs where, by the rules alone: an estimate builds no kernels and asks no GPU (see jisu/capabilities.py).
+    support = low_bit_support(device, torch_dtype, cpu_kernels, probe=False)
+    formats = support.formats("auto")
 
     stored = read_stored_model(model_name_or_path)
     config = stored.config
     notes = []
     shapes = expected_shapes(config)
     loaded = sum(math.prod(s) for s in shapes.values()) * elem
-    kept = dict(stored.kept_blocks) if device.startswith("cpu") and cpu_kernels and torch_dtype == torch.float32 else {}
-    if device.startswith("cuda"):
-        # torch's int4 kernel holds 4-bit blocks (under a byte a weight) in as many bytes (jisu/kernels/torch_int4.py);
-        # 8-bit blocks load as floats there
-        kept = {n: b for n, b in stored.kept_blocks if b < math.prod(shapes.get(n, (0,)))}
+    # weights=auto keeps the blocks of the formats that run here (jisu/quant/plan.py; torch's int4 kernel on CUDA
+    # holds 4-bit blocks in as many bytes, jisu/kernels/torch_int4.py); everything else loads as `dtype`
+    kept = {n: b for n, b, fmt in stored.kept_blocks if fmt in formats}
     if kept:
-        # weights=auto keeps these blocks (jisu/quant/plan.py); everything else loads as float32
         loaded += sum(b - math.prod(shapes[n]) * elem for n, b in kept.items() if n in shapes)
-        types = {"Q4_0", "Q4_1"} | (set() if device.startswith("cuda") else {"Q8_0"})
+        types = {t for f in formats for t in _BLOCK_TYPES[f]}
         notes.append(f"{len(kept)} quantized matrices ({'/'.join(sorted(set(stored.tensor_types) & types))}) "
                      "stay in their blocks on low-bit kernels")
-    if config.tie_word_embeddings and device.startswith("cpu") and not (cpu_kernels and torch_dtype == torch.float32):
+    tied = config.output_is_tied({n for n, _, _ in stored.tensors})
+    if tied and device.startswith("cpu") and not support.cpu_kernels:
         # NOTE: without jisu's kernel the CPU output layer is stored column-major (faster in torch), a copy.
         loaded += config.vocab_size * config.hidden_size * elem
         notes.append("tied output layer kept as a second, column-major copy (no jisu CPU kernel)")
     stored_weights = sum(b for _, _, b in stored.tensors)
 
     CacheConfig(dtype=kv_cache_dtype)  # a clear error for a dtype the engine would refuse
-    # Kept blocks run on jisu's C++ kernels with int16 activations by default: auto caches K/V in float16 there.
-    kv_dtype = resolve_kv_dtype(kv_cache_dtype, torch_dtype, bool(kept) and device.startswith("cpu"))
+    # As the engine resolves it, with LLM's default int16 activations.
+    kv_dtype = cache_dtype_for(kv_cache_dtype, torch_dtype, support, "int16", bool(kept))
     per_token = kv_bytes_per_token(config, kv_dtype)
     seq_len = max_model_len or config.max_position_embeddings
     budget, kv_budget, blocks = _kv_plan(memory_budget_bytes, loaded, seq_len, config.head_dim, per_token, block_size)
@@ -290,7 +287,7 @@ def estimate(
         # As the engine does: without a max_model_len, the context is capped at what the KV cache holds. A shorter
         # context shrinks the rotary table, which leaves the cache a little more: settle in a few rounds.
         for _ in range(4):
-            capped = min(config.max_position_embeddings, max(blocks, 1) * block_size)
+            capped = context_window(config, None, max(blocks, 1) * block_size)
             if capped == seq_len:
                 break
             seq_len = capped
@@ -303,14 +300,16 @@ def estimate(
     elif kv_budget == 0:
         notes.append(f"the budget does not cover the weights ({loaded / 2**20:.0f} MiB): nothing fits")
     rotary = _rotary_bytes(seq_len, config.head_dim)
-    longest = max_model_len or config.max_position_embeddings  # the engine's cap on blocks, before its own capping
+    # What the engine allocates: the budget's blocks, but no more than max_num_seqs full-length sequences fill.
+    settings = EngineConfig(max_model_len=max_model_len, scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+                            cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=max(kv_budget, 1)))
+    allocated = kv_blocks(config, settings, kv_dtype, torch.device(device))
     blocks_per_seq = -(-seq_len // block_size)
     if blocks and blocks < blocks_per_seq:
         notes.append(f"the KV cache holds {blocks * block_size} tokens, fewer than max_model_len {seq_len}")
     notes.append("activations and the Python runtime are not counted")
 
     tensors_by_loaded = [(n, c, kept.get(n, c * elem)) for n, c, _ in stored.tensors]
-    tied = config.tie_word_embeddings
     formats = {
         "loaded": WeightFormat.from_tensors(tensors_by_loaded, tied, str(torch_dtype).removeprefix("torch.")),
         "stored": WeightFormat.from_tensors(stored.tensors, tied, "/".join(stored.tensor_types)),
@@ -339,7 +338,7 @@ def estimate(
         kv_blocks=blocks,
         concurrent_tokens=blocks * block_size,
         full_length_sequences=blocks // blocks_per_seq,
-        kv_allocated_bytes=max(1, min(blocks, -(-longest * max_num_seqs // block_size))) * block_size * per_token,
+        kv_allocated_bytes=allocated * block_size * per_token,
         decode_weight_bytes_per_token=decode_bytes,
         decode_bound_tokens_per_s=bound,
         notes=tuple(notes),
