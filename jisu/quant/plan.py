@@ -247,16 +247,3 @@ def _apply(name: str, t, target: Target, round_linear: LinearRounding | None):
         return round_linear(name, t.float(), target.group)
     return quantize(t.float(), target.format, target.group, name)
 
-
-def unify(parts: list[QuantizedTensor | torch.Tensor], name: str) -> list[QuantizedTensor]:
-    """Shards stacked into one fused matrix (q/k/v, gate/up) must share a format: a float shard takes the
-    others' format; shards of different formats (llama.cpp's mixes) are all requantized to int8 with group
-    32, which loses least."""
-    quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
-    first = quantized[0]
-    if all(p.bits == first.bits and p.group_size == first.group_size for p in quantized):
-        return [p if isinstance(p, QuantizedTensor) else quantize(p.float(), first.format, first.group_size, name)
-                for p in parts]
-    floats = [p.dequantize() if isinstance(p, QuantizedTensor) else p.float() for p in parts]
-    k = floats[0].shape[1]
-    return [quantize(f, "int8", 32 if k % 32 == 0 else None, name) for f in floats]
