@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jisu.capabilities import low_bit_support
 from jisu.errors import ModelLoadError
 from jisu.kernels.build import cpu_linear_kernels
-from jisu.kernels.torch_int4 import TorchInt4Kernels, TorchInt4Weight, torch_int4_available
+from jisu.kernels.torch_int4 import TorchInt4Kernels, TorchInt4Weight
 from jisu.models.layers import Linear, MergedLinear, QuantizedEmbedding
 from jisu.models.rotary import pairs_adjacent
 from jisu.quant.formats import QuantizedTensor, concat_rows, quantize
@@ -40,10 +41,12 @@ def load_weights(model: nn.Module, tensors: dict, dtype: torch.dtype, device: to
     QuantizedTensor: those matrices run on jisu's int8/int4 C++ kernels as they are, with activations rounded to
     int16 (act_bits 16) or kept float32 (32) at decode (see jisu/kernels/qlinear.h); where those are not in use
     (CUDA), int4 runs on torch's int4 kernel (jisu/kernels/torch_int4.py)."""
-    kernels = cpu_linear_kernels() if cpu_kernels and device.type == "cpu" and dtype == torch.float32 else None
-    blocks = [t for t in tensors.values() if isinstance(t, QuantizedTensor)]
-    if blocks and kernels is None:
-        _check_torch_int4(blocks, device)
+    support = low_bit_support(device, dtype, cpu_kernels)
+    kernels = cpu_linear_kernels() if support.cpu_kernels else None
+    for t in tensors.values():
+        if isinstance(t, QuantizedTensor) and t.format not in support.kernels:
+            raise ModelLoadError(f"{t.describe()} weights cannot run here: {support.refusals[t.format]}; "
+                                 "load float weights instead")
     floats, quantized = place(model, tensors, dtype, device)
     if model.config.output_is_tied(tensors):
         if EMBED in floats:
@@ -85,18 +88,6 @@ def checkpoint_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     if model.config.tie_word_embeddings:
         shapes.pop(OUTPUT, None)
     return shapes
-
-
-def _check_torch_int4(blocks: list[QuantizedTensor], device: torch.device) -> None:
-    # Without jisu's C++ kernels only int4 runs, on torch's int4 kernel (the CUDA path).
-    int8 = any(t.bits != 4 for t in blocks)
-    why_not = "it runs int4 only" if int8 else torch_int4_available(device)
-    if why_not:
-        kinds = ", ".join(sorted({t.describe() for t in blocks}))
-        raise ModelLoadError(
-            f"{kinds} weights need jisu's C++ CPU kernels, which are not in use here (a CPU device, float32 "
-            f"compute and a C++ toolchain), or torch's int4 kernel ({why_not}); load float weights instead"
-        )
 
 
 def place(model: nn.Module, tensors: dict, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
