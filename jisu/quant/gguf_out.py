@@ -36,11 +36,21 @@ def gguf_blocks(t: QuantizedTensor, name: str) -> tuple[np.ndarray, GGMLQuantiza
     return torch.cat([d, m, q], dim=2).reshape(n, -1).numpy(), Q.Q4_1
 
 
+GGUF_OUTPUT_ARCHITECTURES = ("llama", "qwen2")
+"""Architectures whose tensors this writer names and lays out as llama.cpp does (the common name table, llama's
+q/k row order); others would get wrong names (Gemma's ffn_norm) or values (Gemma's 1 + w norms)."""
+
+
 def write_gguf(source: str | Path, out: str | Path, tensors: dict, config, bits: int) -> Path:
     """Writes `tensors` (HF names: float tensors or QuantizedTensor) with the metadata of GGUF file `source`."""
     reader = open_gguf(source)
     meta = read_metadata(reader)
     arch = meta["general.architecture"]
+    if arch not in GGUF_OUTPUT_ARCHITECTURES or meta.get(f"{arch}.expert_count"):
+        raise InvalidRequestError(
+            f"GGUF output is written for {', '.join(GGUF_OUTPUT_ARCHITECTURES)} files (not MoE), not {arch!r}; "
+            "write a safetensors folder instead"
+        )
     out = Path(out)
     writer = GGUFWriter(str(out), arch)
     for key, field in reader.fields.items():
