@@ -55,9 +55,11 @@ class SparseMoE(nn.Module):
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # NOTE: the decode path: no sorting or gathering, only the k chosen experts run. The sum runs in ascending
         # expert order, as _grouped's does, so a sequence gets the same numbers alone or in a batch.
+        chosen = experts.tolist()
+        ws = weights.unbind()  # 0-d float32 views: multiplying by a Python float would convert it every time
         out = torch.zeros_like(x)
-        for e, w in sorted(zip(experts.tolist(), weights.tolist())):
-            out += self.experts[e](x) * w  # a float32 weight: the same product as _grouped's
+        for i in sorted(range(len(chosen)), key=chosen.__getitem__):
+            out += self.experts[chosen[i]](x) * ws[i]
         return out
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
