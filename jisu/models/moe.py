@@ -56,7 +56,7 @@ class SparseMoE(nn.Module):
         # NOTE: the decode path: no sorting or gathering, only the k chosen experts run. The sum runs in ascending
         # expert order, as _grouped's does, so a sequence gets the same numbers alone or in a batch.
         chosen = experts.tolist()
-        ws = weights.unbind()  # 0-d float32 views: multiplying by a Python float would convert it every time
+        ws = weights.unbind()  # 0-d views in x's dtype: a Python float would be converted at every product
         out = torch.zeros_like(x)
         for i in sorted(range(len(chosen)), key=chosen.__getitem__):
             out += self.experts[chosen[i]](x) * ws[i]
