@@ -1,5 +1,6 @@
-// The whole decoder stack of a Llama-family model for one decode step (one new token for each sequence of the
-// batch; fused_decode.py's MAX_FUSED_SEQS caps it) as a single C++ call.
+// The whole decoder stack of a Llama-style model (and the Gemma 2/3, Qwen3 variants, see below) for one decode
+// step (one new token for each sequence of the batch; fused_decode.py's MAX_FUSED_SEQS caps it) as a single C++
+// call.
 //
 // Why: at batch 1 the eager layer is ~25 small torch ops; their dispatch (~9 ms over SmolLM2's 30 layers)
 // costs more than reading 4-bit weights. Here each layer is a handful of loops over preallocated scratch plus
@@ -12,7 +13,14 @@
 //   cache slots the sequence sees (decode_gather where decode_mask) weighting v (GQA: q head h reads kv head
 //   h / (H / KVH)); x += attn W_o^T;
 //   h = rms_norm(x) * w2; gu = h W_gate_up^T; x += (silu(gate) * up) W_down^T.
-// The stack's output is returned before the model's final norm (the caller applies it).
+// What varies by architecture (the layer's switches, set once at construction):
+//   q/k norms (Qwen3, Gemma 3): every q and k head rms-normed over head_dim before rotary;
+//   sandwich norms (Gemma): the attention output (after W_o) and the MLP output (after W_down) are rms-normed
+//   before their residual adds (w2 is then Gemma's pre_feedforward_layernorm); norm weights arrive as applied
+//   (Gemma's 1 + w), so no offset here;
+//   activation: silu or gelu_tanh gating; attention softcap (Gemma 2): scores s -> cap * tanh(s / cap);
+//   per layer, which rotation table it applies (none: -1) and which attention window's visible slots it reads.
+// The stack's output is returned before the model's final norm, or after it when its weight is given.
 // The KV cache is float32, float16 or bfloat16 (one dtype for every layer); attention computes in float32 either way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,6 +30,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <omp.h>
 #include <type_traits>
 #include <vector>
@@ -153,6 +162,37 @@ inline __m256 exp_clamped8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// tanh on 8 lanes (the attention softcap), within 1.3 ulp (torch's: 1 ulp). |z| < 0.625: z + z t q(t), t = z^2,
+// q a degree-4 fit of (tanh z / z - 1) / t (0.87 ulp in float32 over [0, 0.625]); beyond: 1 - 2 / (e^2|z| + 1),
+// which loses under a bit to cancellation there (1.26 ulp with a correctly rounded exp); the sign is z's.
+inline __m256 tanh8(__m256 z) {
+  const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 a = _mm256_andnot_ps(sign, z);
+  const __m256 t = _mm256_mul_ps(z, z);
+  __m256 q = _mm256_set1_ps(-0.006096930243074894f);
+  for (const float c : {0.020997347310185432f, -0.05385095253586769f, 0.13332770764827728f, -0.333333283662796f})
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(c));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(z, t), q, z);
+  const __m256 e = exp_clamped8(_mm256_add_ps(a, a));
+  const __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+  const __m256 signed_big = _mm256_or_ps(big, _mm256_and_ps(sign, z));
+  return _mm256_blendv_ps(signed_big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+// s[0:n] <- cap * tanh(s) (Gemma 2's softcap; the scores were scaled by scale / cap). The tail goes through a
+// padded block of lanes, so every score takes the same arithmetic wherever its chunk splits.
+inline void softcap_scores(float* s, int64_t n, float cap) {
+  const __m256 c = _mm256_set1_ps(cap);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(c, tanh8(_mm256_loadu_ps(s + j))));
+  if (j < n) {
+    alignas(32) float tail[8] = {};
+    std::memcpy(tail, s + j, (n - j) * sizeof(float));
+    _mm256_store_ps(tail, _mm256_mul_ps(c, tanh8(_mm256_load_ps(tail))));
+    std::memcpy(s + j, tail, (n - j) * sizeof(float));
+  }
 }
 
 inline float hmax8(__m256 v) {
@@ -304,6 +344,9 @@ inline void pv_head_cached(const float* p, int64_t hd, const KV* v, const int64_
 }
 #else
 #define JISU_ATTN_VEC 0
+inline void softcap_scores(float* s, int64_t n, float cap) {
+  for (int64_t j = 0; j < n; ++j) s[j] = cap * std::tanh(s[j]);
+}
 #endif
 
 // Per-thread attention scratch: the scores of every q head for one chunk, and the heads' V accumulators.
@@ -316,36 +359,66 @@ AttnScratch& attn_scratch() {
 }
 
 struct Layer {
-  at::Tensor input_norm, post_norm;  // float32 [hidden], contiguous
+  at::Tensor input_norm, mlp_norm;         // float32 [hidden], contiguous: before attention, before the MLP
+  at::Tensor attn_out_norm, mlp_out_norm;  // sandwich norms after attention / the MLP (undefined: none)
+  at::Tensor q_norm, k_norm;               // float32 [head_dim] per-head norms (undefined: none)
+  int64_t rotation, window;                // index into forward's rotations (-1: no RoPE) and windows
   QWeight qkv, o, gate_up, down;
+};
+
+enum class Act { Silu, GeluTanh };
+
+// The slots the sequences of a step see under one attention window, and its attention work items.
+struct Visible {
+  int64_t ctx = 0;                     // columns of decode_gather / decode_mask
+  std::vector<int64_t> slots, count;   // per sequence: row offsets into a cache (ctx apart), how many
+  std::vector<uint8_t> shares_keys;    // per row: a neighbour reads the same keys (attention_tasks)
+  std::vector<AttnTask> tasks;         // (sequence, chunk of visible slots), in that order
+  std::vector<int64_t> first_task;     // per sequence, its first task; [D] = tasks.size()
 };
 
 class FusedDecoder {
  public:
   FusedDecoder(std::vector<at::Tensor> input_norms, std::vector<QWeight> qkv, std::vector<QWeight> o,
-               std::vector<at::Tensor> post_norms, std::vector<QWeight> gate_up, std::vector<QWeight> down,
+               std::vector<at::Tensor> mlp_norms, std::vector<QWeight> gate_up, std::vector<QWeight> down,
                double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size,
-               double scale)
+               double scale, std::vector<at::Tensor> attn_out_norms, std::vector<at::Tensor> mlp_out_norms,
+               std::vector<at::Tensor> q_norms, std::vector<at::Tensor> k_norms, const std::string& activation,
+               double attn_softcap, std::vector<int64_t> layer_rotation, std::vector<int64_t> layer_window)
       : eps_(static_cast<float>(eps)),
         H_(num_heads),
         KVH_(num_kv_heads),
         hd_(head_dim),
         I_(intermediate_size),
-        scale_(static_cast<float>(scale)) {
+        scale_(static_cast<float>(scale)),
+        softcap_(static_cast<float>(attn_softcap)) {
     const size_t L = input_norms.size();
     TORCH_CHECK(L > 0, "FusedDecoder needs at least one layer");
-    TORCH_CHECK(qkv.size() == L && o.size() == L && post_norms.size() == L && gate_up.size() == L &&
+    TORCH_CHECK(qkv.size() == L && o.size() == L && mlp_norms.size() == L && gate_up.size() == L &&
                     down.size() == L,
                 "FusedDecoder: every per-layer list must have ", L, " entries");
+    for (const auto* v : {&attn_out_norms, &mlp_out_norms, &q_norms, &k_norms})
+      TORCH_CHECK(v->empty() || v->size() == L, "FusedDecoder: optional norm lists must be empty or have ", L,
+                  " entries");
+    TORCH_CHECK(attn_out_norms.size() == mlp_out_norms.size(), "sandwich norms come in pairs (attention, MLP)");
+    TORCH_CHECK(q_norms.size() == k_norms.size(), "q and k norms come together");
+    TORCH_CHECK(layer_rotation.empty() || layer_rotation.size() == L, "layer_rotation must have ", L, " entries");
+    TORCH_CHECK(layer_window.empty() || layer_window.size() == L, "layer_window must have ", L, " entries");
+    TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "activation must be silu or gelu_tanh, got ",
+                activation);
+    act_ = activation == "silu" ? Act::Silu : Act::GeluTanh;
+    TORCH_CHECK(attn_softcap >= 0 && std::isfinite(attn_softcap), "attn_softcap must be >= 0 (0: none)");
     TORCH_CHECK(H_ > 0 && KVH_ > 0 && H_ % KVH_ == 0, "num_heads (", H_, ") must be a multiple of num_kv_heads (",
                 KVH_, ")");
     TORCH_CHECK(hd_ > 0 && hd_ % 2 == 0, "head_dim must be even, got ", hd_);
     hidden_ = input_norms[0].numel();
     qkvN_ = (H_ + 2 * KVH_) * hd_;
     for (size_t l = 0; l < L; ++l) {
-      auto norm = [&](const at::Tensor& t, const char* what) {
-        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == hidden_, "layer ", l,
-                    ": ", what, " must be float32 [", hidden_, "] on CPU");
+      auto norm = [&](const std::vector<at::Tensor>& v, int64_t size, const char* what) {
+        if (v.empty()) return at::Tensor();
+        const at::Tensor& t = v[l];
+        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == size, "layer ", l,
+                    ": ", what, " must be float32 [", size, "] on CPU");
         return t.contiguous();
       };
       auto shape = [&](const QWeight& w, int64_t N, int64_t K, const char* what) {
@@ -356,8 +429,16 @@ class FusedDecoder {
       shape(o[l], hidden_, H_ * hd_, "o_proj");
       shape(gate_up[l], 2 * I_, hidden_, "gate_up_proj");
       shape(down[l], hidden_, I_, "down_proj");
-      layers_.push_back(Layer{norm(input_norms[l], "input_layernorm"), norm(post_norms[l], "post_attention_layernorm"),
-                              qkv[l], o[l], gate_up[l], down[l]});
+      const int64_t rotation = layer_rotation.empty() ? 0 : layer_rotation[l];
+      const int64_t window = layer_window.empty() ? 0 : layer_window[l];
+      TORCH_CHECK(rotation >= -1 && window >= 0, "layer ", l, ": rotation index must be >= -1, window index >= 0");
+      num_rotations_ = std::max(num_rotations_, rotation + 1);
+      num_windows_ = std::max(num_windows_, window + 1);
+      layers_.push_back(Layer{norm(input_norms, hidden_, "input_layernorm"), norm(mlp_norms, hidden_, "MLP norm"),
+                              norm(attn_out_norms, hidden_, "post_attention_layernorm"),
+                              norm(mlp_out_norms, hidden_, "post_feedforward_layernorm"),
+                              norm(q_norms, hd_, "q_norm"), norm(k_norms, hd_, "k_norm"), rotation, window, qkv[l],
+                              o[l], gate_up[l], down[l]});
     }
   }
 
@@ -372,14 +453,14 @@ class FusedDecoder {
     capacity_ = D;
   }
 
-  at::Tensor forward(const at::Tensor& x_in, const at::Tensor& rotation_in, const at::Tensor& gather_in,
-                     const at::Tensor& mask_in, const at::Tensor& slot_mapping_in,
-                     const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                     const c10::optional<at::Tensor>& final_norm, double final_eps) {
+  at::Tensor forward(const at::Tensor& x_in, const std::vector<at::Tensor>& rotations_in,
+                     const std::vector<at::Tensor>& gathers_in, const std::vector<at::Tensor>& masks_in,
+                     const at::Tensor& slot_mapping_in, const std::vector<at::Tensor>& k_caches,
+                     const std::vector<at::Tensor>& v_caches, const c10::optional<at::Tensor>& final_norm,
+                     double final_eps) {
     std::lock_guard<std::mutex> guard(mutex_);  // one set of scratch buffers
     // (no copies when already contiguous, as the runner's tensors are)
-    const at::Tensor x = x_in.contiguous(), rotation = rotation_in.contiguous(), gather = gather_in.contiguous(),
-                     mask = mask_in.contiguous(), slot_mapping = slot_mapping_in.contiguous();
+    const at::Tensor x = x_in.contiguous(), slot_mapping = slot_mapping_in.contiguous();
     const int64_t L = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.device().is_cpu(),
                 "x must be float32 [D, ", hidden_, "] on CPU");
@@ -393,13 +474,17 @@ class FusedDecoder {
                   "final_norm must be a contiguous float32 [", hidden_, "] CPU tensor");
       norm_w = final_norm->data_ptr<float>();
     }
-    TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.numel() == D * hd_ && rotation.device().is_cpu(),
-                "rotation must be float32 [D, head_dim/2, 2] (cos, sin) on CPU");
-    TORCH_CHECK(gather.scalar_type() == at::kLong && gather.dim() == 2 && gather.size(0) == D && gather.device().is_cpu(),
-                "decode_gather must be int64 [D, max_ctx] on CPU");
-    const int64_t ctx = gather.size(1);
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == D * ctx && mask.device().is_cpu(),
-                "decode_mask must be bool with D * max_ctx elements ([D, max_ctx] or [D, 1, 1, max_ctx]) on CPU");
+    TORCH_CHECK(static_cast<int64_t>(rotations_in.size()) >= num_rotations_, "expected ", num_rotations_,
+                " rotation tables, got ", rotations_in.size());
+    std::vector<at::Tensor> rotations;
+    for (const at::Tensor& r : rotations_in) {
+      TORCH_CHECK(r.scalar_type() == at::kFloat && r.numel() == D * hd_ && r.device().is_cpu(),
+                  "each rotation must be float32 [D, head_dim/2, 2] (cos, sin) on CPU");
+      rotations.push_back(r.contiguous());
+    }
+    TORCH_CHECK(static_cast<int64_t>(gathers_in.size()) >= num_windows_ && gathers_in.size() == masks_in.size(),
+                "expected ", num_windows_, " (decode_gather, decode_mask) pairs, got ", gathers_in.size(), " and ",
+                masks_in.size());
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == D && slot_mapping.device().is_cpu(),
                 "slot_mapping must be int64 [D] on CPU");
     TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
@@ -417,49 +502,21 @@ class FusedDecoder {
         num_slots = std::min(num_slots, c->size(0));
       }
     }
-
-    // The slots each sequence attends, the same for every layer: compacted once (row offsets into a cache).
-    const int64_t row = KVH_ * hd_;
-    visible_.resize(D * ctx);
-    count_.assign(D, 0);
-    const int64_t* gp = gather.data_ptr<int64_t>();
-    const bool* mp = mask.data_ptr<bool>();
-    for (int64_t d = 0; d < D; ++d) {
-      int64_t c = 0;
-      for (int64_t j = 0; j < ctx; ++j) {
-        if (!mp[d * ctx + j]) continue;
-        const int64_t s = gp[d * ctx + j];
-        TORCH_CHECK(s >= 0 && s < num_slots, "decode_gather slot ", s, " outside the cache (", num_slots, " slots)");
-        visible_[d * ctx + c++] = s * row;
-      }
-      count_[d] = c;
-    }
-    // Rows whose first visible slot a neighbour shares are prompt rows of one sequence: their keys stay in cache.
-    shares_keys_.assign(D, 0);
-    for (int64_t d = 1; d < D; ++d)
-      if (count_[d] > 0 && count_[d - 1] > 0 && visible_[d * ctx] == visible_[(d - 1) * ctx])
-        shares_keys_[d] = shares_keys_[d - 1] = 1;
     const int64_t* sm = slot_mapping.data_ptr<int64_t>();
     for (int64_t d = 0; d < D; ++d) {
       TORCH_CHECK(sm[d] >= 0 && sm[d] < num_slots, "slot_mapping slot ", sm[d], " outside the cache");
     }
-    // Attention work items: (sequence, chunk of kAttnChunk visible slots), in that order.
-    tasks_.clear();
-    first_task_.assign(D + 1, 0);
-    // Short contexts get smaller chunks (down to 16 slots), so that even one sequence splits over the threads.
-    const int64_t spread = 2 * static_cast<int64_t>(at::get_num_threads());
-    for (int64_t d = 0; d < D; ++d) {
-      first_task_[d] = static_cast<int64_t>(tasks_.size());
-      const int64_t chunk = std::clamp<int64_t>((count_[d] + spread - 1) / spread, 16, kAttnChunk);
-      for (int64_t j0 = 0; j0 < count_[d]; j0 += chunk)
-        tasks_.push_back(AttnTask{d, j0, std::min(count_[d], j0 + chunk)});
+    // The slots each sequence attends under each window: compacted once a step, shared by that window's layers.
+    vis_.resize(num_windows_);
+    size_t most_tasks = 0;
+    for (int64_t w = 0; w < num_windows_; ++w) {
+      build_visible(gathers_in[w].contiguous(), masks_in[w].contiguous(), D, num_slots, vis_[w]);
+      most_tasks = std::max(most_tasks, vis_[w].tasks.size());
     }
-    first_task_[D] = static_cast<int64_t>(tasks_.size());
-    partial_.resize(tasks_.size() * H_ * (hd_ + 2));
+    partial_.resize(most_tasks * H_ * (hd_ + 2));
 
     at::Tensor out = x.clone();  // the residual stream
     float* res = out.data_ptr<float>();
-    const float* rot = rotation.data_ptr<float>();
     float* h = h_.data();
     float* qkv = qkv_.data();
     float* attn = attn_.data();
@@ -468,7 +525,7 @@ class FusedDecoder {
     const int64_t n = D * hidden_;
 
     // NOTE: one parallel region for the whole stack. Each product and the attention split over the team, and
-    // the short serial parts (norms, rotary, K/V writes, merging attention chunks, SwiGLU, rounding the next
+    // the short serial parts (norms, rotary, K/V writes, merging attention chunks, the gated activation, rounding the next
     // product's input) run on thread 0 between barriers. A fork/join per product (at::parallel_for) measured
     // ~2.4 us of starting and joining each time in a real step, ~150 times a step (a barrier: ~0.3 us); the one
     // region measured 3% less time for the int4 stack (2 threads, SmolLM2, 10 alternations, same bits).
@@ -485,8 +542,17 @@ class FusedDecoder {
         qweight_rows(w, in, y, tid, nt);
 #pragma omp barrier
       };
+      // res += y, through the sandwich norm `w` first when the layer has one (y is scratch, normed in place).
+      auto residual_add = [&](const at::Tensor& w, float* y) {
+        if (w.defined())
+          for (int64_t d = 0; d < D; ++d)
+            rms_norm(y + d * hidden_, w.data_ptr<float>(), hidden_, eps_, y + d * hidden_);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) res[i] += y[i];
+      };
       for (int64_t l = 0; l < L; ++l) {
         const Layer& ly = layers_[l];
+        const Visible& vis = vis_[ly.window];
         void* kc = k_caches[l].data_ptr();
         void* vc = v_caches[l].data_ptr();
         if (tid == 0)
@@ -494,32 +560,29 @@ class FusedDecoder {
             rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
         product(ly.qkv, h, qkv);
         if (tid == 0) {
+          const float* rot = ly.rotation < 0 ? nullptr : rotations[ly.rotation].data_ptr<float>();
           with_kv_type(kv_type, [&](auto* tag) {
             using KV = std::remove_pointer_t<decltype(tag)>;
-            rotate_and_cache(D, qkv, rot, sm, static_cast<KV*>(kc), static_cast<KV*>(vc));
+            rotate_and_cache(D, ly, qkv, rot, sm, static_cast<KV*>(kc), static_cast<KV*>(vc));
           });
         }
 #pragma omp barrier
         with_kv_type(kv_type, [&](auto* tag) {
           using KV = std::remove_pointer_t<decltype(tag)>;
-          attention_tasks(tid, nt, ctx, qkv, static_cast<const KV*>(kc), static_cast<const KV*>(vc));
+          attention_tasks(tid, nt, vis, qkv, static_cast<const KV*>(kc), static_cast<const KV*>(vc));
         });
 #pragma omp barrier
-        if (tid == 0) merge_attention(D, attn);
+        if (tid == 0) merge_attention(D, vis, attn);
         product(ly.o, attn, proj);
         if (tid == 0) {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
+          residual_add(ly.attn_out_norm, proj);
           for (int64_t d = 0; d < D; ++d)
-            rms_norm(res + d * hidden_, ly.post_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
+            rms_norm(res + d * hidden_, ly.mlp_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
         }
         product(ly.gate_up, h, gu);
-        if (tid == 0) swiglu(D, gu, h);  // h is free again until the next norm; [D, I] fits (max(hidden, I))
+        if (tid == 0) gated_act(D, gu, h);  // h is free again until the next norm; [D, I] fits (max(hidden, I))
         product(ly.down, h, proj);
-        if (tid == 0) {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) res[i] += proj[i];
-        }
+        if (tid == 0) residual_add(ly.mlp_out_norm, proj);
       }
     }
     if (norm_w)  // the model's final norm, in place (torch's rms_norm right after this call cost ~70 us)
@@ -531,16 +594,69 @@ class FusedDecoder {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
-  // Rotary on the q and k heads of every sequence (pairs adjacent, see rotary.py), then this step's k and v into
-  // the layer's cache at the sequence's slot (float16 and bfloat16 round to nearest even, as torch's .to()).
-  template <typename KV>
-  void rotate_and_cache(int64_t D, float* qkv, const float* rot, const int64_t* sm, KV* kc, KV* vc) const {
+  // v.slots / count: the visible slots of every sequence (decode_gather where decode_mask), as row offsets into a
+  // cache; then its attention tasks.
+  void build_visible(const at::Tensor& gather, const at::Tensor& mask, int64_t D, int64_t num_slots, Visible& v) {
+    TORCH_CHECK(gather.scalar_type() == at::kLong && gather.dim() == 2 && gather.size(0) == D && gather.device().is_cpu(),
+                "decode_gather must be int64 [D, max_ctx] on CPU");
+    const int64_t ctx = gather.size(1);
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == D * ctx && mask.device().is_cpu(),
+                "decode_mask must be bool with D * max_ctx elements ([D, max_ctx] or [D, 1, 1, max_ctx]) on CPU");
     const int64_t row = KVH_ * hd_;
+    v.ctx = ctx;
+    v.slots.resize(D * ctx);
+    v.count.assign(D, 0);
+    const int64_t* gp = gather.data_ptr<int64_t>();
+    const bool* mp = mask.data_ptr<bool>();
+    for (int64_t d = 0; d < D; ++d) {
+      int64_t c = 0;
+      for (int64_t j = 0; j < ctx; ++j) {
+        if (!mp[d * ctx + j]) continue;
+        const int64_t s = gp[d * ctx + j];
+        TORCH_CHECK(s >= 0 && s < num_slots, "decode_gather slot ", s, " outside the cache (", num_slots, " slots)");
+        v.slots[d * ctx + c++] = s * row;
+      }
+      v.count[d] = c;
+    }
+    // Rows whose first visible slot a neighbour also reads are prompt rows of one sequence: their keys stay in
+    // cache. (A sliding window moves the first slot on by one a row: the neighbour's second.)
+    v.shares_keys.assign(D, 0);
+    for (int64_t d = 1; d < D; ++d) {
+      const int64_t* a = v.slots.data() + (d - 1) * ctx;
+      const int64_t first = v.slots[d * ctx];
+      if (v.count[d] > 0 && v.count[d - 1] > 0 && (first == a[0] || (v.count[d - 1] > 1 && first == a[1])))
+        v.shares_keys[d] = v.shares_keys[d - 1] = 1;
+    }
+    // Attention work items: (sequence, chunk of kAttnChunk visible slots), in that order.
+    v.tasks.clear();
+    v.first_task.assign(D + 1, 0);
+    // Short contexts get smaller chunks (down to 16 slots), so that even one sequence splits over the threads.
+    const int64_t spread = 2 * static_cast<int64_t>(at::get_num_threads());
+    for (int64_t d = 0; d < D; ++d) {
+      v.first_task[d] = static_cast<int64_t>(v.tasks.size());
+      const int64_t chunk = std::clamp<int64_t>((v.count[d] + spread - 1) / spread, 16, kAttnChunk);
+      for (int64_t j0 = 0; j0 < v.count[d]; j0 += chunk)
+        v.tasks.push_back(AttnTask{d, j0, std::min(v.count[d], j0 + chunk)});
+    }
+    v.first_task[D] = static_cast<int64_t>(v.tasks.size());
+  }
+
+  // The layer's q and k norms (per head) and rotary (pairs adjacent, see rotary.py; none when rot is null) on the
+  // q and k heads of every sequence, then this step's k and v into the layer's cache at the sequence's slot
+  // (float16 and bfloat16 round to nearest even, as torch's .to()).
+  template <typename KV>
+  void rotate_and_cache(int64_t D, const Layer& ly, float* qkv, const float* rot, const int64_t* sm, KV* kc,
+                        KV* vc) const {
+    const int64_t row = KVH_ * hd_;
+    const float* qn = ly.q_norm.defined() ? ly.q_norm.data_ptr<float>() : nullptr;
+    const float* kn = ly.k_norm.defined() ? ly.k_norm.data_ptr<float>() : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       float* q = qkv + d * qkvN_;
-      const float* cs = rot + d * hd_;
       for (int64_t head = 0; head < H_ + KVH_; ++head) {  // q heads, then k heads
         float* p = q + head * hd_;
+        if (qn) rms_norm(p, head < H_ ? qn : kn, hd_, eps_, p);
+        if (!rot) continue;
+        const float* cs = rot + d * hd_;
 #pragma omp simd
         for (int64_t i = 0; i < hd_ / 2; ++i) {
           const float a = p[2 * i], b = p[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
@@ -562,8 +678,13 @@ class FusedDecoder {
     }
   }
 
-  // SwiGLU: a[d] = silu(gate) * up for the rows gu[d] = (gate, up).
-  void swiglu(int64_t D, const float* gu, float* a_out) const {
+  // a[d] = act(gate) * up for the rows gu[d] = (gate, up). SiLU: g / (1 + e^-g). GELU (tanh approximation):
+  // g / 2 (1 + tanh(y)), y = sqrt(2/pi) (g + 0.044715 g^3), computed as g / (1 + e^-2y): the same function
+  // ((1 + tanh y) / 2 = sigmoid(2y)) through the same exp as SiLU, with no tanh to evaluate.
+  void gated_act(int64_t D, const float* gu, float* a_out) const {
+    const bool gelu = act_ == Act::GeluTanh;
+    // -2y = g (c1 + c3 g^2)
+    constexpr float c1 = -1.5957691216057308f, c3 = -0.07135481627260025f;
     for (int64_t d = 0; d < D; ++d) {
       const float* g = gu + d * 2 * I_;
       const float* u = g + I_;
@@ -573,18 +694,31 @@ class FusedDecoder {
       // Explicit lanes: `omp simd` left exp_clamped scalar here (5.2 us per layer for 1536 inputs; this
       // measured 0.15 ms less per 30-layer step, the same bits).
       const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-      for (; i + 8 <= I_; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 e = exp_clamped8(_mm256_xor_ps(gv, sign));
-        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      if (gelu) {
+        const __m256 v1 = _mm256_set1_ps(c1), v3 = _mm256_set1_ps(c3);
+        for (; i + 8 <= I_; i += 8) {
+          const __m256 gv = _mm256_loadu_ps(g + i);
+          const __m256 e = exp_clamped8(_mm256_mul_ps(gv, _mm256_fmadd_ps(_mm256_mul_ps(gv, gv), v3, v1)));
+          _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
+      } else {
+        for (; i + 8 <= I_; i += 8) {
+          const __m256 gv = _mm256_loadu_ps(g + i);
+          const __m256 e = exp_clamped8(_mm256_xor_ps(gv, sign));
+          _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
       }
 #endif
-      for (; i < I_; ++i) a[i] = g[i] / (1.f + exp_clamped(-g[i])) * u[i];
+      if (gelu)
+        for (; i < I_; ++i) a[i] = g[i] / (1.f + exp_clamped(g[i] * (g[i] * g[i] * c3 + c1))) * u[i];
+      else
+        for (; i < I_; ++i) a[i] = g[i] / (1.f + exp_clamped(-g[i])) * u[i];
     }
   }
 
   // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d, in two parts:
   // attention_tasks (thread `tid` of `nt` takes an equal run of the tasks) and merge_attention (one thread).
+  // With a softcap, the scores are cap * tanh(scale / cap * q.k_j) (Gemma 2; eager attention's arithmetic).
   //
   // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for every q head, so every
   // K/V row is read from memory once per layer, whole and in slot order (at long contexts attention is bound by
@@ -593,27 +727,30 @@ class FusedDecoder {
   // A task leaves, per q head, its chunk's max score m, sum of e^(s - m) and unnormalised e^(s - m)-weighted
   // sum of v; the chunks of a (sequence, head) are then merged exactly (rescaled to the common max).
   template <typename KV>
-  void attention_tasks(int tid, int nt, int64_t ctx, const float* qkv, const KV* kc, const KV* vc) {
-    const int64_t G = H_ / KVH_, stride = hd_ + 2;
-    const int64_t ntasks = static_cast<int64_t>(tasks_.size()), per = (ntasks + nt - 1) / nt;
+  void attention_tasks(int tid, int nt, const Visible& vis_w, const float* qkv, const KV* kc, const KV* vc) {
+    const int64_t G = H_ / KVH_, stride = hd_ + 2, ctx = vis_w.ctx;
+    const int64_t ntasks = static_cast<int64_t>(vis_w.tasks.size()), per = (ntasks + nt - 1) / nt;
     const int64_t t0 = std::min(ntasks, tid * per), t1 = std::min(ntasks, (tid + 1) * per);
     if (t0 >= t1) return;
+    const bool capped = softcap_ > 0.f;
+    const float scale = capped ? scale_ / softcap_ : scale_;
     AttnScratch& scr = attn_scratch();
     if (static_cast<int64_t>(scr.sc.size()) < H_ * kAttnChunk) scr.sc.resize(H_ * kAttnChunk);
     if (static_cast<int64_t>(scr.acc.size()) < H_ * hd_) scr.acc.resize(H_ * hd_);
     float* sc = scr.sc.data();
     float* acc = scr.acc.data();
     for (int64_t t = t0; t < t1; ++t) {
-      const AttnTask& task = tasks_[t];
+      const AttnTask& task = vis_w.tasks[t];
       const int64_t n = task.j1 - task.j0;
-      const int64_t* vis = visible_.data() + task.d * ctx + task.j0;
+      const int64_t* vis = vis_w.slots.data() + task.d * ctx + task.j0;
 #if JISU_ATTN_VEC
-      if (hd_ % 8 == 0 && shares_keys_[task.d]) {
+      if (hd_ % 8 == 0 && vis_w.shares_keys[task.d]) {
         const float* q = qkv + task.d * qkvN_;
         float* part = partial_.data() + t * H_ * stride;
         for (int64_t h = 0; h < H_; ++h) {
           float* sh = sc + h * kAttnChunk;
-          qk_head_cached(q + h * hd_, hd_, kc + (h / G) * hd_, vis, n, scale_, sh);
+          qk_head_cached(q + h * hd_, hd_, kc + (h / G) * hd_, vis, n, scale, sh);
+          if (capped) softcap_scores(sh, n, softcap_);
           softmax_exp(sh, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
           pv_head_cached(sh, hd_, vc + (h / G) * hd_, vis, n, part + h * stride);
         }
@@ -622,9 +759,11 @@ class FusedDecoder {
       if (hd_ % 8 == 0) {
         const float* q = qkv + task.d * qkvN_;
         float* part = partial_.data() + t * H_ * stride;
-        qk_all_heads(q, H_, G, hd_, kc, vis, n, scale_, sc, kAttnChunk);
-        for (int64_t h = 0; h < H_; ++h)
+        qk_all_heads(q, H_, G, hd_, kc, vis, n, scale, sc, kAttnChunk);
+        for (int64_t h = 0; h < H_; ++h) {
+          if (capped) softcap_scores(sc + h * kAttnChunk, n, softcap_);
           softmax_exp(sc + h * kAttnChunk, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
+        }
         pv_all_heads(sc, kAttnChunk, H_, G, hd_, vc, vis, n, acc);
         for (int64_t h = 0; h < H_; ++h) std::memcpy(part + h * stride, acc + h * hd_, hd_ * sizeof(float));
         continue;
@@ -634,7 +773,8 @@ class FusedDecoder {
         const int64_t koff = (h / G) * hd_;
         const float* q = qkv + task.d * qkvN_ + h * hd_;
         float* part = partial_.data() + (t * H_ + h) * stride;
-        qk_scores(q, kc + koff, vis, n, hd_, scale_, sc);
+        qk_scores(q, kc + koff, vis, n, hd_, scale, sc);
+        if (capped) softcap_scores(sc, n, softcap_);
         float mx = sc[0];
         for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sc[j]);
         float sum = 0.f;
@@ -651,17 +791,18 @@ class FusedDecoder {
   }
 
   // Merge the chunks of each (sequence, q head).
-  void merge_attention(int64_t D, float* attn) const {
+  void merge_attention(int64_t D, const Visible& vis_w, float* attn) const {
     const int64_t stride = hd_ + 2;
+    const std::vector<int64_t>& first_task = vis_w.first_task;
     for (int64_t d = 0; d < D; ++d) {
-      const int64_t chunks = first_task_[d + 1] - first_task_[d];
+      const int64_t chunks = first_task[d + 1] - first_task[d];
       for (int64_t h = 0; h < H_; ++h) {
         float* o = attn + d * H_ * hd_ + h * hd_;
         if (chunks == 0) {  // nothing visible (never for a real decode, which sees its own token): zeros
           std::fill(o, o + hd_, 0.f);
           continue;
         }
-        auto part = [&](int64_t c) { return partial_.data() + ((first_task_[d] + c) * H_ + h) * stride; };
+        auto part = [&](int64_t c) { return partial_.data() + ((first_task[d] + c) * H_ + h) * stride; };
         if (chunks == 1) {
           const float* p = part(0);
           const float inv = 1.f / p[hd_ + 1];
@@ -689,13 +830,13 @@ class FusedDecoder {
 
   float eps_;
   int64_t H_, KVH_, hd_, I_;
-  float scale_;
+  float scale_, softcap_;  // softcap 0: none
+  Act act_ = Act::Silu;
   int64_t hidden_ = 0, qkvN_ = 0, capacity_ = 0;
+  int64_t num_rotations_ = 0, num_windows_ = 1;  // how many rotation tables / windows the layers index
   std::vector<Layer> layers_;
   std::vector<float> h_, qkv_, attn_, proj_, gu_;
-  std::vector<int64_t> visible_, count_, first_task_;
-  std::vector<uint8_t> shares_keys_;  // per row: a neighbour reads the same keys (attention_tasks)
-  std::vector<AttnTask> tasks_;
+  std::vector<Visible> vis_;    // per window, rebuilt every step
   std::vector<float> partial_;  // per task and q head of its group: acc[hd], max, sum
   std::mutex mutex_;
 };
@@ -706,12 +847,22 @@ void register_fused_decode(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<FusedDecoder>(m, "FusedDecoder")
       .def(py::init<std::vector<at::Tensor>, std::vector<QWeight>, std::vector<QWeight>, std::vector<at::Tensor>,
-                    std::vector<QWeight>, std::vector<QWeight>, double, int64_t, int64_t, int64_t, int64_t, double>(),
-           py::arg("input_norms"), py::arg("qkv"), py::arg("o"), py::arg("post_norms"), py::arg("gate_up"),
+                    std::vector<QWeight>, std::vector<QWeight>, double, int64_t, int64_t, int64_t, int64_t, double,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, const std::string&, double, std::vector<int64_t>,
+                    std::vector<int64_t>>(),
+           py::arg("input_norms"), py::arg("qkv"), py::arg("o"), py::arg("mlp_norms"), py::arg("gate_up"),
            py::arg("down"), py::arg("eps"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
-           py::arg("intermediate_size"), py::arg("scale"))
-      .def("forward", &FusedDecoder::forward, py::arg("x"), py::arg("rotation"), py::arg("decode_gather"),
-           py::arg("decode_mask"), py::arg("slot_mapping"), py::arg("k_caches"), py::arg("v_caches"),
+           py::arg("intermediate_size"), py::arg("scale"), py::arg("attn_out_norms") = std::vector<at::Tensor>(),
+           py::arg("mlp_out_norms") = std::vector<at::Tensor>(), py::arg("q_norms") = std::vector<at::Tensor>(),
+           py::arg("k_norms") = std::vector<at::Tensor>(), py::arg("activation") = "silu",
+           py::arg("attn_softcap") = 0.0, py::arg("layer_rotation") = std::vector<int64_t>(),
+           py::arg("layer_window") = std::vector<int64_t>(),
+           "Optional lists are empty (none) or one entry per layer: sandwich norms after attention and after the "
+           "MLP, per-head q and k norms ([head_dim]); layer_rotation indexes forward's rotations (-1: no RoPE), "
+           "layer_window its (decode_gather, decode_mask) pairs (default: 0 for every layer).")
+      .def("forward", &FusedDecoder::forward, py::arg("x"), py::arg("rotations"), py::arg("decode_gathers"),
+           py::arg("decode_masks"), py::arg("slot_mapping"), py::arg("k_caches"), py::arg("v_caches"),
            py::arg("final_norm") = py::none(), py::arg("final_eps") = 0.0, py::call_guard<py::gil_scoped_release>(),
            "Every decoder layer for one decode step; returns the residual stream [D, hidden], after the model's "
            "final RMS norm when its weight is given. Writes each layer's new K/V into its caches at slot_mapping.")

@@ -48,39 +48,42 @@ def layer_by_layer(model: torch.nn.Module) -> Iterator[None]:
         model.use_fused_decode = before
 
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+"""MLP gate activations the C++ computes."""
+
+
 def supports(config) -> bool:
-    """Whether the C++ stack computes this architecture's layers: pre-norm RMSNorm, SwiGLU, one RoPE table on
-    every layer, one attention window for all layers. Others run their eager layers (a measured fallback, see
-    docs/MODELS.md)."""
+    """Whether the C++ stack computes this architecture's layers: RMSNorm (plain or Gemma's 1 + w, passed applied),
+    pre-norm or sandwich norms, optional per-head q/k norms, a gated MLP with SiLU or GELU-tanh, dense layers,
+    RoPE from one or two tables or none on some layers, any mix of attention windows, optional attention softcap.
+    Others (LayerNorm, erf GELU, ungated or MoE MLPs, learned positions) run their eager layers."""
     return (
-        not config.qk_norm
-        and not config.sandwich_norm
-        and not config.norm_unit_offset
-        and config.hidden_act == "silu"
+        config.hidden_act in ACTIVATIONS
         and config.norm_type == "rms"
         and config.gated_mlp
         and not config.num_experts
         and not config.learned_positions
-        and config.attn_softcap is None
-        and len(config.attention_windows) == 1
-        and config.rope_local_theta is None
-        and not config.rope_layers
     )
 
 
 class FusedDecoder:
-    """Callable as `decoder(x, rotation, meta, kv_caches) -> hidden [D, hidden]` in place of
-    `for layer, kv in zip(layers, kv_caches): x = layer(x, rotation, meta, kv)`, when `applies(meta, D)`."""
+    """Callable as `decoder(x, rotations, meta, kv_caches) -> hidden [D, hidden]` in place of
+    `for layer, kv in zip(layers, kv_caches): x = layer(x, rotations, meta, kv)`, when `applies(meta, D)`."""
 
-    def __init__(self, impl, num_layers: int):
+    def __init__(self, impl, num_layers: int, rope_names: list[str], windows: list[int | None]):
         self._impl = impl
         self.num_layers = num_layers
+        self._rope_names = rope_names
+        """The rotation tables the layers use, in the order the C++ indexes them."""
+        self._windows = windows
+        """The attention windows the layers use, in the order the C++ indexes them."""
 
     @classmethod
     def build(cls, model) -> FusedDecoder | None:
-        """The fused stack for a loaded LlamaForCausalLM, or None where it cannot run: no C++ kernels, a Linear
-        whose `kernel_weight` is not the C++ kernels' QWeight (torch's kernels are in use), or weights not float32
-        on CPU."""
+        """The fused stack for a loaded decoder model, or None where it cannot run: an architecture `supports`
+        declines, no C++ kernels, a Linear whose `kernel_weight` is not the C++ kernels' QWeight (torch's kernels
+        are in use), or norm weights not float32 on CPU. Unit-offset norms are held as their applied 1 + w
+        (a copy): a change to such a weight needs a new build, as set_activation_bits makes."""
         kernels = cpu_linear_kernels()
         if kernels is None or not hasattr(kernels, "FusedDecoder"):
             return None
@@ -90,25 +93,47 @@ class FusedDecoder:
         cfg = model.config
         if not supports(cfg):
             return None
-        lists: dict[str, list] = {k: [] for k in ("input_norms", "qkv", "o", "post_norms", "gate_up", "down")}
+        keys = ("input_norms", "qkv", "o", "mlp_norms", "gate_up", "down", "attn_out_norms", "mlp_out_norms",
+                "q_norms", "k_norms", "layer_rotation", "layer_window")
+        lists: dict[str, list] = {k: [] for k in keys}
         eps = layers[0].input_layernorm.eps
         scale = layers[0].self_attn.attn.scale
+        softcap = layers[0].self_attn.attn.softcap
+        rope_names: list[str] = []
+        windows: list[int | None] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if not all(isinstance(getattr(lin, "kernel_weight", None), kernels.QWeight) for lin in linears):
                 return None  # torch's kernels (floats, or int4 on torch's int4 kernel) run these layers
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            for norm in norms:
-                w = norm.weight
+            pre_attn, post_attn, pre_mlp, post_mlp = layer.norms()
+            head_norms = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)
+            weights = []
+            for norm in (pre_attn, pre_mlp, post_attn, post_mlp, *head_norms):
+                if norm is None:
+                    weights.append(None)
+                    continue
+                w = norm.applied_weight()  # Gemma's 1 + w: the C++ multiplies by what it is given
                 if w.device.type != "cpu" or w.dtype != torch.float32 or norm.eps != eps:
                     return None
-            if attn.attn.scale != scale:
+                weights.append(w.data.contiguous())
+            if attn.attn.scale != scale or attn.attn.softcap != softcap:
                 return None
-            lists["input_norms"].append(norms[0].weight.data.contiguous())
-            lists["post_norms"].append(norms[1].weight.data.contiguous())
+            for key, w in zip(("input_norms", "mlp_norms", "attn_out_norms", "mlp_out_norms", "q_norms", "k_norms"),
+                              weights):
+                if w is not None:
+                    lists[key].append(w)
             for key, lin in zip(("qkv", "o", "gate_up", "down"), linears):
                 lists[key].append(lin.kernel_weight)
+            if attn.rope is None:
+                lists["layer_rotation"].append(-1)
+            else:
+                if attn.rope not in rope_names:
+                    rope_names.append(attn.rope)
+                lists["layer_rotation"].append(rope_names.index(attn.rope))
+            if attn.attn.window not in windows:
+                windows.append(attn.attn.window)
+            lists["layer_window"].append(windows.index(attn.attn.window))
         impl = kernels.FusedDecoder(
             **lists,
             eps=float(eps),
@@ -117,8 +142,10 @@ class FusedDecoder:
             head_dim=cfg.head_dim,
             intermediate_size=cfg.intermediate_size,
             scale=float(scale),
+            activation=cfg.hidden_act,
+            attn_softcap=0.0 if softcap is None else float(softcap),
         )
-        return cls(impl, len(layers))
+        return cls(impl, len(layers), rope_names, windows)
 
     @staticmethod
     def applies(meta: AttentionMetadata, num_tokens: int, kv_caches=None) -> bool:
@@ -135,14 +162,17 @@ class FusedDecoder:
     def __call__(
         self, x: torch.Tensor, rotations: dict, meta: AttentionMetadata, kv_caches, final_norm=None
     ) -> torch.Tensor:
-        """x [D, hidden] float32 (embeddings), rotations {'global': [D, 1, head_dim/2] complex} (the model's),
-        kv_caches [(k, v)] per layer. Writes this step's K/V into the caches; returns the layers' output
+        """x [D, hidden] float32 (embeddings, scaled where the model scales them), rotations {'global': [D, 1,
+        head_dim/2] complex, 'local': ...} (the model's), meta the step's (its by_window for layers of other
+        windows), kv_caches [(k, v)] per layer. Writes this step's K/V into the caches; returns the layers' output
         [D, hidden], passed through `final_norm` (the model's RMSNorm) when given."""
+        # One window for every layer: the step's own indices (built for that window).
+        metas = [meta] if len(self._windows) == 1 else [meta.for_window(w) for w in self._windows]
         return self._impl.forward(
             x,
-            torch.view_as_real(rotations["global"]),
-            meta.decode_gather,
-            meta.decode_mask,
+            [torch.view_as_real(rotations[name]) for name in self._rope_names],
+            [m.decode_gather for m in metas],
+            [m.decode_mask for m in metas],
             meta.slot_mapping,
             [kv[0] for kv in kv_caches],
             [kv[1] for kv in kv_caches],
