@@ -7,10 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from jisu import LLM, SamplingParams  # noqa: E402
+from jisu import LLM  # noqa: E402
+from arch_harness import DECODE_STEPS, assert_close_relative, captured_logits, reference_logits  # noqa: E402
 from tiny_models import make_tiny_hf_model, write_gguf_from_hf  # noqa: E402
-
-DECODE_STEPS = 16
 
 CASES = {
     "llama-gqa": dict(arch="llama", num_kv_heads=2),
@@ -23,37 +22,6 @@ CASES = {
     "yarn-rope": dict(arch="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                   "original_max_position_embeddings": 64}),
 }
-
-
-def captured_logits(llm: LLM, prompt_ids: list[int], steps: int):
-    """Greedy-generates `steps` tokens and records the logits the engine sampled from at each step."""
-    seen = []
-    runner = llm.engine.runner
-    original = runner.execute
-
-    def spy(step):
-        logits = original(step)
-        seen.append(logits.clone())
-        return logits
-
-    runner.execute = spy
-    try:
-        out = llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))[0]
-    finally:
-        runner.execute = original
-    return out.token_ids, [s[0] for s in seen]
-
-
-def reference_logits(hf_dir, ids: list[int]) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
-def assert_close_relative(mine: torch.Tensor, ref: torch.Tensor, what: str):
-    scale = ref.abs().max().item()
-    err = (mine - ref).abs().max().item()
-    assert err <= 1e-4 * scale, f"{what}: max |diff| {err:.3g} exceeds 1e-4 x max |logit| {scale:.3g}"
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
