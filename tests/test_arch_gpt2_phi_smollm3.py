@@ -358,7 +358,7 @@ def test_config_fields():
 
 @pytest.mark.parametrize("case, changes, field", [
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
-    ("gpt2", {"activation_function": "swish"}, "activation_function"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function"),
     ("smollm3", {"no_rope_layers": [1, 0]}, "no_rope_layers"),
     ("smollm3", {"no_rope_layers": None, "no_rope_layer_interval": 0}, "no_rope_layer_interval"),
     ("phi3-longrope", {"partial_rotary_factor": 0.5}, "short_factor"),

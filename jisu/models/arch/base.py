@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from jisu.models.config import MAX_CONTEXT
+
 # GGUF tensor name -> Hugging Face name, shared by every llama.cpp architecture jisu runs; {n} = layer index.
 COMMON_GGUF_TENSORS: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -24,6 +26,17 @@ COMMON_GGUF_TENSORS: dict[str, str] = {
     "blk.{n}.ffn_gate.weight": "model.layers.{n}.mlp.gate_proj.weight",
     "blk.{n}.ffn_up.weight": "model.layers.{n}.mlp.up_proj.weight",
     "blk.{n}.ffn_down.weight": "model.layers.{n}.mlp.down_proj.weight",
+}
+
+# config.json activation names -> the decoder's (jisu/models/layers.py ACTIVATIONS); gelu_new, gelu_fast and
+# gelu_pytorch_tanh are all GELU's tanh approximation.
+HF_ACTIVATIONS: dict[str, str] = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
 }
 
 Getter = Callable[..., Any]
@@ -52,6 +65,28 @@ class Architecture:
         """ModelConfig fields this architecture sets beyond the common ones, each read and checked through `f`
         (models.config._Fields); `common` holds those already read (hidden_size, head_dim, ...)."""
         return {}
+
+    @staticmethod
+    def activation(d: dict[str, Any], f: Any, key: str, default: str) -> str:
+        """The decoder's name for the activation config.json gives under `key` (default when absent)."""
+        act = d.get(key) or default
+        if act not in HF_ACTIVATIONS:
+            f.fail(key, act, ", ".join(HF_ACTIVATIONS))
+        return HF_ACTIVATIONS[act]
+
+    @staticmethod
+    def optional_window(d: dict[str, Any], f: Any) -> dict[str, Any]:
+        """{'sliding_window': n} when config.json sets one; null or 0 means none."""
+        return {"sliding_window": f.integer("sliding_window", 1, MAX_CONTEXT)} if d.get("sliding_window") else {}
+
+    @staticmethod
+    def layer_types(types: Any, f: Any, n: int) -> tuple[str, ...]:
+        """config.json's layer_types (one 'sliding_attention' / 'full_attention' per layer) as ModelConfig's."""
+        if not isinstance(types, list) or len(types) != n or any(
+            t not in ("sliding_attention", "full_attention") for t in types
+        ):
+            f.fail("layer_types", types, f"a list of {n} entries, each 'sliding_attention' or 'full_attention'")
+        return tuple("sliding" if t == "sliding_attention" else "full" for t in types)
 
     def gguf_config(self, get: Getter, tensors: dict[str, Any]) -> dict[str, Any]:
         """config.json keys this architecture derives from GGUF metadata (or llama.cpp's built-in defaults)."""

@@ -19,7 +19,6 @@ _GEMMA_TENSORS = COMMON_GGUF_TENSORS | {
     "blk.{n}.ffn_norm.weight": "model.layers.{n}.pre_feedforward_layernorm.weight",
     "blk.{n}.post_ffw_norm.weight": "model.layers.{n}.post_feedforward_layernorm.weight",
 }
-_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 class Gemma2(Architecture):
@@ -42,25 +41,18 @@ class Gemma2(Architecture):
         return d
 
     def config_fields(self, d: dict[str, Any], f: Any, common: dict[str, Any]) -> dict[str, Any]:
-        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-        if act not in _ACTIVATIONS:
-            f.fail("hidden_activation", act, ", ".join(_ACTIVATIONS))
-        types = d.get("layer_types")
-        n = common["num_hidden_layers"]
-        if not isinstance(types, list) or len(types) != n or any(
-            t not in ("sliding_attention", "full_attention") for t in types
-        ):
-            f.fail("layer_types", types, f"a list of {n} entries, each 'sliding_attention' or 'full_attention'")
+        key = "hidden_activation" if d.get("hidden_activation") else "hidden_act"
+        act = self.activation(d, f, key, "gelu_pytorch_tanh")
         window = f.integer("sliding_window", 1, MAX_CONTEXT, default=4096)
         scalar = f.number("query_pre_attn_scalar", 0.0, 1e9, default=float(common["head_dim"]),
                           what="a number above 0", above=True)
         fields = {
             "norm_unit_offset": True,
             "sandwich_norm": True,
-            "hidden_act": _ACTIVATIONS[act],
+            "hidden_act": act,
             "embed_scale": float(torch.tensor(math.sqrt(common["hidden_size"]), dtype=torch.float32)),
             "attn_scale": scalar**-0.5,
-            "layer_types": tuple("sliding" if t == "sliding_attention" else "full" for t in types),
+            "layer_types": self.layer_types(d.get("layer_types"), f, common["num_hidden_layers"]),
             "sliding_window": window,
             "attention_bias": f.boolean("attention_bias", default=False),
         }

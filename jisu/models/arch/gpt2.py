@@ -46,7 +46,6 @@ _GGUF_TENSORS = {
                      ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"))
     for attr in ("weight", "bias")
 }
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 # config.json's GPT-2 keys -> the names from_hf_dict reads.
 _KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
          "n_positions": "max_position_embeddings", "layer_norm_epsilon": "rms_norm_eps"}
@@ -73,9 +72,7 @@ class GPT2(Architecture):
         return d
 
     def config_fields(self, d: dict[str, Any], f: Any, common: dict[str, Any]) -> dict[str, Any]:
-        act = d.get("activation_function") or "gelu_new"
-        if act not in _ACTIVATIONS:
-            f.fail("activation_function", act, ", ".join(_ACTIVATIONS))
+        act = self.activation(d, f, "activation_function", "gelu_new")
         if f.boolean("scale_attn_by_inverse_layer_idx", default=False):
             f.fail("scale_attn_by_inverse_layer_idx", True, "false (jisu scales every layer's attention alike)")
         if f.boolean("add_cross_attention", default=False):
@@ -83,7 +80,7 @@ class GPT2(Architecture):
         fields: dict[str, Any] = {
             "norm_type": "layer",
             "gated_mlp": False,
-            "hidden_act": _ACTIVATIONS[act],
+            "hidden_act": act,
             "learned_positions": True,
             "attention_bias": True,
             "o_bias": True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from jisu.models.arch.base import Architecture
-from jisu.models.config import MAX_CONTEXT
 
 
 class Llama(Architecture):
@@ -15,7 +14,8 @@ class Llama(Architecture):
     permute_gguf_qk = True
 
     def config_fields(self, d: dict[str, Any], f: Any, common: dict[str, Any]) -> dict[str, Any]:
-        return {"attention_bias": f.boolean("attention_bias", default=False)}
+        return {"attention_bias": f.boolean("attention_bias", default=False),
+                "hidden_act": self.activation(d, f, "hidden_act", "silu")}
 
 
 class Mistral(Llama):
@@ -23,10 +23,7 @@ class Mistral(Llama):
     model_type = "mistral"
 
     def config_fields(self, d: dict[str, Any], f: Any, common: dict[str, Any]) -> dict[str, Any]:
-        fields = super().config_fields(d, f, common)
-        if d.get("sliding_window"):  # null or 0: no window
-            fields["sliding_window"] = f.integer("sliding_window", 1, MAX_CONTEXT)
-        return fields
+        return super().config_fields(d, f, common) | self.optional_window(d, f)
 
 
 class Qwen2(Llama):
@@ -36,7 +33,8 @@ class Qwen2(Llama):
     permute_gguf_qk = False
 
     def config_fields(self, d: dict[str, Any], f: Any, common: dict[str, Any]) -> dict[str, Any]:
-        return {"attention_bias": True}  # q/k/v always carry biases
+        return {"attention_bias": True,  # q/k/v always carry biases
+                "hidden_act": self.activation(d, f, "hidden_act", "silu")}
 
 
 ARCHITECTURES = {a.hf_name: a for a in (Llama(), Mistral(), Qwen2())}

@@ -7,14 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from jisu.models.arch.base import COMMON_GGUF_TENSORS, Architecture, Getter
-from jisu.models.config import MAX_CONTEXT
 
 _PHI3_TENSORS = COMMON_GGUF_TENSORS | {
     "blk.{n}.attn_qkv.weight": "model.layers.{n}.self_attn.qkv_proj.weight",
     # llama.cpp's Phi-3 ffn_up holds gate and up stacked (2 x intermediate rows), as gate_up_proj does.
     "blk.{n}.ffn_up.weight": "model.layers.{n}.mlp.gate_up_proj.weight",
 }
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 _ORIGINAL_CONTEXT = 4096
 """transformers' Phi3Config default for original_max_position_embeddings, used when config.json leaves it out."""
 
@@ -50,16 +48,11 @@ class Phi3(Architecture):
                 if len(scaling[name]) != rotary // 2:
                     f.fail(f"{f.rope_key}.{name}", scaling[name],
                            f"a list of {rotary // 2} numbers, one per rotary pair ({rotary} of {head_dim} dims turn)")
-        act = d.get("hidden_act") or "silu"
-        if act not in _ACTIVATIONS:
-            f.fail("hidden_act", act, ", ".join(_ACTIVATIONS))
-        fields: dict[str, Any] = {
+        return {
             "rotary_dim": rotary if rotary < head_dim else None,
-            "hidden_act": _ACTIVATIONS[act],
+            "hidden_act": self.activation(d, f, "hidden_act", "silu"),
+            **self.optional_window(d, f),
         }
-        if d.get("sliding_window"):  # null or 0: no window
-            fields["sliding_window"] = f.integer("sliding_window", 1, MAX_CONTEXT)
-        return fields
 
     def gguf_config(self, get: Getter, tensors: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}

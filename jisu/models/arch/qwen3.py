@@ -19,7 +19,8 @@ class Qwen3(Architecture):
     gguf_tensors = COMMON_GGUF_TENSORS | QK_NORM_TENSORS
 
     def config_fields(self, d: dict[str, Any], f: Any, common: dict[str, Any]) -> dict[str, Any]:
-        return {"attention_bias": f.boolean("attention_bias", default=False), "qk_norm": True}
+        return {"attention_bias": f.boolean("attention_bias", default=False), "qk_norm": True,
+                "hidden_act": self.activation(d, f, "hidden_act", "silu")}
 
 
 ARCHITECTURES = {"Qwen3ForCausalLM": Qwen3()}

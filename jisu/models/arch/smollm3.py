@@ -40,17 +40,14 @@ class SmolLM3(Architecture):
             "attention_bias": bias,
             "o_bias": bias,  # SmolLM3's o_proj follows attention_bias too
             "mlp_bias": f.boolean("mlp_bias", default=False),
+            "hidden_act": self.activation(d, f, "hidden_act", "silu"),
         }
         if f.boolean("use_sliding_window", default=False) and d.get("sliding_window"):
             fields["sliding_window"] = f.integer("sliding_window", 1, MAX_CONTEXT)
             types = d.get("layer_types")
             if types is None:  # transformers' default: the NoPE layers slide
                 types = ["full_attention" if r else "sliding_attention" for r in rope]
-            if not isinstance(types, list) or len(types) != n or any(
-                t not in ("sliding_attention", "full_attention") for t in types
-            ):
-                f.fail("layer_types", types, f"a list of {n} entries, each 'sliding_attention' or 'full_attention'")
-            fields["layer_types"] = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+            fields["layer_types"] = self.layer_types(types, f, n)
         return fields
 
     def gguf_config(self, get: Getter, tensors: dict[str, Any]) -> dict[str, Any]:
