@@ -121,7 +121,8 @@ def _packaged_file(short_name: str) -> Path:
 
 
 def cache_dir() -> Path:
-    """$JISU_CACHE_DIR, else $XDG_CACHE_HOME/jisu, else ~/.cache/jisu (the rule of jisu.profile.calibrate's)."""
+    """jisu's cache folder (machine calibration, assembled model files): $JISU_CACHE_DIR, else
+    $XDG_CACHE_HOME/jisu, else ~/.cache/jisu."""
     if os.environ.get("JISU_CACHE_DIR"):
         return Path(os.environ["JISU_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from jisu.errors import InvalidRequestError, JisuError
+from jisu.loader.resolve import cache_dir
 
 FORMAT_VERSION = 1
 
@@ -143,14 +144,6 @@ def fingerprint(device: str = "cpu", threads: int | None = None) -> str:
         "threads": threads if threads is not None else torch.get_num_threads(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """$JISU_CACHE_DIR, else $XDG_CACHE_HOME/jisu, else ~/.cache/jisu."""
-    if os.environ.get("JISU_CACHE_DIR"):
-        return Path(os.environ["JISU_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jisu"
 
 
 def cache_path(fp: str, directory: str | os.PathLike[str] | None = None) -> Path:
