@@ -13,8 +13,12 @@ from numbers import Integral, Real
 from typing import Any, Callable
 
 from jisu.errors import InvalidRequestError
+from jisu.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+"""OpenAI's bound on a logit_bias value: -100 bans a token, 100 all but forces it."""
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 # Temperatures below this count as greedy: dividing logits by them can overflow float32 to inf,
 # and the distribution is a point mass on the argmax to float precision anyway (vLLM uses the same cut-off).
@@ -56,6 +60,23 @@ def _stop_strings(value: Any) -> list[str]:
     return items
 
 
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """{token id: bias}; keys may be ids or their decimal text (JSON object keys are strings)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _reject("logit_bias", value, "an object mapping token ids to numbers in [-100, 100]")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        token = _integer(f"logit_bias key {key!r}", token, "a token id (an integer >= 0)", lambda v: v >= 0)
+        out[token] = _number(f"logit_bias[{key!r}]", bias, "a number in [-100, 100]",
+                             lambda v: -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS)
+    return out
+
+
 def _stop_token_ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -84,7 +105,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
-    """None generates until the context window is full."""
+    """None generates until the context window is full; 0 only computes the prompt (for prompt_logprobs)."""
     stop: str | list[str] | None = None
     """Normalised to a list of non-empty strings."""
     stop_token_ids: list[int] | None = None
@@ -92,6 +113,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Top logprobs returned per sampled token; 0 returns only the sampled token's logprob."""
+    prompt_logprobs: int | None = None
+    """Top logprobs returned per prompt token (the first has none); 0 returns only the prompt token's own."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the token's logit before sampling (OpenAI semantics; -100 bans it)."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrains the output to a JSON schema, regex, choice or grammar."""
 
     def __post_init__(self) -> None:
         self.n = _integer("n", self.n, "an integer >= 1", lambda v: v >= 1)
@@ -111,7 +138,7 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = _integer("seed", self.seed, "an integer or null", lambda v: True)
         if self.max_tokens is not None:
-            self.max_tokens = _integer("max_tokens", self.max_tokens, "an integer >= 1 or null", lambda v: v >= 1)
+            self.max_tokens = _integer("max_tokens", self.max_tokens, "an integer >= 0 or null", lambda v: v >= 0)
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         if not isinstance(self.ignore_eos, bool):
@@ -120,6 +147,14 @@ class SamplingParams:
             self.logprobs = _integer(
                 "logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}] or null", lambda v: 0 <= v <= MAX_LOGPROBS
             )
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer(
+                "prompt_logprobs", self.prompt_logprobs, f"an integer in [0, {MAX_LOGPROBS}] or null",
+                lambda v: 0 <= v <= MAX_LOGPROBS,
+            )
+        self.logit_bias = _logit_bias(self.logit_bias) or None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _reject("structured_outputs", self.structured_outputs, "a StructuredOutputsParams or null")
 
     @property
     def greedy(self) -> bool:
@@ -129,6 +164,11 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k >= 1
+
+    @property
+    def rewrites_logits(self) -> bool:
+        """Something other than the draw's settings changes this row's logits: penalties or a logit bias."""
+        return self.needs_penalties or self.logit_bias is not None
 
     @property
     def needs_penalties(self) -> bool:

@@ -42,7 +42,7 @@ OUT_OF_RANGE = [
     ("presence_penalty", -2.01, "[-2, 2]"),
     ("frequency_penalty", -3, "[-2, 2]"),
     ("frequency_penalty", 2.01, "[-2, 2]"),
-    ("max_tokens", 0, ">= 1"),
+    ("max_tokens", -1, ">= 0"),
     ("logprobs", -1, "[0, 20]"),
     ("logprobs", 21, "[0, 20]"),
 ]

@@ -1,0 +1,5 @@
+"""Structured output: constraining what a request may generate (JSON schema, regex, choice, grammar)."""
+
+from jisu.structured.params import StructuredOutputsParams
+
+__all__ = ["StructuredOutputsParams"]
