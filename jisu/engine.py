@@ -25,6 +25,7 @@ from jisu.request import CompletionOutput, FinishReason, Request, RequestMetrics
 from jisu.sampling import Sampler, SamplingRow, make_generator
 from jisu.sampling_params import SamplingParams
 from jisu.scheduler.scheduler import Scheduler
+from jisu.structured.grammar import StructuredOutputs
 from jisu.tokenizer import Tokenizer
 
 class _Group:
@@ -75,7 +76,9 @@ class LLMEngine:
         self.kv_dtype = run.kv_dtype
         self.max_model_len = run.max_model_len
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.sampler = Sampler()
+        self.structured = StructuredOutputs(ckpt.tokenizer.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        """Structured-output grammars (llguidance reads the tokenizer on the first request that has one)."""
+        self.sampler = Sampler(structured=self.structured)
         torch.manual_seed(config.seed)
 
         self.step_log = StepLog()
@@ -101,14 +104,19 @@ class LLMEngine:
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
         self._check_fits(len(ids), params)
+        self._check_logit_bias(params)
         request_id = request_id or str(next(self._ids))
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        # Compiled once per request (a bad schema or grammar is refused here); each sequence walks it on its own.
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         seqs = []
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             generator = make_generator(params.seed, i) if params.seed is not None else None
             seq = Request(seq_id, ids, params, self.eos_token_ids, self.max_model_len, generator, request_id, i)
+            if grammar is not None:
+                seq.grammar = self.structured.matcher(grammar)
             if arrival_time is not None:
                 seq.times.arrival = arrival_time
             seqs.append(seq)
@@ -153,6 +161,12 @@ class LLMEngine:
                 f"{prompt_len + params.max_tokens} exceeds the context window of {limit} tokens"
             )
 
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        for token in params.logit_bias or ():
+            if token >= vocab:
+                raise InvalidRequestError(f"logit_bias: token id {token} is outside the vocabulary [0, {vocab})")
+
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
         if group is None:
@@ -184,7 +198,8 @@ class LLMEngine:
         sampled = None
         if step.sampled:
             rows = [
-                SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids, s.request.generator)
+                SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids, s.request.generator,
+                            s.request.grammar)
                 for s in step.sampled
             ]
             sampled = self.sampler(logits, rows)
@@ -225,8 +240,13 @@ class LLMEngine:
         is_eos = token in req.eos_token_ids and not req.params.ignore_eos
         if not is_eos:
             self._texts[req.request_id].add_token(req, token)
+        if req.grammar is not None and not is_eos:
+            req.grammar.consume(token)
         if not req.is_finished:
             req.check_token_stop()
+        if not req.is_finished and req.grammar is not None and req.grammar.is_done:
+            # Only end-of-sequence could follow: finish now rather than spend a step sampling it.
+            req.finish(FinishReason.STOP)
         if req.is_finished:
             self.scheduler.finish(req)
 

@@ -85,6 +85,8 @@ class Request:
         self.num_cached_tokens = 0
         """Prompt tokens whose K/V were found in the prefix cache when the sequence was first scheduled."""
         self.times = RequestTimes()
+        self.grammar = None
+        """The sequence's structured-output matcher (jisu.structured.grammar.GrammarMatcher), if it has one."""
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,8 +1,8 @@
 """Batched token sampling, outside the model.
 
 One call turns a [rows, vocab] logits batch into one token per row. The transforms run in a fixed order:
-repetition penalty -> presence/frequency penalties -> (greedy rows take the argmax here) -> temperature
--> min-p -> top-k -> top-p -> draw. Each is one tensor op over the rows that need it, and is skipped
+logit bias -> structured-output mask -> repetition penalty -> presence/frequency penalties -> (greedy rows take
+the argmax here) -> temperature -> min-p -> top-k -> top-p -> draw. Each is one tensor op over the rows that need it, and is skipped
 entirely when no row does, so an all-defaults batch costs only the draw.
 
 The draw inverts each row's CDF with one uniform number u: the token is the first whose cumulative weight
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from jisu.sampling_params import SamplingParams
+from jisu.structured.grammar import GrammarMatcher, StructuredOutputs
 
 # Top-p looks for the nucleus among this many most likely tokens first and widens by _TOP_P_GROWTH only for
 # rows whose nucleus does not fit: a partial top-k is far cheaper than sorting a 50k-260k vocab, and cheaper
@@ -55,6 +56,8 @@ class SamplingRow:
     """Tokens generated so far for this sequence."""
     generator: torch.Generator | None
     """Per-sequence CPU RNG when the request gave a seed, else None (the shared RNG)."""
+    grammar: GrammarMatcher | None = None
+    """The sequence's structured-output state: only the tokens it allows next can be drawn."""
 
 
 @dataclass
@@ -212,11 +215,13 @@ class Sampler:
     """Picks one token per logits row.
 
     generator: the shared RNG for unseeded rows (one number per row and step); None uses torch's default CPU
-    RNG, so torch.manual_seed makes whole runs reproducible.
+    RNG, so torch.manual_seed makes whole runs reproducible. structured: computes the token masks of rows with a
+    grammar (needed once any row has one).
     """
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, structured: StructuredOutputs | None = None) -> None:
         self.generator = generator
+        self.structured = structured
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -226,7 +231,8 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         device = logits.device
         params = [row.params for row in rows]
-        if all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params):
+        masked = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if not masked and all(p.greedy and not p.rewrites_logits and p.logprobs is None for p in params):
             # Nothing rewrites the logits and nothing else is asked: the argmax is all (the usual greedy step).
             return SamplerOutput(token_ids=_argmax_rows(logits), logprobs=[None] * n)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -236,12 +242,17 @@ class Sampler:
         # them raw). The copy is skipped when no transform writes into x itself (truncating only some rows
         # works on a gathered copy anyway): vocab-wide copies are a large part of a CPU sampling step.
         x = logits.to(torch.float32)
-        writes_all = any(p.needs_penalties for p in params) or (
+        writes_all = bool(masked) or any(p.rewrites_logits for p in params) or (
             len(sampled) == n and any(_truncates(p) for p in params)
         )
         if writes_all and x.data_ptr() == logits.data_ptr():
             x = x.clone()
 
+        self._apply_logit_bias(x, params)
+        if masked:
+            if self.structured is None:
+                raise ValueError("rows with a grammar need a Sampler built with structured=StructuredOutputs(...)")
+            self.structured.apply_masks(x, masked, [rows[i].grammar for i in masked])
         self._apply_penalties(x, rows)
 
         tokens = torch.empty(n, dtype=torch.long, device=device)
@@ -256,6 +267,20 @@ class Sampler:
 
         token_list = tokens.tolist()
         return SamplerOutput(token_ids=token_list, logprobs=self._logprobs(logits, tokens, token_list, params))
+
+    @staticmethod
+    def _apply_logit_bias(x: torch.Tensor, params: list[SamplingParams]) -> None:
+        """In place: each row's bias added to its tokens' logits (the token ids were checked against the vocabulary)."""
+        rows, ids, values = [], [], []
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                rows.extend([i] * len(p.logit_bias))
+                ids.extend(p.logit_bias)
+                values.extend(p.logit_bias.values())
+        if rows:
+            rows_t = torch.tensor(rows, device=x.device)
+            ids_t = torch.tensor(ids, device=x.device)
+            x[rows_t, ids_t] += torch.tensor(values, dtype=x.dtype, device=x.device)
 
     def _apply_penalties(self, x: torch.Tensor, rows: list[SamplingRow]) -> None:
         """Penalties in place on all rows at once; rows without them pass no tokens and so are untouched."""
