@@ -18,6 +18,7 @@ from jisu.detokenizer import OutputText
 from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.model_run import ModelRun
+from jisu.pooling import PoolingParams, pooled_vector
 from jisu.profile.timeline import StepLog, StepRecord
 from jisu.quant.calibration import calibration_texts, input_statistics
 from jisu.quant.plan import WeightsSpec, load_rounding, plan_for
@@ -96,9 +97,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        pooling: PoolingParams | None = None,
     ) -> str:
         """Queues a prompt (text or token ids). `arrival_time` (time.perf_counter) lets a front end that
-        received the request earlier, e.g. on another thread, count its queue time from then."""
+        received the request earlier, e.g. on another thread, count its queue time from then. `pooling` makes it
+        an embedding request: its prompt is computed (max_tokens 0) and RequestOutput.embedding returned."""
+        if pooling is not None:
+            params = params or SamplingParams(max_tokens=0)
+            self._check_pooling(pooling, params)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -114,7 +120,8 @@ class LLMEngine:
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             generator = make_generator(params.seed, i) if params.seed is not None else None
-            seq = Request(seq_id, ids, params, self.eos_token_ids, self.max_model_len, generator, request_id, i)
+            seq = Request(seq_id, ids, params, self.eos_token_ids, self.max_model_len, generator, request_id, i,
+                          pooling)
             if grammar is not None:
                 seq.grammar = self.structured.matcher(grammar)
             if arrival_time is not None:
@@ -124,6 +131,18 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._groups[request_id] = _Group(request_id, text, ids, seqs)
         return request_id
+
+    def _check_pooling(self, pooling: PoolingParams, params: SamplingParams) -> None:
+        if not isinstance(pooling, PoolingParams):
+            raise InvalidRequestError(f"pooling must be a PoolingParams, got {type(pooling).__name__}")
+        if params.max_tokens != 0 or params.n != 1:
+            raise InvalidRequestError(
+                f"a pooling request computes only its prompt: max_tokens must be 0 and n 1, "
+                f"got max_tokens={params.max_tokens}, n={params.n}"
+            )
+        hidden = self.model_config.hidden_size
+        if pooling.dimensions is not None and pooling.dimensions > hidden:
+            raise InvalidRequestError(f"dimensions {pooling.dimensions} exceeds the model's hidden size {hidden}")
 
     def _tokenize(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):  # vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids}
@@ -195,6 +214,7 @@ class LLMEngine:
         prefill_tokens = self._record_prefill_chunks(out, t2, t3)
         self.scheduler.update(out)
         touched: dict[str, _Group] = {}
+        self._keep_prompt_rows(step, out, touched)
         sampled = None
         if step.sampled:
             rows = [
@@ -222,6 +242,20 @@ class LLMEngine:
             )
         )
         return outputs
+
+    def _keep_prompt_rows(self, step, out, touched: dict[str, _Group]) -> None:
+        """Stores the prompt logprobs and hidden rows the runner kept, and finishes max_tokens-0 requests whose
+        prompt is now computed (they sample nothing: finish_reason "length", no token)."""
+        for req, pos, entries in step.prompt_logprobs:
+            req.keep_prompt_logprobs(pos, entries)
+        for req, pos, rows in step.hidden:
+            req.keep_hidden(pos, rows)
+        for s in out.scheduled:
+            req = s.request
+            if req.params.max_tokens == 0 and not req.is_finished and req.num_computed_tokens >= req.num_tokens:
+                req.finish(FinishReason.LENGTH)
+                self.scheduler.finish(req)
+                touched[req.parent_id] = self._groups[req.parent_id]
 
     @staticmethod
     def _record_prefill_chunks(out, start: float, end: float) -> int:
@@ -271,6 +305,14 @@ class LLMEngine:
             self._groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._texts.pop(seq.request_id, None)
+        first = group.seqs[0]  # the sequence that computes a shared prompt's rows
+        embedding = None
+        if first.pooling is not None and first.is_finished and first.pooled_sum is not None:
+            embedding = pooled_vector(first.pooling, first.pooled_sum, len(first.prompt_token_ids),
+                                      self.model_config.hidden_size)
+        prompt_logprobs = None
+        if first.prompt_logprobs is not None and first.num_computed_tokens >= len(first.prompt_token_ids):
+            prompt_logprobs = list(first.prompt_logprobs)
         return RequestOutput(
             request_id=group.request_id,
             prompt=group.prompt,
@@ -278,4 +320,6 @@ class LLMEngine:
             outputs=outputs,
             finished=finished,
             metrics=outputs[0].metrics if finished else None,
+            prompt_logprobs=prompt_logprobs,
+            embedding=embedding,
         )

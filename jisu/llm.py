@@ -1,4 +1,4 @@
-"""The Python API: LLM(model=...).generate / chat / stream."""
+"""The Python API: LLM(model=...).generate / chat / stream, and score / classify / embed for evaluators."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Any, Iterator, Sequence
 from jisu.config import CacheConfig, EngineConfig, SchedulerConfig
 from jisu.engine import LLMEngine
 from jisu.errors import InvalidRequestError
+from jisu.pooling import PoolingParams
 from jisu.request import RequestOutput
 from jisu.sampling_params import SamplingParams
+from jisu.scoring import ClassifyOutput, ScoreOutput, check_normalize, classify_output, encode_pair, score_output
 
 
 class LLM:
@@ -125,12 +127,68 @@ class LLM:
             if not done:
                 engine.abort(rid)
 
-    def _run(self, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
+    def score(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        continuations: str | Sequence[int] | Sequence[str | Sequence[int]],
+        add_special_tokens: bool = False,
+    ) -> list[ScoreOutput]:
+        """Per (prompt, continuation) pair, the continuation's log-likelihood given the prompt: the sum, per token
+        logprobs and whether it is the greedy continuation (lm-eval's loglikelihood, tokenised as it does: see
+        jisu.scoring). Text or token-id lists; one prompt may go with several continuations. All pairs run
+        batched through the engine, each prompt's logprobs from its own prefill."""
+        contexts, conts = _pairs(prompts, continuations)
+        pairs = [encode_pair(self.tokenizer, c, x, add_special_tokens) for c, x in zip(contexts, conts)]
+        params = SamplingParams(max_tokens=0, prompt_logprobs=0, temperature=0)
+        outs = self._run([ctx + cont for ctx, cont in pairs], [params] * len(pairs))
+        return [score_output(o.prompt_logprobs, len(ctx)) for o, (ctx, _) in zip(outs, pairs)]
+
+    def classify(
+        self,
+        texts: str | Sequence[str],
+        labels: Sequence[str],
+        template: str = "{text}",
+        label_template: str = " {label}",
+        normalize: str | None = None,
+    ) -> list[ClassifyOutput]:
+        """Each text's label by likelihood: the context template.format(text=...) is scored against every
+        continuation label_template.format(label=...), and the best wins. normalize: None (sum of logprobs),
+        'tokens' (mean per token) or 'chars' (per character of the label, lm-eval's acc_norm)."""
+        check_normalize(normalize)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        labels = list(labels)
+        if not texts or len(labels) < 2:
+            raise InvalidRequestError(f"give at least one text and two labels, got {len(texts)} and {len(labels)}")
+        contexts = [template.format(text=t) for t in texts for _ in labels]
+        conts = [label_template.format(label=label) for _ in texts for label in labels]
+        scored = self.score(contexts, conts)
+        k = len(labels)
+        return [classify_output(labels, scored[i * k : (i + 1) * k], normalize) for i in range(len(texts))]
+
+    def embed(
+        self,
+        texts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        pooling: str = "last",
+        normalize: bool = True,
+        dimensions: int | None = None,
+    ) -> list[list[float]]:
+        """One vector per text (or token-id list): the final hidden states after the final norm, pooled over the
+        prompt ('last' token or 'mean'), L2-normalised unless normalize=False, cut to `dimensions` if given."""
+        single = isinstance(texts, str) or (isinstance(texts, list) and texts and all(isinstance(t, int) for t in texts))
+        items = [texts] if single else list(texts)
+        if not items:
+            raise InvalidRequestError("texts is empty; give at least one text")
+        spec = PoolingParams(pooling, normalize, dimensions)
+        outs = self._run(items, [SamplingParams(max_tokens=0)] * len(items), spec)
+        return [o.embedding for o in outs]
+
+    def _run(self, prompts: list, params: list[SamplingParams], pooling: PoolingParams | None = None
+             ) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:
             for p, sp in zip(prompts, params):
-                ids.append(engine.add_request(p, sp))
+                ids.append(engine.add_request(p, sp, pooling=pooling))
         except Exception:
             for rid in ids:
                 engine.abort(rid)
@@ -146,6 +204,22 @@ class LLM:
                 engine.abort(rid)
             raise
         return [results[rid] for rid in ids]
+
+
+def _pairs(prompts, continuations) -> tuple[list, list]:
+    """Prompts and continuations as two equal lists (a single prompt goes with every continuation)."""
+    def items(x):
+        if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and all(isinstance(t, int) for t in x)):
+            return [x], True
+        return list(x), False
+
+    ctxs, one_ctx = items(prompts)
+    conts, _ = items(continuations)
+    if one_ctx:
+        ctxs = ctxs * len(conts)
+    if len(ctxs) != len(conts) or not conts:
+        raise InvalidRequestError(f"got {len(ctxs)} prompts for {len(conts)} continuations; give one each")
+    return ctxs, conts
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:

@@ -12,6 +12,7 @@ import torch
 from jisu.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from jisu.pooling import PoolingParams
     from jisu.sampling import TokenLogprobs
 
 
@@ -65,6 +66,7 @@ class Request:
         generator: torch.Generator | None = None,
         parent_id: str | None = None,
         index: int = 0,
+        pooling: PoolingParams | None = None,
     ):
         self.request_id = request_id
         self.parent_id = parent_id or request_id
@@ -87,6 +89,41 @@ class Request:
         self.times = RequestTimes()
         self.grammar = None
         """The sequence's structured-output matcher (jisu.structured.grammar.GrammarMatcher), if it has one."""
+        # Prompt rows kept beyond sampling (only the first of n sequences computes them; the prompt is shared).
+        self.prompt_logprobs_k: int | None = params.prompt_logprobs if index == 0 else None
+        """Top-N per prompt token to keep (0: only the token's own logprob); None keeps no logprob rows."""
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            None if self.prompt_logprobs_k is None else [None] * len(self.prompt_token_ids)
+        )
+        """By position (a recompute after preemption overwrites); entry 0 stays None: nothing predicts it."""
+        self.pooling = pooling if index == 0 else None
+        self.pooled_sum: torch.Tensor | None = None
+        """Pooling: float64 sum (mean) or the row (last) of the final hidden states computed so far."""
+        self.pooled_upto = 0
+        """Pooling: the prompt positions [0, pooled_upto) that pooled_sum holds."""
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """Its prompt rows must be computed here, so the prefix cache is not looked up for it (as vLLM does)."""
+        return self.prompt_logprobs is not None or self.pooling is not None
+
+    def keep_prompt_logprobs(self, pos: int, entries: list[TokenLogprobs]) -> None:
+        """Logprobs of prompt tokens pos + 1, pos + 2, ... (computed from the rows at pos, pos + 1, ...)."""
+        self.prompt_logprobs[pos + 1 : pos + 1 + len(entries)] = entries
+
+    def keep_hidden(self, pos: int, rows: torch.Tensor) -> None:
+        """Final hidden states of prompt positions pos.. (in order; a recompute starts again from 0)."""
+        if pos == 0:
+            self.pooled_sum, self.pooled_upto = None, 0
+        if pos != self.pooled_upto and self.pooling.kind == "mean":
+            raise RuntimeError(f"{self.request_id}: hidden rows from {pos} arrived after {self.pooled_upto}")
+        if self.pooling.kind == "last":
+            self.pooled_sum = rows[-1].double()
+        else:
+            # One running sum in position order (cumsum is sequential), so chunking cannot change the mean.
+            start = rows.new_zeros(1, rows.shape[1], dtype=torch.float64) if pos == 0 else self.pooled_sum[None]
+            self.pooled_sum = torch.cat([start, rows.double()]).cumsum(0)[-1]
+        self.pooled_upto = pos + rows.shape[0]
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -207,6 +244,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt token when SamplingParams.prompt_logprobs asked (vLLM's shape: the first entry is None)."""
+    embedding: list[float] | None = None
+    """The pooled final hidden state of a pooling request (PoolingParams)."""
 
     # Convenience for the common n == 1 case.
     @property

@@ -25,7 +25,13 @@ from jisu.models.fused_decode import FUSED_KV_DTYPES, MAX_FUSED_SEQS
 from jisu.runner.attention import BLOCKED_PREFILL_MIN, AttentionMetadata, PrefillChunk, query_blocks, visible
 from jisu.runner.kv_cache import KVCache
 from jisu.scheduler.blocks import BlockManager
+from jisu.request import Request
+from jisu.sampling import TokenLogprobs
 from jisu.scheduler.scheduler import ScheduledRequest, SchedulerOutput
+
+LOGITS_ROWS = 128
+"""Whole steps push kept prompt rows through the output layer at most this many at a time: a long prompt's
+[prompt_len, vocab] logits are never held at once (deterministic steps use their own, smaller, logits_group)."""
 
 
 @dataclass
@@ -35,6 +41,17 @@ class RowGroup:
     start: int
     end: int
     meta: AttentionMetadata
+
+
+@dataclass
+class KeptRows:
+    """Rows [row, row + count) of a step's flattened tokens, positions pos.., whose results the request keeps:
+    prompt logprobs (the row at p scores prompt token p + 1) or final hidden states for pooling."""
+
+    request: Request
+    row: int
+    pos: int
+    count: int
 
 
 @dataclass
@@ -53,6 +70,14 @@ class StepInput:
     """Deterministic steps: the forwards that compute the rows, in order (None: one forward of every row)."""
     logits_group: int | None = None
     """Deterministic steps: sampled rows go through the output layer at most this many at a time."""
+    logprob_rows: list[KeptRows] = field(default_factory=list)
+    """Rows whose logits score the next prompt token (requests with prompt_logprobs)."""
+    hidden_rows: list[KeptRows] = field(default_factory=list)
+    """Rows whose final hidden states a pooling request keeps."""
+    prompt_logprobs: list[tuple[Request, int, list[TokenLogprobs]]] = field(default_factory=list)
+    """Filled by execute: (request, position of the first row, logprobs of the prompt tokens after each row)."""
+    hidden: list[tuple[Request, int, torch.Tensor]] = field(default_factory=list)
+    """Filled by execute: (request, position of the first row, float32 hidden states on the CPU)."""
 
 
 class ModelRunner:
@@ -102,11 +127,13 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         sample_rows, sampled = [], []
         batch = []
+        logprob_rows, hidden_rows = [], []
         for s in ordered:
             req, n = s.request, s.num_new_tokens
             start_pos = req.num_computed_tokens
             batch.append((n, start_pos + n, s.samples))
             row = len(ids)
+            _kept_rows(req, row, start_pos, n, logprob_rows, hidden_rows)
             table = self.blocks.table(req.request_id)
             if n == 1:
                 ids.append(_token_at(req, start_pos))
@@ -142,6 +169,8 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sampled=sampled,
             batch=batch,
+            logprob_rows=logprob_rows,
+            hidden_rows=hidden_rows,
         )
 
     def _prepare_rows(self, out: SchedulerOutput, group: int) -> StepInput:
@@ -154,11 +183,13 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows, sampled = [], []
         batch = []
+        logprob_rows, hidden_rows = [], []
         # Rows in prepare()'s order (decodes first), which callers of the runner rely on (eval.scoring).
         for s in sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1):
             req, n = s.request, s.num_new_tokens
             start_pos = req.num_computed_tokens
             batch.append((n, start_pos + n, s.samples))
+            _kept_rows(req, len(ids), start_pos, n, logprob_rows, hidden_rows)
             table = self.blocks.table(req.request_id)
             for pos in range(start_pos, start_pos + n):
                 ids.append(_token_at(req, pos))
@@ -190,6 +221,8 @@ class ModelRunner:
             batch=batch,
             groups=groups,
             logits_group=group,
+            logprob_rows=logprob_rows,
+            hidden_rows=hidden_rows,
         )
 
     @torch.inference_mode()
@@ -202,6 +235,8 @@ class ModelRunner:
         if step.groups is None:
             hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_cache.layers)
             logits = self.model.compute_logits(hidden[step.sample_rows])
+            # A deterministic step comes here only as <= row_group() decode rows: keep its logits group.
+            self._keep_rows(step, hidden, 0, hidden.shape[0], step.logits_group or self.row_group() or LOGITS_ROWS)
         else:
             logits = self._execute_groups(step)
         if self.device.type == "cuda":
@@ -215,6 +250,7 @@ class ModelRunner:
         for g in step.groups:
             hidden = self.model(step.input_ids[g.start : g.end], step.positions[g.start : g.end], g.meta,
                                 self.kv_cache.layers)
+            self._keep_rows(step, hidden, g.start, g.end, step.logits_group)
             j = i
             while j < len(sample_rows) and sample_rows[j] < g.end:
                 j += 1
@@ -226,6 +262,25 @@ class ModelRunner:
         hidden = torch.cat(kept)
         n = step.logits_group
         return torch.cat([self.model.compute_logits(hidden[r : r + n]) for r in range(0, hidden.shape[0], n)])
+
+    def _keep_rows(self, step: StepInput, hidden: torch.Tensor, lo: int, hi: int, group: int) -> None:
+        """The kept rows among rows [lo, hi) (`hidden` holds exactly those): prompt logprobs computed `group` rows
+        at a time (on the row-invariant path in deterministic steps, so a prompt's logprobs do not depend on its
+        chunking or batch), and hidden states copied out for pooling."""
+        for kept in step.logprob_rows:
+            a, b = max(kept.row, lo), min(kept.row + kept.count, hi)
+            req = kept.request
+            for r in range(a, b, group):
+                e = min(b, r + group)
+                pos = kept.pos + (r - kept.row)
+                logits = self.model.compute_logits(hidden[r - lo : e - lo])
+                targets = req.prompt_token_ids[pos + 1 : pos + 1 + (e - r)]
+                step.prompt_logprobs.append((req, pos, token_logprobs(logits, targets, req.prompt_logprobs_k)))
+        for kept in step.hidden_rows:
+            a, b = max(kept.row, lo), min(kept.row + kept.count, hi)
+            if a < b:
+                rows = hidden[a - lo : b - lo].to(device="cpu", dtype=torch.float32)
+                step.hidden.append((kept.request, kept.pos + (a - kept.row), rows))
 
     def last_forward_device_time(self) -> float | None:
         """Seconds the last forward took on the device (CUDA only); waits for it to finish."""
@@ -270,6 +325,39 @@ class ModelRunner:
         if window is not None:
             mask &= k_pos > last - window
         return torch.from_numpy(gather).to(self.device), torch.from_numpy(mask)[:, None, None, :].to(self.device)
+
+
+def _kept_rows(req: Request, row: int, start_pos: int, n: int, logprob_rows: list, hidden_rows: list) -> None:
+    """The rows of a chunk (positions start_pos..start_pos + n - 1 at rows row..) the request keeps. Only prompt
+    positions count: a recompute after preemption also runs output tokens, which are scored by sampling."""
+    prompt_len = len(req.prompt_token_ids)
+    if req.prompt_logprobs is not None:
+        end = min(start_pos + n, prompt_len - 1)  # the row at p scores token p + 1, a prompt token
+        if end > start_pos:
+            logprob_rows.append(KeptRows(req, row, start_pos, end - start_pos))
+    if req.pooling is not None:
+        if req.pooling.kind == "mean":
+            end = min(start_pos + n, prompt_len)
+            if end > start_pos:
+                hidden_rows.append(KeptRows(req, row, start_pos, end - start_pos))
+        elif start_pos <= prompt_len - 1 < start_pos + n:
+            hidden_rows.append(KeptRows(req, row + prompt_len - 1 - start_pos, prompt_len - 1, 1))
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Per row of `logits`, the log-softmax of its target token, that token's rank (1 = most likely) and the
+    top `k` (token id, logprob): the same numbers Sampler gives a sampled token."""
+    lp = torch.log_softmax(logits.to(torch.float32), dim=1)
+    target = torch.tensor(targets, dtype=torch.long, device=lp.device).unsqueeze(1)
+    chosen = lp.gather(1, target)
+    ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
+    chosen = chosen.squeeze(1).tolist()
+    if k:
+        top_values, top_ids = lp.topk(min(k, lp.shape[1]), dim=1)
+        top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
+    else:
+        top = [[] for _ in targets]
+    return [TokenLogprobs(token_id=t, logprob=c, rank=r, top=tp) for t, c, r, tp in zip(targets, chosen, ranks, top)]
 
 
 def _with_others(metas: list[AttentionMetadata]) -> AttentionMetadata:

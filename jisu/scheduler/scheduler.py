@@ -26,7 +26,9 @@ class ScheduledRequest:
 
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
-        return cls(request, num_new_tokens, request.num_computed_tokens + num_new_tokens == request.num_tokens)
+        # A request of max_tokens 0 (prompt logprobs, embeddings) computes its prompt and never samples.
+        reaches_end = request.num_computed_tokens + num_new_tokens == request.num_tokens
+        return cls(request, num_new_tokens, reaches_end and request.params.max_tokens != 0)
 
 
 @dataclass
@@ -73,7 +75,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             first_time = req.times.first_scheduled is None
-            if req.num_computed_tokens == 0:
+            # A request that keeps its prompt rows (prompt logprobs, pooling) must compute them, so no cache hit.
+            if req.num_computed_tokens == 0 and not req.needs_prompt_rows:
                 req.num_computed_tokens = self.blocks.match_prefix(req.request_id, req.all_token_ids)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
