@@ -39,6 +39,7 @@ from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStrea
 from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jisu.server.guards import LOOPBACK_HOSTS, HostCheck, is_json, max_token_bytes
 from jisu.server.metrics import ServerMetrics
+from jisu.server.scoring_routes import add_scoring_routes, echo_logprobs, echo_text, join_logprobs, prompt_logprobs_json
 
 logger = logging.getLogger("jisu.server")
 
@@ -119,6 +120,7 @@ def create_app(
     app.add_api_route("/v1/models", server.models, methods=["GET"], response_model=None)
     app.add_api_route("/health", server.health, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], response_model=None)
+    add_scoring_routes(app, server, post)
     _register_schemas(app, body_models.values())
     return app
 
@@ -230,15 +232,15 @@ class _Handlers:
     async def off_loop(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
-    async def submit(self, prompts: list[list[int]], params, prefix: str, prompt_param: str):
-        """Hands the prompts to the engine thread; returns (request id, its OutputStream)."""
+    async def submit(self, prompts: list[list[int]], params, prefix: str, prompt_param: str, pooling=None):
+        """Hands the prompts to the engine thread; returns (request id, its OutputStream). `pooling`: embed."""
         if len(prompts) > self.async_engine.max_queue:
             raise p.bad_request(
                 f"prompt: {len(prompts)} prompts in one request, but this server queues at most "
                 f"{self.async_engine.max_queue}", param="prompt")
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            return request_id, await self.async_engine.submit(prompts, params, request_id)
+            return request_id, await self.async_engine.submit(prompts, params, request_id, pooling)
         except QueueFullError as e:
             raise p.APIError(503, str(e), "server_overloaded", code="queue_full",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -279,11 +281,20 @@ class _Handlers:
         choices = []
         for i, out in enumerate(outs):
             for c in out.outputs:
-                lp = None
+                text, lp, offset = c.text, None, 0
+                if req.echo:  # the prompt first, and with logprobs its tokens' logprobs first
+                    text = echo_text(self.token_text, self.tokenizer, out) + c.text
+                    if req.logprobs is not None:
+                        lp = echo_logprobs(self.token_text, out, req.logprobs)
+                        offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 if req.logprobs is not None and c.logprobs is not None:
-                    lp = p.completion_logprobs(self.token_text, c.logprobs, 0)
-                choices.append({"index": i * req.n + c.index, "text": c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                    lp = join_logprobs(lp, p.completion_logprobs(self.token_text, c.logprobs, offset))
+                choice = {"index": i * req.n + c.index, "text": text, "logprobs": lp,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(self.token_text, out.prompt_logprobs,
+                                                                     req.prompt_logprobs)
+                choices.append(choice)
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": p.now(), "model": self.model_name,
             "choices": choices, **_usage_and_timings(outs, stream),
@@ -295,6 +306,7 @@ class _Handlers:
         base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
         finals = {}
         offsets: dict[int, int] = {}  # per choice: where its next token's text starts, as text_offset counts
+        echoed: set[int] = set()  # choices that have had their first delta (echo sends the prompt with it)
         async for outs in stream.updates():
             chunks = []
             for out in outs:
@@ -304,14 +316,25 @@ class _Handlers:
                     if d is None:
                         continue
                     lp = None
-                    if req.logprobs is not None and c.logprobs is not None:
-                        lp = p.completion_logprobs(self.token_text, c.logprobs[d.tokens_from:d.tokens_to],
-                                                   offsets.get(d.index, 0))
-                        if lp["tokens"]:
+                    first = d.index not in echoed
+                    echoed.add(d.index)
+                    if req.echo and first:  # the prompt goes first, with the choice's first delta
+                        d.text = echo_text(self.token_text, self.tokenizer, out) + d.text
+                        if req.logprobs is not None:
+                            lp = echo_logprobs(self.token_text, out, req.logprobs)
                             offsets[d.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                    chunks.append({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
-                                                        "finish_reason": d.finish_reason,
-                                                        "stop_reason": c.stop_reason if d.finish_reason else None}]})
+                    if req.logprobs is not None and c.logprobs is not None:
+                        new = p.completion_logprobs(self.token_text, c.logprobs[d.tokens_from:d.tokens_to],
+                                                    offsets.get(d.index, 0))
+                        if new["tokens"]:
+                            offsets[d.index] = new["text_offset"][-1] + len(new["tokens"][-1])
+                        lp = join_logprobs(lp, new)
+                    choice = {"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
+                              "stop_reason": c.stop_reason if d.finish_reason else None}
+                    if req.prompt_logprobs is not None and first:
+                        choice["prompt_logprobs"] = prompt_logprobs_json(self.token_text, out.prompt_logprobs,
+                                                                         req.prompt_logprobs)
+                    chunks.append({**base, "choices": [choice]})
                 if out.finished:
                     finals[out.request_id] = out
             for chunk in _with_summary(chunks, stream, finals, base, req.stream_options):

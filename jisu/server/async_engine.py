@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
+from jisu.pooling import PoolingParams
 from jisu.request import CompletionOutput, RequestOutput
 from jisu.sampling_params import SamplingParams
 
@@ -104,6 +105,7 @@ class _Add:
     params: SamplingParams
     submitted: float
     done: asyncio.Future
+    pooling: PoolingParams | None = None
 
 
 @dataclass
@@ -159,9 +161,10 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._accepting and self._thread is not None and self._thread.is_alive()
 
-    async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> OutputStream:
-        """Queues the prompts as engine requests; raises QueueFullError, NotAcceptingError, or the engine's
-        InvalidRequestError (e.g. prompt + max_tokens beyond the context)."""
+    async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                     pooling: PoolingParams | None = None) -> OutputStream:
+        """Queues the prompts as engine requests (embedding requests with `pooling`); raises QueueFullError,
+        NotAcceptingError, or the engine's InvalidRequestError (e.g. prompt + max_tokens beyond the context)."""
         loop = asyncio.get_running_loop()
         with self._lock:
             if not self.healthy:
@@ -179,7 +182,7 @@ class AsyncEngine:
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         stream = OutputStream(loop, ids)
         done = loop.create_future()
-        self._commands.put(_Add(stream, prompts, params, time.perf_counter(), done))
+        self._commands.put(_Add(stream, prompts, params, time.perf_counter(), done, pooling))
         try:
             await done
         except asyncio.CancelledError:
@@ -273,7 +276,7 @@ class AsyncEngine:
         error: BaseException | None = None
         try:
             for rid, prompt in zip(cmd.stream.request_ids, cmd.prompts):
-                self.engine.add_request(prompt, cmd.params, request_id=rid)
+                self.engine.add_request(prompt, cmd.params, request_id=rid, pooling=cmd.pooling)
                 added.append(rid)
         except Exception as e:  # InvalidRequestError, mostly; the handler turns it into a 4xx
             error = e

@@ -6,6 +6,7 @@ Every failure becomes an APIError whose body is OpenAI's `{"error": {"message", 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Any, Literal
@@ -187,9 +188,13 @@ def _check_prompt(value: Any) -> list[str | list[int]]:
 
 class CompletionRequest(_SamplingFields):
     prompt: Any
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 computes the prompt only: with echo and logprobs, how evaluators score a text.
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    """Return the prompt before the completion (with logprobs: the prompt tokens' logprobs first)."""
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """vLLM's extension: top-N logprobs per prompt token, as each choice's `prompt_logprobs`."""
     suffix: str | None = None
     best_of: int | None = None
 
@@ -200,8 +205,6 @@ class CompletionRequest(_SamplingFields):
 
     def to_params(self) -> SamplingParams:
         self.check_common()
-        if self.echo:
-            raise bad_request("echo is not supported by this server", param="echo")
         if self.suffix:
             raise bad_request("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -210,7 +213,12 @@ class CompletionRequest(_SamplingFields):
             raise bad_request(
                 f"n: {len(self.prompt)} prompts x n={self.n} is {len(self.prompt) * self.n} sequences; "
                 f"at most {MAX_N} per request", param="n")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        params = self.sampling_params(self.max_tokens, self.logprobs)
+        # echo with logprobs scores the prompt's tokens too: one top-N serves both uses.
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        if wanted:
+            params = dataclasses.replace(params, prompt_logprobs=max(wanted))
+        return params
 
 
 class ChatMessage(_Strict):
