@@ -15,7 +15,7 @@ import torch
 from jisu.capabilities import low_bit_support, resolve_device, resolve_dtype
 from jisu.config import EngineConfig
 from jisu.detokenizer import OutputText
-from jisu.errors import InvalidRequestError
+from jisu.errors import ContextLengthError, InvalidRequestError
 from jisu.loader.checkpoint import Checkpoint
 from jisu.model_run import ModelRun
 from jisu.pooling import PoolingParams, pooled_vector
@@ -170,12 +170,12 @@ class LLMEngine:
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         limit = self.max_model_len
         if prompt_len >= limit:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"prompt has {prompt_len} tokens but the context window is {limit} tokens "
                 f"(room is needed for at least one generated token)"
             )
         if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{prompt_len + params.max_tokens} exceeds the context window of {limit} tokens"
             )

@@ -17,6 +17,10 @@ class InvalidRequestError(JisuError, ValueError):
     """A prompt or sampling parameter is out of range; the message names the field and what is allowed."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or the prompt plus max_tokens, does not fit in the model's context window."""
+
+
 class ModelConfigError(ModelLoadError):
     """A model config value (config.json or GGUF metadata) is missing, of the wrong type, out of range, or
     disagrees with the tensors in the files; the message names the file, the field, its value and what is allowed."""

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from jisu.errors import InvalidRequestError, JisuError
+from jisu.errors import ContextLengthError, InvalidRequestError, JisuError
 from jisu.server import protocol as p
 from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStream, QueueFullError
 from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -248,6 +248,8 @@ class _Handlers:
             self.metrics.request_rejected("shutting_down")
             raise p.APIError(503, str(e), "server_unavailable", code="shutting_down",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ContextLengthError as e:
+            raise p.bad_request(str(e), param=_param_of(str(e), prompt_param), code="context_length_exceeded") from None
         except InvalidRequestError as e:
             raise p.bad_request(str(e), param=_param_of(str(e), prompt_param)) from None
 
