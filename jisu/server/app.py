@@ -118,6 +118,8 @@ def create_app(
     post("/tokenize", p.TokenizeRequest, server.tokenize)
     post("/detokenize", p.DetokenizeRequest, server.detokenize)
     app.add_api_route("/v1/models", server.models, methods=["GET"], response_model=None)
+    # :path, as a Hub id the server also answers to ("org/name") has a slash.
+    app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"], response_model=None)
     app.add_api_route("/health", server.health, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], response_model=None)
     add_scoring_routes(app, server, post)
@@ -139,6 +141,7 @@ class _Handlers:
         # Clients may also name the model as the server was started with it (a path or short name).
         given = engine.config.model
         self.model_names = {model_name} | ({str(given)} if given is not None else set())
+        self.model_created = p.now()
         # Digests have one length whatever the key's, so comparing them tells a timing observer nothing of it.
         self.api_key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
         self.special_tokens_in_content = special_tokens_in_content
@@ -202,11 +205,9 @@ class _Handlers:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
-            raise p.bad_request(
-                f"model: {model!r} is not served here; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+            # 404, as OpenAI and vLLM answer a model they do not have (OpenAI keeps the type below).
+            raise p.APIError(404, f"model: {model!r} is not served here; this server serves {self.model_name!r}",
+                             "invalid_request_error", param="model", code="model_not_found")
 
     def check_prompt_bytes(self, text: str, param: str) -> None:
         """Refuses, before tokenizing it, text too long for the context whatever its tokens are."""
@@ -416,12 +417,19 @@ class _Handlers:
 
     # ---- other routes ----------------------------------------------------------------------------
 
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.model_created, "owned_by": "jisu",
+                "max_model_len": self.engine.max_model_len}
+
     async def models(self, request: Request) -> Response:
         self.authorize(request)
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": p.now(), "owned_by": "jisu",
-            "max_model_len": self.engine.max_model_len,
-        }]})
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        """GET /v1/models/{id}: the served model under any name requests may give it, else 404."""
+        self.authorize(request)
+        self.check_model(model_id)
+        return JSONResponse(self.model_card())
 
     async def tokenize(self, request: Request) -> Response:
         req = await self.parse(request, p.TokenizeRequest)
