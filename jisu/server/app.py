@@ -39,6 +39,7 @@ from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStrea
 from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jisu.server.guards import LOOPBACK_HOSTS, HostCheck, is_json, max_token_bytes
 from jisu.server.metrics import ServerMetrics
+from jisu.server.responses import Responses, ResponsesRequest
 from jisu.server.scoring_routes import add_scoring_routes, echo_logprobs, echo_text, join_logprobs, prompt_logprobs_json
 
 logger = logging.getLogger("jisu.server")
@@ -115,6 +116,7 @@ def create_app(
 
     post("/v1/completions", p.CompletionRequest, server.completions)
     post("/v1/chat/completions", p.ChatCompletionRequest, server.chat_completions)
+    post("/v1/responses", ResponsesRequest, Responses(server).create)
     post("/tokenize", p.TokenizeRequest, server.tokenize)
     post("/detokenize", p.DetokenizeRequest, server.detokenize)
     app.add_api_route("/v1/models", server.models, methods=["GET"], response_model=None)
