@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from jisu.errors import InvalidRequestError
 from jisu.request import RequestOutput
 from jisu.sampling_params import MAX_LOGPROBS, SamplingParams
+from jisu.structured import StructuredOutputsParams
 
 # Most sequences (prompts x n) one request may start: each one holds KV blocks.
 MAX_N = 64
@@ -107,6 +109,29 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("must be a non-empty string or a list of non-empty strings")
 
 
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute: read under another name.
+    json_schema: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's `structured_outputs` extension: exactly one of these."""
+
+    json_schema: Any = Field(None, alias="json")  # "json" would shadow a BaseModel method
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _SamplingFields(_Strict):
     """Fields completions and chat completions share (OpenAI's, plus vLLM's extras)."""
 
@@ -127,6 +152,13 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
+    # Constrained output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -141,8 +173,6 @@ class _SamplingFields(_Strict):
         return v
 
     def check_common(self) -> None:
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -161,8 +191,67 @@ class _SamplingFields(_Strict):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            logit_bias=self.logit_bias or None,
+            structured_outputs=self.output_constraint(),
             **given,
         )
+
+    def output_constraint(self) -> StructuredOutputsParams | None:
+        """The one constraint the request puts on its output, from whichever field gave it; two are refused."""
+        given: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise bad_request("response_format.json_schema.schema is required for type 'json_schema'",
+                                  param="response_format.json_schema")
+            schema = rf.json_schema.json_schema
+            given.append(("response_format", {"json": strict_schema(schema) if rf.json_schema.strict else schema}))
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True, by_alias=True)
+            if fields.get("json_object") is False:
+                del fields["json_object"]
+            given.append(("structured_outputs", fields))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, {key: getattr(self, name)}))
+        if not given:
+            return None
+        if len(given) > 1:
+            raise bad_request(f"give one output constraint, got {' and '.join(n for n, _ in given)}",
+                              param=given[1][0])
+        name, fields = given[0]
+        try:
+            return StructuredOutputsParams(**fields, source=name)
+        except InvalidRequestError as e:
+            raise bad_request(f"{name}: {e}", param=name) from None
+
+
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's strict mode: an object schema that does not say otherwise takes no properties beyond its own.
+    Walks only the keywords that hold schemas, so a property that happens to be named "properties" stays data."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(x) for x in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(x) for name, x in out[key].items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
 
 
 def _check_prompt(value: Any) -> list[str | list[int]]:
@@ -250,17 +339,12 @@ class ChatMessage(_Strict):
         return "".join(parts)
 
 
-class ResponseFormat(_Strict):
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
@@ -268,11 +352,6 @@ class ChatCompletionRequest(_SamplingFields):
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request(
-                f"response_format type {self.response_format.type!r} is not supported; only 'text'",
-                param="response_format.type",
-            )
         if self.tools:
             raise bad_request("tools are not supported by this server", param="tools")
         # max_completion_tokens replaced max_tokens in OpenAI's API; None runs to the end of the context.

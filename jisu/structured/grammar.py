@@ -24,6 +24,7 @@ from jisu.structured.params import StructuredOutputsParams
 # JSON without optional whitespace: a small model allowed free whitespace can spin on newlines until max_tokens.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _NEG_INF = float("-inf")
+_ADD_BY_BIT = np.array([_NEG_INF, 0.0], dtype=np.float32)
 
 
 class GrammarMatcher:
@@ -69,7 +70,7 @@ class StructuredOutputs:
     def compile(self, spec: StructuredOutputsParams) -> str:
         """The llguidance grammar for `spec`, checked against the tokenizer; a grammar the library refuses raises
         InvalidRequestError with its reason."""
-        field = f"structured_outputs.{spec.kind}"
+        field = f"{spec.source}.{spec.kind}" if spec.source == "structured_outputs" else f"{spec.source} ({spec.kind})"
         try:
             grammar = _grammar_text(spec)
         except ValueError as e:
@@ -96,15 +97,23 @@ class StructuredOutputs:
             self._lltokenizer()
             self._executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(rows))
         # Bit j of word w stands for token 32 w + j (little-endian bytes, least significant bit first).
-        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-        banned = torch.from_numpy(allowed == 0)
-        if vocab > allowed.shape[1]:  # logits wider than the grammar's vocabulary: the extra ids never fit
-            banned = torch.nn.functional.pad(banned, (0, vocab - allowed.shape[1]), value=True)
-        if len(rows) == logits.shape[0]:
-            logits.masked_fill_(banned.to(logits.device), _NEG_INF)
-        else:
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            logits[index] = logits[index].masked_fill_(banned.to(logits.device), _NEG_INF)
+        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : min(vocab, words * 32)]
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            # Adding 0 / -inf looked up by the bit: branch-free, where masked_fill (torch or numpy) branches per token
+            # on a boolean copy (16 rows of 49k: 0.6 vs 7-16 ms on this machine under load).
+            x = logits.numpy()
+            width = allowed.shape[1]
+            if len(rows) == logits.shape[0]:
+                x[:, :width] += _ADD_BY_BIT.take(allowed)
+            else:
+                x[np.asarray(rows), :width] += _ADD_BY_BIT.take(allowed)
+            x[np.asarray(rows), width:] = _NEG_INF  # logits wider than the grammar's vocabulary: never allowed
+            return
+        banned = torch.from_numpy(allowed == 0).to(logits.device)
+        if vocab > banned.shape[1]:
+            banned = torch.nn.functional.pad(banned, (0, vocab - banned.shape[1]), value=True)
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        logits[index] = logits[index].masked_fill_(banned, _NEG_INF)
 
 
 def _grammar_text(spec: StructuredOutputsParams) -> str:

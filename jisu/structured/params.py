@@ -30,6 +30,8 @@ class StructuredOutputsParams:
     """The output is exactly one of these strings."""
     grammar: str | None = None
     """A context-free grammar: Lark (llguidance's dialect) or GBNF (llama.cpp's)."""
+    source: str = "structured_outputs"
+    """The request field the constraint came from (response_format, guided_json, ...): errors name it."""
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
