@@ -13,6 +13,7 @@ from tokenizers.decoders import DecodeStream
 from jisu.chat_template import ChatTemplate, ChatTemplateError, ChatTemplateLimitError
 from jisu.errors import InvalidRequestError
 from jisu.loader.checkpoint import TokenizerSpec
+from jisu.tools.prompt import prepare as prepare_tools
 
 __all__ = ["ChatTemplateError", "ChatTemplateLimitError", "StreamDecoder", "Tokenizer", "validate_messages"]
 
@@ -50,19 +51,33 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of these messages (raises ChatTemplateError)."""
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template's source text, if the model has one."""
+        return None if self._template is None else self._template.source
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The prompt text the model's chat template makes of these messages (raises ChatTemplateError).
+
+        tools: OpenAI tool definitions, passed as the template's `tools` variable as transformers does; a
+        template that does not use them gets them (and tool calls and results) written generically."""
         if self._template is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt instead of messages")
         validate_messages(messages)
-        variables = {**self.spec.special_tokens, "messages": messages, "add_generation_prompt": add_generation_prompt}
-        return self._template.render(variables, input_chars=sum(len(t) for t in _strings(messages)))
+        messages, tools = prepare_tools(self._template.source, messages, tools)
+        # tools is always defined (None without tools), as transformers renders templates.
+        variables = {**self.spec.special_tokens, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "tools": tools}
+        return self._template.render(variables, input_chars=sum(len(t) for t in _strings([messages, tools])))
 
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         special_tokens_in_content: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """Token ids of the chat prompt; special-token text inside the messages stays text unless allowed.
 
@@ -74,10 +89,12 @@ class Tokenizer:
         # The template writes BOS itself when the model wants one, as transformers' apply_chat_template.
         validate_messages(messages)
         specials = self._special_tokens()
-        if special_tokens_in_content or not specials.occur_in(messages):
+        # Tool definitions come from the client too: their text stays text like the messages'.
+        if special_tokens_in_content or not specials.occur_in([messages, tools]):
             # Ordinary messages: the exact ids of tokenizing the rendered prompt, as before.
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
-        return specials.encode_inert(self, messages, add_generation_prompt)
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools),
+                               add_special_tokens=False)
+        return specials.encode_inert(self, messages, add_generation_prompt, tools)
 
     def stream_decoder(self, prompt_ids: Sequence[int]) -> "StreamDecoder":
         return StreamDecoder(self, prompt_ids)
@@ -113,11 +130,15 @@ class _SpecialTokens:
         return self._pattern is not None and any(self._pattern.search(s) for s in _strings(messages))
 
     def encode_inert(
-        self, tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         assert tokenizer._template is not None
         template_side = [tokenizer._template.source, *self.texts, *map(str, tokenizer.spec.special_tokens.values())]
-        marker = _free_private_char([*template_side, *_strings(messages)])
+        marker = _free_private_char([*template_side, *_strings([messages, tools])])
         assert self._pattern is not None
         pattern = self._pattern
 
@@ -127,7 +148,8 @@ class _SpecialTokens:
                 s = pattern.sub(lambda m: m[0][0] + marker + m[0][1:], s)
             return s
 
-        text = tokenizer.apply_chat_template(_map_strings(messages, inert), add_generation_prompt)
+        text = tokenizer.apply_chat_template(_map_strings(messages, inert), add_generation_prompt,
+                                             _map_strings(tools, inert))
         enc = self._tok.encode(text, add_special_tokens=False)
         out: list[int] = []
         pending: list[int] = []
