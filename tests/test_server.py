@@ -414,7 +414,7 @@ BAD_REQUESTS = [
      "max_completion_tokens"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "nope"}', "model"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
-     "tools"),
+     "tools[0].function"),
     ("/detokenize", b'{"tokens": [100000]}', "tokens[0]"),
     ("/detokenize", b'{"tokens": "abc"}', "tokens"),
     ("/tokenize", b'{}', "prompt"),

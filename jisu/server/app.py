@@ -41,6 +41,7 @@ from jisu.server.guards import LOOPBACK_HOSTS, HostCheck, is_json, max_token_byt
 from jisu.server.metrics import ServerMetrics
 from jisu.server.responses import Responses, ResponsesRequest
 from jisu.server.scoring_routes import add_scoring_routes, echo_logprobs, echo_text, join_logprobs, prompt_logprobs_json
+from jisu.tools import ToolError, ToolPlan, ToolStream, plan_tools
 
 logger = logging.getLogger("jisu.server")
 
@@ -351,10 +352,11 @@ class _Handlers:
         req = await self.parse(request, p.ChatCompletionRequest)
         self.check_model(req.model)
         params = _params(req)
-        prompt = await self.encode_chat(req.message_dicts())
+        plan = self.tool_plan(req, params)
+        prompt = await self.encode_chat(req.message_dicts(), tools=plan.template_tools)
         request_id, stream = await self.submit([prompt], params, "chatcmpl", "messages")
         if req.stream:
-            return _EventStream(self._chat_events(req, request_id, stream), self.async_engine, stream)
+            return _EventStream(self._chat_events(req, request_id, stream, plan), self.async_engine, stream)
         finals = await self.collect(request, stream)
         if finals is None:
             return Response(status_code=499)
@@ -362,23 +364,43 @@ class _Handlers:
         choices = []
         for c in out.outputs:
             lp = p.chat_logprobs(self.token_text, c.logprobs) if req.logprobs and c.logprobs is not None else None
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            message, finish_reason = _chat_message(c, plan)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": lp, "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": p.now(), "model": self.model_name,
             "choices": choices, **_usage_and_timings([out], stream),
         })
 
-    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def tool_plan(self, req, params) -> ToolPlan:
+        """The request's tools checked against this model's template; a required or named call's constraint
+        goes into params."""
         try:
-            chars = sum(_content_chars(m) for m in messages)
+            plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tokenizer.chat_template)
+        except ToolError as e:
+            raise p.bad_request(str(e), param=e.param) from None
+        except InvalidRequestError as e:  # the tools' constraint schema refused
+            raise p.bad_request(f"tools: {e}", param="tools") from None
+        if plan.structured is not None:
+            if params.structured_outputs is not None:
+                raise p.bad_request("tool_choice: a required or named tool call constrains the output itself; it "
+                                    "cannot be combined with response_format or structured_outputs",
+                                    param="tool_choice")
+            params.structured_outputs = plan.structured
+        return plan
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> list[int]:
+        try:
+            chars = sum(_content_chars(m) for m in messages) + (len(json.dumps(tools)) if tools else 0)
             if self.max_prompt_bytes is not None and chars * 4 > self.max_prompt_bytes:
                 # Rendering alone (no tokenizing) tells whether the template's text can fit at all.
-                text = await self.off_loop(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
+                text = await self.off_loop(self.tokenizer.apply_chat_template, messages, add_generation_prompt,
+                                           tools)
                 self.check_prompt_bytes(text, "messages")
             # Always off the event loop: the template is the model file's code and may be slow on purpose.
             return await self.off_loop(self.tokenizer.encode_chat, messages, add_generation_prompt,
-                                       special_tokens_in_content=self.special_tokens_in_content)
+                                       special_tokens_in_content=self.special_tokens_in_content, tools=tools)
         except p.APIError:
             raise
         except InvalidRequestError as e:
@@ -391,13 +413,16 @@ class _Handlers:
             raise p.bad_request(f"the model's chat template failed on these messages: {type(e).__name__}: {e}",
                                 param="messages", code="chat_template_error") from None
 
-    async def _chat_events(self, req, request_id: str, stream: OutputStream) -> AsyncIterator[dict]:
+    async def _chat_events(self, req, request_id: str, stream: OutputStream,
+                           plan: ToolPlan | None = None) -> AsyncIterator[dict]:
         base = {"id": request_id, "object": "chat.completion.chunk", "created": p.now(), "model": self.model_name}
         # The role comes first, before any token, as OpenAI sends it.
         yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None} for i in range(req.n)]}
         track = _Deltas()
         finals = {}
+        # Per choice, when calls are read from the output: text that may start a call waits until it is decided.
+        tool_streams: dict[int, ToolStream] | None = {} if plan is not None and plan.parser is not None else None
         async for outs in stream.updates():
             chunks = []
             for out in outs:
@@ -408,6 +433,10 @@ class _Handlers:
                     lp = None
                     if req.logprobs and c.logprobs is not None:
                         lp = p.chat_logprobs(self.token_text, c.logprobs[d.tokens_from:d.tokens_to])
+                    if tool_streams is not None:
+                        ts = tool_streams.setdefault(d.index, ToolStream(plan.parser))
+                        chunks += _tool_chunks(base, d, c, lp, ts)
+                        continue
                     delta = {"content": d.text} if d.text else {}
                     chunks.append({**base, "choices": [{"index": d.index, "delta": delta, "logprobs": lp,
                                                         "finish_reason": d.finish_reason,
@@ -462,6 +491,38 @@ class _Handlers:
 
     async def metrics_text(self) -> Response:
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# ----------------------------------------------------------------------------- tool calls
+
+
+def _chat_message(c, plan: ToolPlan) -> tuple[dict, str | None]:
+    """A choice's message and finish reason: with the tool calls read from its text, if any."""
+    if plan.parser is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    found = plan.parser.extract(c.text)
+    if not found.calls:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    calls = [call.to_openai() for call in found.calls]
+    return {"role": "assistant", "content": found.content, "tool_calls": calls}, "tool_calls"
+
+
+def _tool_chunks(base: dict, d, c, lp, ts: ToolStream) -> list[dict]:
+    """The chunks for one choice's new output when calls are read from it: content and delta.tool_calls."""
+    finish = d.finish_reason
+    deltas = ts.feed(c.text, final=finish is not None)
+    if finish is not None and ts.called:
+        finish = "tool_calls"
+    if not deltas and (finish is not None or lp is not None):
+        deltas = [{}]
+    chunks = []
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        chunks.append({**base, "choices": [{
+            "index": d.index, "delta": delta, "logprobs": lp if k == 0 else None,
+            "finish_reason": finish if last else None,
+            "stop_reason": c.stop_reason if last and finish is not None else None}]})
+    return chunks
 
 
 # ----------------------------------------------------------------------------- streaming

@@ -17,6 +17,7 @@ from jisu.errors import InvalidRequestError
 from jisu.request import RequestOutput
 from jisu.sampling_params import MAX_LOGPROBS, SamplingParams
 from jisu.structured import StructuredOutputsParams
+from jisu.tools.definitions import ToolError, template_tool_calls
 
 # Most sequences (prompts x n) one request may start: each one holds KV blocks.
 MAX_N = 64
@@ -315,6 +316,11 @@ class ChatMessage(_Strict):
     content: Any = None
     """A string, a list of content parts ({"type": "text", "text": ...}), or null."""
     name: str | None = None
+    # Checked by hand in message_dicts, so a bad shape is named by its full path.
+    tool_calls: Any = None
+    """An assistant message's calls: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    tool_call_id: Any = None
+    """A tool message's answer to which call."""
 
     @field_validator("content")
     @classmethod
@@ -345,26 +351,48 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
+    # Checked by jisu.tools.plan_tools when the handler knows the chat template; errors name the field.
+    tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
     def to_params(self) -> SamplingParams:
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-        if self.tools:
-            raise bad_request("tools are not supported by this server", param="tools")
         # max_completion_tokens replaced max_tokens in OpenAI's API; None runs to the end of the context.
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs)
 
     def message_dicts(self) -> list[dict[str, Any]]:
+        """The messages as chat templates take them (transformers' shape): assistant tool_calls with their
+        arguments parsed, tool messages with their tool_call_id."""
         out = []
         for i, m in enumerate(self.messages):
-            d: dict[str, Any] = {"role": m.role, "content": m.text(f"messages[{i}]")}
+            where = f"messages[{i}]"
+            d: dict[str, Any] = {"role": m.role, "content": m.text(where)}
             if m.name is not None:
                 d["name"] = m.name
+            if m.tool_calls is not None:
+                if m.role != "assistant":
+                    raise bad_request(f"{where}.tool_calls: only assistant messages carry tool calls, this is a "
+                                      f"{m.role!r} message", param=f"{where}.tool_calls")
+                try:
+                    d["tool_calls"] = template_tool_calls(m.tool_calls, where)
+                except ToolError as e:
+                    raise bad_request(str(e), param=e.param) from None
+            if m.role == "tool":
+                if not isinstance(m.tool_call_id, str) or not m.tool_call_id:
+                    raise bad_request(f"{where}.tool_call_id: a tool message must say which call it answers "
+                                      f"(a string), got {_short(m.tool_call_id)}", param=f"{where}.tool_call_id")
+                d["tool_call_id"] = m.tool_call_id
+            if d["content"] is None:
+                if m.role != "assistant":
+                    raise bad_request(f"{where}.content: a {m.role!r} message needs content (a string or text "
+                                      f"parts); only an assistant message may have null", param=f"{where}.content")
+                if not d.get("tool_calls"):
+                    d["content"] = ""
             out.append(d)
         return out
 
