@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from jisu.bench.cli import add_bench_parser, cmd_bench
 from jisu.config import (
@@ -54,6 +55,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    c = p.add_argument_group("structured output (one of)")
+    c.add_argument("--json-schema", metavar="FILE", default=None, help="the output is JSON valid against this schema")
+    c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    c.add_argument("--regex", default=None, help="the output matches this regular expression")
+    c.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    c.add_argument("--grammar", metavar="FILE", default=None, help="the output follows this Lark or GBNF grammar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +137,46 @@ def sampling_params_from(args):
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        structured_outputs=_output_constraint(args),
     )
+
+
+def _output_constraint(args):
+    """The structured-output flags as a StructuredOutputsParams (None without any); files are read here."""
+    from jisu.errors import InvalidRequestError
+    from jisu.structured import StructuredOutputsParams
+
+    given = {}
+    if getattr(args, "json_schema", None):
+        given["json"] = _read_text(args.json_schema, "--json-schema")
+    if getattr(args, "json_object", False):
+        given["json_object"] = True
+    if getattr(args, "regex", None):
+        given["regex"] = args.regex
+    if getattr(args, "choice", None):
+        given["choice"] = args.choice
+    if getattr(args, "grammar", None):
+        given["grammar"] = _read_text(args.grammar, "--grammar")
+    if not given:
+        return None
+    flags = {"json": "--json-schema", "json_object": "--json-object", "regex": "--regex", "choice": "--choice",
+             "grammar": "--grammar"}
+    if len(given) > 1:
+        raise InvalidRequestError(f"give one of {', '.join(flags.values())}; got {', '.join(flags[k] for k in given)}")
+    flag = flags[next(iter(given))]
+    try:
+        return StructuredOutputsParams(**given, source=flag)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{flag}: {e}") from None
+
+
+def _read_text(path: str, flag: str) -> str:
+    from jisu.errors import InvalidRequestError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"{flag}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
 @contextmanager

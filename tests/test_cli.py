@@ -114,3 +114,27 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_llama_gguf):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert_clean_error(jisu("generate", "hi", "--model", str(tiny_llama_gguf), "--device", "cuda"), "no CUDA")
+
+
+def test_generate_json_schema_file(tiny_llama_gguf, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    proc = jisu("generate", "hello", "--model", str(tiny_llama_gguf), "--json", "--temperature", "0.8", "--seed", "1",
+                "--max-tokens", "40", "--json-schema", str(path))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    value = json.loads(out["text"])
+    assert out["finish_reason"] == "stop" and set(value) == {"ok", "n"}
+    assert isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--json-schema", "/no/such/schema.json"], ["--json-schema", "cannot read", "/no/such/schema.json"]),
+    (["--choice", "a", "--regex", "b"], ["give one of", "--regex, --choice"]),
+    (["--regex", "(("], ["--regex", "cannot be used", "unclosed group"]),
+])
+def test_bad_output_constraints(tiny_llama_gguf, args, fragments):
+    assert_clean_error(jisu("generate", "hi", "--model", str(tiny_llama_gguf), "--max-tokens", "8", *args), *fragments)
