@@ -379,7 +379,7 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": "hi", "n": 100000}', "n"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 1.5}', "max_tokens"),
     ("/v1/completions", b'{"prompt": ["a", "b"], "n": 40}', "n"),
-    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": -1}', "max_tokens"),
     ("/v1/completions", b'{"prompt": "hi", "top_p": 0}', "top_p"),
     ("/v1/completions", b'{"prompt": "hi", "top_p": 1.5}', "top_p"),
     ("/v1/completions", b'{"prompt": "hi", "top_k": -2}', "top_k"),
