@@ -396,7 +396,7 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": [-1]}', "prompt"),
     ("/v1/completions", b'{"prompt": {"a": 1}}', "prompt"),
     ("/v1/completions", b'{"prompt": "hi", "model": "gpt-4"}', "model"),
-    ("/v1/completions", b'{"prompt": "hi", "echo": true}', "echo"),
+    ("/v1/completions", b'{"prompt": "hi", "echo": 1}', "echo"),
     ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"1": 500}}', "logit_bias"),
     ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"x": 5}}', "logit_bias"),
     ("/v1/completions", b'{"prompt": "hi", "stream_options": {"include_usage": true}}', "stream_options"),
