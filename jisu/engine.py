@@ -222,7 +222,8 @@ class LLMEngine:
                             s.request.grammar)
                 for s in step.sampled
             ]
-            sampled = self.sampler(logits, rows)
+            with torch.inference_mode():  # the logits are the runner's inference tensors, written in place
+                sampled = self.sampler(logits, rows, overwrite=True)
         t4 = time.perf_counter()
         if sampled is not None:
             for s, token, logprobs in zip(step.sampled, sampled.token_ids, sampled.logprobs):

@@ -223,7 +223,9 @@ class Sampler:
         self.generator = generator
         self.structured = structured
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], overwrite: bool = False) -> SamplerOutput:
+        """overwrite: the caller is done with `logits`, so the transforms may write into them unless a row's
+        logprobs need them raw (skips a [rows, vocab] copy)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         n, vocab = logits.shape
@@ -245,7 +247,8 @@ class Sampler:
         writes_all = bool(masked) or any(p.rewrites_logits for p in params) or (
             len(sampled) == n and any(_truncates(p) for p in params)
         )
-        if writes_all and x.data_ptr() == logits.data_ptr():
+        keep_raw = not overwrite or any(p.logprobs is not None for p in params)
+        if writes_all and keep_raw and x.data_ptr() == logits.data_ptr():
             x = x.clone()
 
         self._apply_logit_bias(x, params)
