@@ -2,7 +2,7 @@
 
 from jisu.errors import InvalidRequestError, JisuError, ModelLoadError, UnsupportedModelError
 
-__all__ = ["LLM", "SamplingParams", "JisuError", "ModelLoadError", "UnsupportedModelError", "InvalidRequestError"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "JisuError", "ModelLoadError", "UnsupportedModelError", "InvalidRequestError"]
 __version__ = "0.1.0"
 
 
@@ -16,4 +16,8 @@ def __getattr__(name):
         from jisu.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from jisu.structured import StructuredOutputsParams
+
+        return StructuredOutputsParams
     raise AttributeError(f"module 'jisu' has no attribute {name!r}")
