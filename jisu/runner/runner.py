@@ -264,18 +264,32 @@ class ModelRunner:
         return torch.cat([self.model.compute_logits(hidden[r : r + n]) for r in range(0, hidden.shape[0], n)])
 
     def _keep_rows(self, step: StepInput, hidden: torch.Tensor, lo: int, hi: int, group: int) -> None:
-        """The kept rows among rows [lo, hi) (`hidden` holds exactly those): prompt logprobs computed `group` rows
-        at a time (on the row-invariant path in deterministic steps, so a prompt's logprobs do not depend on its
-        chunking or batch), and hidden states copied out for pooling."""
+        """The kept rows among rows [lo, hi) (`hidden` holds exactly those): prompt logprobs, and hidden states
+        copied out for pooling. Every request's logprob rows go through the output layer together, `group` rows a
+        call: a call reads the whole output matrix, and up to `group` rows (deterministic steps) a row's logits
+        depend on that row alone, so a prompt's logprobs do not depend on its chunking or batch."""
+        pieces = []  # (request, position of its first row here, first row, end row)
         for kept in step.logprob_rows:
             a, b = max(kept.row, lo), min(kept.row + kept.count, hi)
-            req = kept.request
-            for r in range(a, b, group):
-                e = min(b, r + group)
-                pos = kept.pos + (r - kept.row)
-                logits = self.model.compute_logits(hidden[r - lo : e - lo])
-                targets = req.prompt_token_ids[pos + 1 : pos + 1 + (e - r)]
-                step.prompt_logprobs.append((req, pos, token_logprobs(logits, targets, req.prompt_logprobs_k)))
+            if a < b:
+                pieces.append((kept.request, kept.pos + (a - kept.row), a, b))
+        if pieces:
+            rows = [r - lo for _, _, a, b in pieces for r in range(a, b)]
+            targets = [t for req, pos, a, b in pieces for t in req.prompt_token_ids[pos + 1 : pos + 1 + b - a]]
+            k = max(req.prompt_logprobs_k for req, *_ in pieces)
+            index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+            entries: list[TokenLogprobs] = []
+            for r in range(0, len(rows), group):
+                logits = self.model.compute_logits(hidden[index[r : r + group]])
+                entries.extend(token_logprobs(logits, targets[r : r + group], k))
+            start = 0
+            for req, pos, a, b in pieces:
+                mine = entries[start : start + b - a]
+                start += b - a
+                if req.prompt_logprobs_k < k:
+                    for e in mine:
+                        e.top = e.top[: req.prompt_logprobs_k]
+                step.prompt_logprobs.append((req, pos, mine))
         for kept in step.hidden_rows:
             a, b = max(kept.row, lo), min(kept.row + kept.count, hi)
             if a < b:
