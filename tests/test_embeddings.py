@@ -67,6 +67,11 @@ def test_dimensions_and_bad_pooling(llm):
         llm.engine.add_request("hi", SamplingParams(max_tokens=3), pooling=PoolingParams())
 
 
+def prompt_tokens_metric(url: str) -> float:
+    lines = httpx.get(url + "/metrics", timeout=60).text.splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("jisu:prompt_tokens_total"))
+
+
 def test_embeddings_endpoint(llm):
     want_last = llm.embed(PROMPTS)
     want_mean = llm.embed(PROMPTS[0], pooling="mean", normalize=False)[0]
@@ -74,7 +79,9 @@ def test_embeddings_endpoint(llm):
     app = create_app(llm.engine, model_name="tiny")
     with ServerThread(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        before = prompt_tokens_metric(url)
         r = client.embeddings.create(model="tiny", input=PROMPTS)  # the client asks for base64 by default
+        assert prompt_tokens_metric(url) - before == sum(map(len, PROMPTS))  # counted though nothing is generated
         assert [d.index for d in r.data] == [0, 1, 2]
         assert [list(d.embedding) for d in r.data] == want_last  # float32 both ways: exactly
         assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, PROMPTS))

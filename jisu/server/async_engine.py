@@ -364,6 +364,8 @@ class AsyncEngine:
                 live.reported.add(i)
                 m.request_finished(c.finish_reason)
         if out.finished:
+            if not any(live.seen):  # max_tokens 0 (scoring, embeddings): its prompt was computed all the same
+                m.prompt_tokens.inc(len(live.prompt_ids))
             m.e2e_request_latency.observe(now - live.submitted)
             if out.metrics is not None and out.metrics.queue_time is not None:
                 m.request_queue_time.observe(out.metrics.queue_time + live.stream.handoff_s)
