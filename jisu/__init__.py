@@ -2,7 +2,7 @@
 
 from jisu.errors import InvalidRequestError, JisuError, ModelLoadError, UnsupportedModelError
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "JisuError", "ModelLoadError", "UnsupportedModelError", "InvalidRequestError"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "PoolingParams", "JisuError", "ModelLoadError", "UnsupportedModelError", "InvalidRequestError"]
 __version__ = "0.1.0"
 
 
@@ -20,4 +20,8 @@ def __getattr__(name):
         from jisu.structured import StructuredOutputsParams
 
         return StructuredOutputsParams
+    if name == "PoolingParams":
+        from jisu.pooling import PoolingParams
+
+        return PoolingParams
     raise AttributeError(f"module 'jisu' has no attribute {name!r}")
