@@ -11,6 +11,13 @@ the cache slots up to it) in groups that only row-invariant code runs: the fused
 by the row's own context length) takes up to MAX_FUSED_SEQS rows a call; without it (no C++ kernels, CUDA) each
 row is a forward of its own. Rows of one sequence stay in position order, so a row's earlier tokens are in the
 cache (written earlier in the same call, or by an earlier group) when it attends.
+
+NOTE: prompt rows. A request with prompt_logprobs (or a pooling request) keeps the rows of its prompt positions
+from the same forward that fills the cache, not a second run: StepInput.logprob_rows / hidden_rows say which,
+execute() fills StepInput.prompt_logprobs / hidden, and the engine stores them by position (a recompute after
+preemption overwrites). Logprob rows pass the output layer in groups (logits_group rows in deterministic steps),
+so a long prompt never holds [prompt_len, vocab] logits, and vLLM's rule holds: such a request skips the prefix
+cache, since its rows must be computed here.
 """
 
 from __future__ import annotations
