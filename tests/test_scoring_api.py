@@ -209,3 +209,20 @@ def test_tokenizer_info_as_lm_eval_probes_it(server, llm):
     tokens = httpx.post(server + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False},
                         timeout=60).json()["tokens"]
     assert tokens[0] in llm.engine.eos_token_ids
+
+
+def test_echo_with_several_choices(server):
+    body = {"prompt": ["The sun rises in the", "Once upon a"], "max_tokens": 3, "n": 2, "temperature": 0.9,
+            "seed": 7, "echo": True, "logprobs": 0}
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for c in choices:
+        prompt = body["prompt"][c["index"] // 2]
+        lp = c["logprobs"]
+        assert c["text"].startswith(prompt) and lp["token_logprobs"][0] is None
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"])
+    # Both choices of a prompt share its prompt logprobs (computed once, by the first sequence).
+    n_prompt = len(choices[0]["logprobs"]["tokens"]) - 3
+    assert choices[0]["logprobs"]["token_logprobs"][:n_prompt] == choices[1]["logprobs"]["token_logprobs"][:n_prompt]
