@@ -169,7 +169,8 @@ class LLMEngine:
 
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         limit = self.max_model_len
-        if prompt_len >= limit:
+        # max_tokens 0 generates nothing, so its prompt may fill the whole window.
+        if prompt_len > limit or (prompt_len == limit and params.max_tokens != 0):
             raise ContextLengthError(
                 f"prompt has {prompt_len} tokens but the context window is {limit} tokens "
                 f"(room is needed for at least one generated token)"

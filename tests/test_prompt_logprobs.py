@@ -132,3 +132,14 @@ def test_whole_steps_match_within_tolerance(tiny_llama_dir):
     ref = reference(llm.engine, prompt, 2)
     for (t, lp, rank, _), (rt, rlp, rrank, _) in zip(entries(out), ref):
         assert t == rt and lp == pytest.approx(rlp, abs=1e-4)
+
+
+def test_max_tokens_zero_may_fill_the_context(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), max_model_len=32, num_kv_blocks=16, block_size=4)
+    prompt = [1 + j % 90 for j in range(32)]
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert out.finish_reason == "length" and len(out.prompt_logprobs) == 32
+    from jisu.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError):
+        llm.generate([prompt], SamplingParams(max_tokens=1))
