@@ -194,9 +194,13 @@ class RequestMetrics:
         t = req.times
         end = t.finished or time.perf_counter()
         ttft = None if t.first_token is None else t.first_token - t.arrival
+        # A request of max_tokens 0 (scoring, embeddings) is all prefill: it ends when its prompt is computed.
+        prefill_end = t.first_token
+        if prefill_end is None and req.params.max_tokens == 0 and req.finish_reason is FinishReason.LENGTH:
+            prefill_end = t.finished
         prefill_rate = None
-        if t.first_token is not None and t.first_scheduled is not None and t.first_token > t.first_scheduled:
-            prefill_rate = len(req.prompt_token_ids) / (t.first_token - t.first_scheduled)
+        if prefill_end is not None and t.first_scheduled is not None and prefill_end > t.first_scheduled:
+            prefill_rate = len(req.prompt_token_ids) / (prefill_end - t.first_scheduled)
         n = len(req.output_token_ids)
         decode_rate = None
         if n > 1 and t.last_token is not None and t.first_token is not None and t.last_token > t.first_token:
@@ -209,7 +213,7 @@ class RequestMetrics:
             decode_tokens_per_s=decode_rate,
             e2e_time=end - t.arrival,
             queue_time=None if t.first_scheduled is None else t.first_scheduled - t.arrival,
-            prefill_time=None if t.first_token is None or t.first_scheduled is None else t.first_token - t.first_scheduled,
+            prefill_time=None if prefill_end is None or t.first_scheduled is None else prefill_end - t.first_scheduled,
             decode_time=None if t.first_token is None or t.last_token is None else t.last_token - t.first_token,
             cached_prompt_tokens=req.num_cached_tokens,
             num_preemptions=t.num_preemptions,

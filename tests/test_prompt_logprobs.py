@@ -102,6 +102,7 @@ def test_max_tokens_zero_computes_only_the_prompt(llm, ids):
     for o in outs:
         assert o.finished and o.finish_reason == "length"
         assert o.token_ids == [] and o.text == "" and o.prompt_logprobs is None
+        assert o.metrics.prefill_time > 0 and o.metrics.prefill_tokens_per_s > 0 and o.metrics.time_to_first_token is None
     assert llm.engine.blocks.num_free_blocks == free
 
 
