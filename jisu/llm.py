@@ -10,6 +10,7 @@ from jisu.errors import InvalidRequestError
 from jisu.pooling import PoolingParams
 from jisu.request import RequestOutput
 from jisu.sampling_params import SamplingParams
+from jisu.structured import StructuredOutputsParams
 from jisu.scoring import ClassifyOutput, ScoreOutput, check_normalize, classify_output, encode_pair, score_output
 
 
@@ -150,20 +151,40 @@ class LLM:
         template: str = "{text}",
         label_template: str = " {label}",
         normalize: str | None = None,
+        method: str = "likelihood",
     ) -> list[ClassifyOutput]:
         """Each text's label by likelihood: the context template.format(text=...) is scored against every
         continuation label_template.format(label=...), and the best wins. normalize: None (sum of logprobs),
-        'tokens' (mean per token) or 'chars' (per character of the label, lm-eval's acc_norm)."""
+        'tokens' (mean per token) or 'chars' (per character of the label, lm-eval's acc_norm).
+        method='choice' instead generates greedily under a choice constraint over the label continuations (one
+        decode per text, not one score per label; the label's first tokens decide, so no scores or probs)."""
         check_normalize(normalize)
         texts = [texts] if isinstance(texts, str) else list(texts)
         labels = list(labels)
         if not texts or len(labels) < 2:
             raise InvalidRequestError(f"give at least one text and two labels, got {len(texts)} and {len(labels)}")
+        if method == "choice":
+            return self._classify_by_choice(texts, labels, template, label_template)
+        if method != "likelihood":
+            raise InvalidRequestError(f"method must be 'likelihood' or 'choice', got {method!r}")
         contexts = [template.format(text=t) for t in texts for _ in labels]
         conts = [label_template.format(label=label) for _ in texts for label in labels]
         scored = self.score(contexts, conts)
         k = len(labels)
         return [classify_output(labels, scored[i * k : (i + 1) * k], normalize) for i in range(len(texts))]
+
+    def _classify_by_choice(self, texts: list[str], labels: list[str], template: str,
+                            label_template: str) -> list[ClassifyOutput]:
+        continuations = [label_template.format(label=label) for label in labels]
+        if len(set(continuations)) != len(labels):
+            raise InvalidRequestError("labels must be distinct")
+        by_text = dict(zip(continuations, labels))
+        # No token is shorter than a byte, so a label's bytes bound the tokens the grammar may take to write it.
+        longest = max(len(c.encode("utf-8")) for c in continuations)
+        params = SamplingParams(temperature=0, max_tokens=longest + 1,
+                                structured_outputs=StructuredOutputsParams(choice=continuations))
+        outs = self._run([template.format(text=t) for t in texts], [params] * len(texts))
+        return [ClassifyOutput(label=by_text[o.text]) for o in outs]
 
     def embed(
         self,

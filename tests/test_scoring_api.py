@@ -120,6 +120,14 @@ def test_classify_picks_the_likelier_label(llm):
     assert per_token[0].scores["positive"] == pytest.approx(scored[0].logprob / len(scored[0].token_ids))
 
 
+def test_classify_by_choice_constraint_agrees_with_greedy_decoding(llm):
+    texts = ["I loved this film, it was wonderful and moving.", "A dull, boring waste of two hours."]
+    out = llm.classify(texts, ["positive", "negative"], template="Review: {text}\nSentiment:", method="choice")
+    assert [o.label for o in out] == ["positive", "negative"]
+    with pytest.raises(ValueError, match="method must be"):
+        llm.classify(texts, ["a", "b"], method="vote")
+
+
 # ----------------------------------------------------------------------------- through the server
 
 
