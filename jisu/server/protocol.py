@@ -447,6 +447,8 @@ def timings(outputs: list[RequestOutput], handoff_s: float) -> dict:
     queue = min((m.queue_time for m in ms if m.queue_time is not None), default=None)
     ttft = min((m.time_to_first_token for m in ms if m.time_to_first_token is not None), default=None)
     prefill = None if queue is None or ttft is None else ttft - queue
+    if prefill is None:  # prompt-only requests (max_tokens 0: scoring, embeddings) have no first token
+        prefill = max((m.prefill_time for m in ms if m.prefill_time is not None), default=None)
     ends = [m.time_to_first_token + m.decode_time for m in ms
             if m.time_to_first_token is not None and m.decode_time is not None]
     decode = max(ends) - ttft if ends and ttft is not None else None
