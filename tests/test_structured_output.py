@@ -15,7 +15,7 @@ from jisu import LLM
 from jisu.errors import InvalidRequestError
 from jisu.sampling_params import SamplingParams
 from jisu.server.app import create_app
-from jisu.server.protocol import strict_schema
+from jisu.structured import strict_schema
 from jisu.server.serve import ServerThread
 from jisu.structured import StructuredOutputsParams
 

@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -39,6 +39,7 @@ from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStrea
 from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jisu.server.guards import LOOPBACK_HOSTS, HostCheck, is_json, max_token_bytes
 from jisu.server.metrics import ServerMetrics
+from jisu.server.sse import AbortingEventStream
 from jisu.server.responses import Responses, ResponsesRequest
 from jisu.server.scoring_routes import add_scoring_routes, echo_logprobs, echo_text, join_logprobs, prompt_logprobs_json
 from jisu.tools import ToolError, ToolPlan, ToolStream, plan_tools
@@ -50,7 +51,6 @@ RETRY_AFTER_S = 1
 REQUEST_BODY_TIMEOUT_S = 30.0
 _LONG_TEXT = 16384  # characters; longer prompts are tokenized in a worker thread
 _TOKENIZER_THREADS = 4  # chat templates and long prompts; bounds the CPU a flood of them can take
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def default_model_name(model: str | PathLike | None) -> str:
@@ -257,6 +257,10 @@ class _Handlers:
         except InvalidRequestError as e:
             raise p.bad_request(str(e), param=_param_of(str(e), prompt_param)) from None
 
+    def event_stream(self, events: AsyncIterator[dict], stream: OutputStream) -> AbortingEventStream:
+        """The events as SSE `data:` lines, ending with [DONE]; the engine requests are aborted however it ends."""
+        return AbortingEventStream(_sse_lines(events), lambda: self.async_engine.abort(stream))
+
     async def collect(self, request: Request, stream: OutputStream) -> dict | None:
         """Waits for the final outputs; None if the client went away first (its requests are aborted)."""
         result = asyncio.ensure_future(stream.final())
@@ -279,7 +283,7 @@ class _Handlers:
         prompts = [await self.encode(x) for x in req.prompt]
         request_id, stream = await self.submit(prompts, params, "cmpl", "prompt")
         if req.stream:
-            return _EventStream(self._completion_events(req, request_id, stream), self.async_engine, stream)
+            return self.event_stream(self._completion_events(req, request_id, stream), stream)
         finals = await self.collect(request, stream)
         if finals is None:
             return Response(status_code=499)
@@ -356,7 +360,7 @@ class _Handlers:
         prompt = await self.encode_chat(req.message_dicts(), tools=plan.template_tools)
         request_id, stream = await self.submit([prompt], params, "chatcmpl", "messages")
         if req.stream:
-            return _EventStream(self._chat_events(req, request_id, stream, plan), self.async_engine, stream)
+            return self.event_stream(self._chat_events(req, request_id, stream, plan), stream)
         finals = await self.collect(request, stream)
         if finals is None:
             return Response(status_code=499)
@@ -569,21 +573,6 @@ def _with_summary(chunks: list[dict], stream: OutputStream, finals: dict, base: 
     else:
         chunks.append({**base, "choices": [], "timings": summary["timings"]})
     return chunks
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that aborts its engine requests however it ends: finished (a no-op), client gone
-    (starlette cancels the response), or cancelled before the first event was even produced."""
-
-    def __init__(self, events: AsyncIterator[dict], async_engine: AsyncEngine, stream: OutputStream):
-        super().__init__(_sse_lines(events), media_type="text/event-stream", headers=_SSE_HEADERS)
-        self._abort = lambda: async_engine.abort(stream)
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._abort()
 
 
 async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:

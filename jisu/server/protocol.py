@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jisu.errors import InvalidRequestError
 from jisu.request import RequestOutput
 from jisu.sampling_params import MAX_LOGPROBS, SamplingParams
-from jisu.structured import StructuredOutputsParams
+from jisu.structured import StructuredOutputsParams, strict_schema
 from jisu.tools.definitions import ToolError, template_tool_calls
 
 # Most sequences (prompts x n) one request may start: each one holds KV blocks.
@@ -230,33 +230,9 @@ class _SamplingFields(_Strict):
             raise bad_request(f"{name}: {e}", param=name) from None
 
 
-_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def strict_schema(schema: Any) -> Any:
-    """OpenAI's strict mode: an object schema that does not say otherwise takes no properties beyond its own.
-    Walks only the keywords that hold schemas, so a property that happens to be named "properties" stays data."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA:
-        if isinstance(out.get(key), dict):
-            out[key] = strict_schema(out[key])
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [strict_schema(x) for x in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: strict_schema(x) for name, x in out[key].items()}
-    if out.get("type") == "object" or "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
-
-
-def _check_prompt(value: Any) -> list[str | list[int]]:
-    """OpenAI's four prompt shapes -> a list of prompts, each a string or a list of token ids."""
+def check_prompts(value: Any, limit: int = MAX_PROMPTS, noun: str = "prompt") -> list[str | list[int]]:
+    """OpenAI's four prompt shapes (completions' prompt, embeddings' input) -> a list of prompts, each a string or
+    a list of token ids."""
     def is_ids(v):
         return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
@@ -268,11 +244,11 @@ def _check_prompt(value: Any) -> list[str | list[int]]:
         prompts = list(value)
     else:
         raise ValueError("must be a non-empty string, a list of token ids, or a list of strings or of token-id lists")
-    if len(prompts) > MAX_PROMPTS:
-        raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+    if len(prompts) > limit:
+        raise ValueError(f"at most {limit} {noun}s per request, got {len(prompts)}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"{noun} {i} is empty")
     return prompts
 
 
@@ -291,7 +267,7 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        return _check_prompt(v)
+        return check_prompts(v)
 
     def to_params(self) -> SamplingParams:
         self.check_common()

@@ -19,17 +19,17 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field, field_validator
 
 from jisu.errors import InvalidRequestError
 from jisu.sampling_params import SamplingParams
 from jisu.server import protocol as p
-from jisu.server.async_engine import AsyncEngine, OutputStream
+from jisu.server.async_engine import OutputStream
+from jisu.server.sse import AbortingEventStream
 
 logger = logging.getLogger("jisu.server")
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text")
 
@@ -177,7 +177,7 @@ class Responses:
             raise _renamed(e) from None
         answer = _Answer(req, s.model_name)
         if req.stream:
-            return _ResponseEvents(self._events(answer, stream), s.async_engine, stream)
+            return AbortingEventStream(_sse_lines(self._events(answer, stream)), lambda: s.async_engine.abort(stream))
         finals = await s.collect(request, stream)
         if finals is None:
             return Response(status_code=499)
@@ -286,21 +286,6 @@ class _Answer:
 
 
 # ----------------------------------------------------------------------------- streaming
-
-
-class _ResponseEvents(StreamingResponse):
-    """The Responses API's named events; aborts the engine request however the stream ends (finished: a
-    no-op; client gone; cancelled before the first event)."""
-
-    def __init__(self, events: AsyncIterator[dict], async_engine: AsyncEngine, stream: OutputStream):
-        super().__init__(_sse_lines(events), media_type="text/event-stream", headers=_SSE_HEADERS)
-        self._abort = lambda: async_engine.abort(stream)
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._abort()
 
 
 async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:

@@ -93,24 +93,7 @@ class EmbeddingRequest(p._Strict):
     @field_validator("input")
     @classmethod
     def _input(cls, v):
-        def is_ids(x):
-            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-        if isinstance(v, str):
-            items = [v]
-        elif is_ids(v):
-            items = [v]
-        elif isinstance(v, list) and v and all(isinstance(x, str) or is_ids(x) for x in v):
-            items = list(v)
-        else:
-            raise ValueError("must be a non-empty string, a list of token ids, or a list of strings or of "
-                             "token-id lists")
-        if len(items) > MAX_EMBEDDING_INPUTS:
-            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}")
-        for i, x in enumerate(items):
-            if len(x) == 0:
-                raise ValueError(f"input {i} is empty")
-        return items
+        return p.check_prompts(v, MAX_EMBEDDING_INPUTS, "input")
 
     @field_validator("encoding_format")
     @classmethod

@@ -99,3 +99,29 @@ def _choices(value: Any) -> list[str]:
     if sum(len(c) for c in value) > MAX_SPEC_CHARS:
         raise InvalidRequestError(f"structured_outputs.choice holds more than {MAX_SPEC_CHARS} characters")
     return list(value)
+
+
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's strict mode: an object schema that does not say otherwise takes no properties beyond its own (so
+    a small model cannot pad an object with keys it saw elsewhere in the schema). Walks only the keywords that hold
+    schemas, so a property that happens to be named "properties" stays data."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(x) for x in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(x) for name, x in out[key].items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jisu.errors import InvalidRequestError
-from jisu.structured import StructuredOutputsParams
+from jisu.structured import StructuredOutputsParams, strict_schema
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -122,35 +122,9 @@ def parse_tool_choice(value: Any, tools: list[Tool]) -> ToolChoice:
     return ToolChoice("named", name)
 
 
-_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def _closed(schema: Any) -> Any:
-    """The schema with every object that does not say otherwise closed to properties beyond its own (OpenAI's
-    strict mode): unconstrained, a small model fills a call's arguments with whatever keys the tool's schema
-    showed it. Walks only the keywords that hold schemas, so a property named "properties" stays a name."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA:
-        if isinstance(out.get(key), dict):
-            out[key] = _closed(out[key])
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [_closed(x) for x in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: _closed(x) for name, x in out[key].items()}
-    if out.get("type") == "object" or "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
-
-
 def _object_schema(parameters: dict) -> dict:
     # A schema without a type would let the arguments be any JSON value; a call's arguments are an object.
-    return _closed(parameters if "type" in parameters else {"type": "object", **parameters})
+    return strict_schema(parameters if "type" in parameters else {"type": "object", **parameters})
 
 
 def constraint_schema(tools: list[Tool], choice: ToolChoice, parallel: bool, args_key: str) -> dict | None:
