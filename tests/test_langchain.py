@@ -1,5 +1,5 @@
 """langchain-openai's ChatOpenAI against `jisu serve` on the default model: bound tools, tool results, and
-structured output by function calling and by JSON schema."""
+structured output by function calling, by JSON schema and in JSON mode (all three of with_structured_output's methods)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,11 @@ def test_structured_output_by_json_schema(chat):
     person = chat.with_structured_output(Person, method="json_schema").invoke(
         "Alice is 30 years old. Extract the person.")
     assert isinstance(person, Person) and person.name and isinstance(person.age, int)
+
+
+def test_structured_output_by_json_mode(chat):
+    # json_mode sends response_format json_object: any JSON object, parsed by langchain into a dict.
+    roomy = chat.model_copy(update={"max_tokens": 200})  # a free-form object needs more than a call's arguments
+    out = roomy.with_structured_output(None, method="json_mode").invoke(
+        "Alice is 30 years old. Give a JSON object with her name and age.")
+    assert isinstance(out, dict) and out
