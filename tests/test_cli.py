@@ -101,7 +101,8 @@ def test_empty_prompt(tiny_llama_gguf):
 @pytest.mark.parametrize(
     "flag,value,field",
     [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"), ("--top-k", "-5", "top_k"),
-     ("--min-p", "2", "min_p"), ("--max-tokens", "0", "max_tokens"), ("--repetition-penalty", "0", "repetition_penalty")],
+     ("--min-p", "2", "min_p"), ("--max-tokens", "-1", "max_tokens"),  # 0 is valid: the prompt only
+     ("--repetition-penalty", "0", "repetition_penalty")],
 )
 def test_out_of_range_sampling_values_name_the_field(flag, value, field):
     # Checked before any model is loaded, so no --model is needed.
