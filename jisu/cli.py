@@ -40,6 +40,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="int16", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false", help=DETERMINISTIC_HELP)
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt lookup) or \'{"method": '
+                        '"draft_model", "model": PATH, "num_speculative_tokens": 3}\' (a draft model with the same '
+                        'tokenizer); greedy output is unchanged')
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -207,7 +212,8 @@ def load_llm(args, quiet: bool = False):
         checkpoint = load_checkpoint(args.model, progress=progress, keep_blocks=True)
     return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                checkpoint=checkpoint, weights=args.weights, activations=args.activations,
-               kv_cache_dtype=args.kv_cache_dtype, deterministic=args.deterministic)
+               kv_cache_dtype=args.kv_cache_dtype, deterministic=args.deterministic,
+               speculative_config=getattr(args, "speculative_config", None))
 
 
 def _print_stats(metrics, stream=sys.stderr) -> None:
@@ -223,6 +229,10 @@ def _print_stats(metrics, stream=sys.stderr) -> None:
         f"decode {fmt(m['decode_tokens_per_s'], ' tok/s')} | e2e {fmt(m['e2e_time'], ' s')}]",
         file=stream,
     )
+    if m.get("spec_num_drafts"):
+        drafted, accepted = m["spec_num_draft_tokens"], m["spec_num_accepted_tokens"]
+        print(f"[speculative: {m['spec_num_drafts']} drafts, {accepted}/{drafted} draft tokens accepted "
+              f"({100 * accepted / drafted:.0f}%), per position {m['spec_accepted_per_pos']}]", file=stream)
 
 
 def cmd_generate(args) -> int:

@@ -114,8 +114,14 @@ class EngineConfig:
     False lets prefill chunks and large batches take faster shape-dependent kernels (vLLM's default)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    speculative: object | None = None
+    """Speculative decoding (jisu.spec_decode.SpeculativeConfig, or vLLM's speculative_config dict / JSON):
+    prompt-lookup or draft-model proposals verified in the step's forward. None: off."""
 
     def __post_init__(self):
+        from jisu.spec_decode.config import SpeculativeConfig
+
+        self.speculative = SpeculativeConfig.parse(self.speculative)
         kind = self.device.split(":")[0]
         if kind not in DEVICES:
             raise InvalidRequestError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")

@@ -80,6 +80,18 @@ class LLMEngine:
         self.structured = StructuredOutputs(ckpt.tokenizer.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         """Structured-output grammars (llguidance reads the tokenizer on the first request that has one)."""
         self.sampler = Sampler(structured=self.structured)
+        self.speculator = None
+        """Speculative decoding (jisu/spec_decode), when config.speculative asks for it."""
+        if config.speculative is not None:
+            from jisu.spec_decode.speculator import Speculator
+
+            draft_run = None
+            if config.speculative.method == "draft_model":
+                from jisu.spec_decode.draft_model import load_draft_run
+
+                draft_run = load_draft_run(config.speculative, config, ckpt, self.device, self.dtype, support,
+                                           self.max_model_len)
+            self.speculator = Speculator(config.speculative, self.sampler, self.max_model_len, draft_run)
         torch.manual_seed(config.seed)
 
         self.step_log = StepLog()
@@ -195,6 +207,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
             self._texts.pop(seq.request_id, None)
+            if self.speculator is not None:
+                self.speculator.release(seq.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
@@ -216,22 +230,29 @@ class LLMEngine:
         self.scheduler.update(out)
         touched: dict[str, _Group] = {}
         self._keep_prompt_rows(step, out, touched)
-        sampled = None
+        # Per sampled sequence: the tokens it gains this step, their logprobs, drafts verified and accepted.
+        gained: list[tuple[Request, list[int], list, int, int]] = []
         if step.sampled:
-            rows = [
-                SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids, s.request.generator,
-                            s.request.grammar)
-                for s in step.sampled
-            ]
             with torch.inference_mode():  # the logits are the runner's inference tensors, written in place
-                sampled = self.sampler(logits, rows, overwrite=True)
+                gained = self._sample(step, logits)
         t4 = time.perf_counter()
-        if sampled is not None:
-            for s, token, logprobs in zip(step.sampled, sampled.token_ids, sampled.logprobs):
-                self._advance(s.request, token, logprobs, t4)
-                touched[s.request.parent_id] = self._groups[s.request.parent_id]
+        num_accepted = 0
+        for req, tokens, logprobs, drafted, accepted in gained:
+            for token, lp in zip(tokens, logprobs):
+                self._advance(req, token, lp, t4)
+                if req.is_finished:  # a stop among the accepted tokens: the rest are dropped
+                    break
+            if drafted:
+                num_accepted += accepted
+                req.times.events.append(("verify", t2, t4, accepted))
+                self.scheduler.accept(req, accepted)
+            touched[req.parent_id] = self._groups[req.parent_id]
         outputs = [self._output(g) for g in touched.values()]
         t5 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.release_finished()
+            self.speculator.propose(self.scheduler.running)
+        t6 = time.perf_counter()
         if not self.record_steps:
             return outputs
         self.step_log.add(
@@ -241,9 +262,49 @@ class LLMEngine:
                 num_prefill_tokens=prefill_tokens, num_decodes=out.num_tokens - prefill_tokens,
                 num_preempted=len(out.preempted), forward_device=self.runner.last_forward_device_time(),
                 batch=tuple((s.num_new_tokens, s.request.num_computed_tokens, s.samples) for s in out.scheduled),
+                draft=t6 - t5, num_draft_tokens=sum(s.num_spec for s in out.scheduled),
+                num_accepted_tokens=num_accepted,
             )
         )
         return outputs
+
+    def _sample(self, step, logits: torch.Tensor) -> list[tuple[Request, list[int], list, int, int]]:
+        """Samples every sampled sequence's next token; a sequence verifying drafts gets its accepted drafts and one
+        more token (rejection sampling, jisu/spec_decode/rejection.py)."""
+        seqs = [s.request for s in step.sampled]
+        counts = step.sample_counts or [1] * len(seqs)
+        if all(c == 1 for c in counts):
+            rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar) for r in seqs]
+            sampled = self.sampler(logits, rows, overwrite=True)
+            return [(r, [t], [lp], 0, 0) for r, t, lp in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        plain = [i for i, c in enumerate(counts) if c == 1]
+        spec = [i for i, c in enumerate(counts) if c > 1]
+        result: list = [None] * len(seqs)
+        if plain:
+            rows = [SamplingRow(seqs[i].params, seqs[i].prompt_token_ids, seqs[i].output_token_ids, seqs[i].generator,
+                                seqs[i].grammar) for i in plain]
+            sampled = self.sampler(logits[[starts[i] for i in plain]], rows, overwrite=True)
+            for i, t, lp in zip(plain, sampled.token_ids, sampled.logprobs):
+                result[i] = (seqs[i], [t], [lp], 0, 0)
+        spec_rows = [r for i in spec for r in range(starts[i], starts[i + 1])]
+        spec_logits = logits[spec_rows]
+        reqs = [seqs[i] for i in spec]
+        drafts = [list(r.spec_token_ids) for r in reqs]
+        verified = self.speculator.verify(spec_logits, reqs, drafts, [r.spec_probs for r in reqs])
+        r0 = 0
+        for i, req, draft, v in zip(spec, reqs, drafts, verified):
+            logprobs = [None] * len(v.tokens)
+            if req.params.logprobs is not None:  # the raw rows of the emitted tokens, as plain sampling gives
+                raw = spec_logits[r0 : r0 + len(v.tokens)]
+                logprobs = self.sampler._logprobs(raw, torch.tensor(v.tokens, device=raw.device), v.tokens,
+                                                  [req.params] * len(v.tokens))
+            r0 += len(draft) + 1
+            req.spec_token_ids, req.spec_probs = [], None
+            result[i] = (req, v.tokens, logprobs, len(draft), v.num_accepted)
+        return result
 
     def _keep_prompt_rows(self, step, out, touched: dict[str, _Group]) -> None:
         """Stores the prompt logprobs and hidden rows the runner kept, and finishes max_tokens-0 requests whose
@@ -265,10 +326,12 @@ class LLMEngine:
         total = 0
         for s in out.scheduled:
             req = s.request
-            # A decode computes exactly the one token sampled last step; anything else is (re)filling.
-            if s.num_new_tokens > 1 or req.num_computed_tokens < len(req.prompt_token_ids) or not s.samples:
-                req.times.events.append(("prefill", start, end, s.num_new_tokens))
-                total += s.num_new_tokens
+            # A decode computes exactly the one token sampled last step (plus any drafts it verifies); anything
+            # else is (re)filling.
+            if (s.num_new_tokens - s.num_spec > 1 or req.num_computed_tokens < len(req.prompt_token_ids)
+                    or not s.samples):
+                req.times.events.append(("prefill", start, end, s.num_new_tokens - s.num_spec))
+                total += s.num_new_tokens - s.num_spec
         return total
 
     def _advance(self, req: Request, token: int, logprobs, now: float) -> None:

@@ -47,7 +47,11 @@ class LLM:
         activations: str = "int16",
         kv_cache_dtype: str = "auto",
         deterministic: bool = True,
+        speculative_config: dict | str | None = None,
     ):
+        """speculative_config: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+        "prompt_lookup_min": 2} or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 3}
+        (jisu.spec_decode.SpeculativeConfig); greedy output is unchanged, sampled output keeps its distribution."""
         config = EngineConfig(
             model=model,
             device=device,
@@ -59,6 +63,7 @@ class LLM:
             seed=seed,
             deterministic=deterministic,
             cpu_kernels=cpu_kernels,
+            speculative=speculative_config,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             cache=CacheConfig(
                 block_size=block_size,

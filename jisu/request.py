@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from jisu.sampling_params import SamplingParams
+from jisu.spec_decode.stats import SpecDecodeStats
 
 if TYPE_CHECKING:
     from jisu.pooling import PoolingParams
@@ -42,7 +43,8 @@ class RequestTimes:
     token_times: list[float] = field(default_factory=list)
     """When each output token was produced."""
     events: list[tuple[str, float, float, int]] = field(default_factory=list)
-    """(kind, start, end, tokens) for 'scheduled', 'prefill' (one per chunk) and 'preempted'."""
+    """(kind, start, end, tokens) for 'scheduled', 'prefill' (one per chunk), 'preempted', and with speculative
+    decoding 'draft' (tokens proposed) and 'verify' (drafts accepted, in the step's forward and sampling)."""
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +103,14 @@ class Request:
         """Pooling: float64 sum (mean) or the row (last) of the final hidden states computed so far."""
         self.pooled_upto = 0
         """Pooling: the prompt positions [0, pooled_upto) that pooled_sum holds."""
+        self.spec_token_ids: list[int] = []
+        """Speculative decoding: draft tokens to verify in the next step (positions num_tokens, num_tokens + 1, ...).
+        The scheduler schedules them after the last real token; rejected ones are never counted as computed."""
+        self.spec_probs = None
+        """float64 numpy [len(spec_token_ids), vocab]: the draft distributions a sampled draft-model proposal drew
+        from; None for one-hot proposals (prompt lookup, greedy drafts)."""
+        self.spec_stats = SpecDecodeStats()
+        """This sequence's drafts verified and accepted (vLLM's spec_decode_* meanings)."""
 
     @property
     def needs_prompt_rows(self) -> bool:
@@ -188,6 +198,14 @@ class RequestMetrics:
     """Gap before each output token after the first."""
     cached_prompt_tokens: int = 0
     num_preemptions: int = 0
+    spec_num_drafts: int = 0
+    """Speculative decoding: steps that verified drafts for this sequence (vLLM's spec_decode_num_drafts)."""
+    spec_num_draft_tokens: int = 0
+    """Draft tokens verified."""
+    spec_num_accepted_tokens: int = 0
+    """Draft tokens accepted (the token drawn after them is not counted)."""
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
+    """Accepted drafts by position in the draft (0 = first)."""
 
     @classmethod
     def from_request(cls, req: Request) -> "RequestMetrics":
@@ -219,10 +237,15 @@ class RequestMetrics:
             num_preemptions=t.num_preemptions,
             tpot=(end - t.arrival - ttft) / (n - 1) if n > 1 and ttft is not None else None,
             inter_token_latencies=[b - a for a, b in zip(t.token_times, t.token_times[1:])],
+            spec_num_drafts=req.spec_stats.num_drafts,
+            spec_num_draft_tokens=req.spec_stats.num_draft_tokens,
+            spec_num_accepted_tokens=req.spec_stats.num_accepted_tokens,
+            spec_accepted_per_pos=list(req.spec_stats.accepted_per_pos),
         )
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "inter_token_latencies": list(self.inter_token_latencies)}
+        return {**self.__dict__, "inter_token_latencies": list(self.inter_token_latencies),
+                "spec_accepted_per_pos": list(self.spec_accepted_per_pos)}
 
 
 @dataclass

@@ -271,6 +271,25 @@ class Sampler:
         token_list = tokens.tolist()
         return SamplerOutput(token_ids=token_list, logprobs=self._logprobs(logits, tokens, token_list, params))
 
+    def processed_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """A float32 copy of `logits` as the draw sees them: bias, grammar mask and penalties on every row,
+        temperature / min-p / top-k / top-p on the non-greedy ones (greedy rows: their argmax is __call__'s token).
+        Speculative decoding's rejection sampler reads its target distributions from here."""
+        x = logits.to(torch.float32, copy=True)
+        params = [r.params for r in rows]
+        self._apply_logit_bias(x, params)
+        masked = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if masked:
+            self.structured.apply_masks(x, masked, [rows[i].grammar for i in masked])
+        self._apply_penalties(x, rows)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            sel = _rows_selector(sampled, x.shape[0], x.device)
+            xs = x[sel]
+            self._truncate(xs, [params[i] for i in sampled])
+            x[sel] = xs
+        return x
+
     @staticmethod
     def _apply_logit_bias(x: torch.Tensor, params: list[SamplingParams]) -> None:
         """In place: each row's bias added to its tokens' logits (the token ids were checked against the vocabulary)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass
 
-PHASES = ("schedule", "prepare", "forward", "sample", "detokenize")
+PHASES = ("schedule", "prepare", "forward", "sample", "detokenize", "draft")
 
 
 @dataclass
@@ -34,10 +34,17 @@ class StepRecord:
     model needs to cost the step."""
     forward_device: float | None = None
     """Forward time measured with device events (CUDA), when on a GPU."""
+    draft: float = 0.0
+    """Speculative decoding: proposing the next step's draft tokens (prompt lookup or the draft model's steps).
+    Their verification is part of this step's forward (one row per draft) and sample (rejection sampling)."""
+    num_draft_tokens: int = 0
+    """Draft tokens this step verified."""
+    num_accepted_tokens: int = 0
+    """Of those, accepted."""
 
     @property
     def total(self) -> float:
-        return self.schedule + self.prepare + self.forward + self.sample + self.detokenize
+        return self.schedule + self.prepare + self.forward + self.sample + self.detokenize + self.draft
 
     @property
     def end(self) -> float:

@@ -68,9 +68,13 @@ class StepInput:
     meta: AttentionMetadata
     """The whole step's attention metadata (the first group's when the step runs in several groups)."""
     sample_rows: torch.Tensor
-    """Rows of the flattened tokens whose logits are needed (last token of each sampled sequence)."""
+    """Rows of the flattened tokens whose logits are needed (last token of each sampled sequence; with k draft
+    tokens to verify, its last 1 + k rows)."""
     sampled: list[ScheduledRequest]
     """The sequences that sample, in the order of sample_rows."""
+    sample_counts: list[int] = field(default_factory=list)
+    """Rows of sample_rows per sampled sequence: 1, or 1 + its draft tokens (speculative decoding verifies
+    them all in this forward; in deterministic steps each is the row plain decoding would compute there)."""
     batch: list[tuple[int, int, bool]] = field(default_factory=list)
     """Per scheduled sequence, in row order: (tokens computed, context length after them, whether it samples)."""
     groups: list[RowGroup] | None = None
@@ -149,13 +153,13 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(start_pos + 1)
             else:
-                ids.extend(req.all_token_ids[start_pos : start_pos + n])
+                ids.extend(_tokens(req, start_pos, n, s.num_spec))
                 positions.extend(range(start_pos, start_pos + n))
                 table_t = torch.tensor(table, dtype=torch.long)
                 prefill_slots.append(self._slots(table_t, torch.arange(start_pos, start_pos + n)))
                 prefills.append((row, n, start_pos, table_t))
             if s.samples:
-                sample_rows.append(row + n - 1)
+                sample_rows.extend(range(row + n - 1 - s.num_spec, row + n))
                 sampled.append(s)
         slots = torch.tensor(decode_slots, dtype=torch.long)
         if prefill_slots:
@@ -175,6 +179,7 @@ class ModelRunner:
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sampled=sampled,
+            sample_counts=[1 + s.num_spec for s in sampled],
             batch=batch,
             logprob_rows=logprob_rows,
             hidden_rows=hidden_rows,
@@ -204,7 +209,7 @@ class ModelRunner:
                 slots.append(table[pos // bs] * bs + pos % bs)
                 tables.append(table)
             if s.samples:
-                sample_rows.append(len(ids) - 1)
+                sample_rows.extend(range(len(ids) - 1 - s.num_spec, len(ids)))
                 sampled.append(s)
         slot_t = torch.tensor(slots, dtype=torch.long)
         groups = []
@@ -225,6 +230,7 @@ class ModelRunner:
             meta=groups[0].meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sampled=sampled,
+            sample_counts=[1 + s.num_spec for s in sampled],
             batch=batch,
             groups=groups,
             logits_group=group,
@@ -234,7 +240,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
-        """Returns float32 logits [len(step.sampled), vocab]."""
+        """Returns float32 logits [len(step.sample_rows), vocab]: one row per sampled sequence, 1 + k for one
+        verifying k draft tokens (step.sample_counts)."""
         if self.device.type == "cuda":
             # Device events time the forward on the GPU itself; host clocks would only see the launches.
             self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -390,9 +397,19 @@ def _with_others(metas: list[AttentionMetadata]) -> AttentionMetadata:
 
 
 def _token_at(req, pos: int) -> int:
-    """Token `pos` of a sequence (prompt, then output) without building the whole list."""
+    """Token `pos` of a sequence (prompt, then output, then draft tokens) without building the whole list."""
     prompt = req.prompt_token_ids
-    return prompt[pos] if pos < len(prompt) else req.output_token_ids[pos - len(prompt)]
+    if pos < len(prompt):
+        return prompt[pos]
+    out = req.output_token_ids
+    i = pos - len(prompt)
+    return out[i] if i < len(out) else req.spec_token_ids[i - len(out)]
+
+
+def _tokens(req, start: int, n: int, num_spec: int) -> list[int]:
+    """Tokens start .. start + n - 1 of a sequence, draft tokens included when the step verifies them."""
+    ids = req.all_token_ids
+    return (ids + req.spec_token_ids if num_spec else ids)[start : start + n]
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:

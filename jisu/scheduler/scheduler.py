@@ -4,6 +4,9 @@ NOTE: the scheduler thinks in token counts, not phases (vLLM v1's rule). Every s
 `num_computed_tokens` (K/V in the cache) and `num_tokens` (prompt + output); each step gives sequences
 budget to catch up. A long prompt is cut into chunks, a decoding sequence needs one token, and a sequence
 preempted for lack of KV blocks simply restarts from zero computed tokens and is recomputed later.
+A decoding sequence with k draft tokens (speculative decoding, Request.spec_token_ids) needs 1 + k: the drafts'
+K/V are written, but only the accepted ones are counted as computed (accept()), so a rejected draft's slot is
+overwritten by the next step and never reaches the prefix cache.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ class ScheduledRequest:
     num_new_tokens: int
     samples: bool = False
     """This step reaches the end of the sequence's known tokens, so its next token is sampled."""
+    num_spec: int = 0
+    """Of num_new_tokens, the draft tokens (the last ones) to verify: the step samples 1 + num_spec rows."""
 
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
         # A request of max_tokens 0 (prompt logprobs, embeddings) computes its prompt and never samples.
-        reaches_end = request.num_computed_tokens + num_new_tokens == request.num_tokens
-        return cls(request, num_new_tokens, reaches_end and request.params.max_tokens != 0)
+        end = request.num_computed_tokens + num_new_tokens
+        reaches_end = end >= request.num_tokens
+        return cls(request, num_new_tokens, reaches_end and request.params.max_tokens != 0,
+                   max(0, end - request.num_tokens))
 
 
 @dataclass
@@ -66,7 +73,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.spec_token_ids and req.num_tokens - req.num_computed_tokens != 1:
+                _drop_drafts(req, 0)  # drafts follow the last real token only
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            if req.spec_token_ids:  # the budget may cut the drafts short
+                _drop_drafts(req, max(0, req.num_computed_tokens + n - req.num_tokens))
             if self._allocate_or_preempt(req, n, out):
                 out.scheduled.append(ScheduledRequest.of(req, n))
                 budget -= n
@@ -74,6 +85,7 @@ class Scheduler:
         # New sequences join only when nothing had to be preempted: admitting one would just evict another.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            _drop_drafts(req, 0)
             first_time = req.times.first_scheduled is None
             # A request that keeps its prompt rows (prompt logprobs, pooling) must compute them, so no cache hit.
             if req.num_computed_tokens == 0 and not req.needs_prompt_rows:
@@ -108,6 +120,7 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.blocks.free(req.request_id)
         req.num_computed_tokens = 0
+        _drop_drafts(req, 0)
         req.status = RequestStatus.PREEMPTED
         req.times.num_preemptions += 1
         now = time.perf_counter()
@@ -117,11 +130,19 @@ class Scheduler:
         out.preempted.append(req.request_id)
 
     def update(self, out: SchedulerOutput) -> None:
-        """Records that the scheduled tokens' K/V are now in the cache."""
+        """Records that the scheduled tokens' K/V are now in the cache (draft tokens only once accepted)."""
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
+            req.num_computed_tokens += s.num_new_tokens - s.num_spec
             self.blocks.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+
+    def accept(self, req: Request, num_accepted: int) -> None:
+        """Counts a sequence's `num_accepted` verified drafts as computed: their K/V were written at the positions
+        the accepted tokens now hold (call after appending them). The slots of rejected drafts stay uncounted."""
+        if req.is_finished or num_accepted <= 0:
+            return
+        req.num_computed_tokens += num_accepted
+        self.blocks.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     def finish(self, req: Request, reason: FinishReason | None = None) -> None:
         """Removes a finished (or aborted) sequence and returns its blocks."""
@@ -132,3 +153,10 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.blocks.free(req.request_id)
+
+
+def _drop_drafts(req: Request, keep: int) -> None:
+    """Keeps the first `keep` draft tokens of `req` (and their draft distributions)."""
+    if len(req.spec_token_ids) > keep:
+        req.spec_token_ids = req.spec_token_ids[:keep]
+        req.spec_probs = None if req.spec_probs is None or keep == 0 else req.spec_probs[:keep]

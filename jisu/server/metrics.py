@@ -82,6 +82,17 @@ class ServerMetrics:
             "jisu:request_rejected", "Requests refused with 503.", labels + ["reason"], registry=reg
         )
         self._last_prefix = (0, 0)
+        # Speculative decoding, as vLLM's spec_decode_* counters (they stay 0 unless the engine speculates).
+        self.spec_decode_num_drafts = counter("jisu:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_decode_num_draft_tokens = counter("jisu:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_decode_num_accepted_tokens = counter(
+            "jisu:spec_decode_num_accepted_tokens", "Number of accepted tokens."
+        )
+        self._spec_per_pos = Counter(
+            "jisu:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+            labels + ["position"], registry=reg,
+        )
+        self._last_spec = (0, 0, 0, [])
 
     def request_finished(self, finished_reason: str) -> None:
         self._success.labels(self._model_name, finished_reason).inc()
@@ -106,6 +117,22 @@ class ServerMetrics:
         if hits > last_h:
             self.prefix_cache_hits.inc(hits - last_h)
         self._last_prefix = (max(queries, last_q), max(hits, last_h))
+        speculator = getattr(engine, "speculator", None)
+        if speculator is not None:
+            self._spec_state(speculator.stats)
+
+    def _spec_state(self, stats) -> None:
+        """The speculator's cumulative counts into the counters (by their increase since the last call)."""
+        drafts, tokens, accepted, per_pos = self._last_spec
+        self.spec_decode_num_drafts.inc(stats.num_drafts - drafts)
+        self.spec_decode_num_draft_tokens.inc(stats.num_draft_tokens - tokens)
+        self.spec_decode_num_accepted_tokens.inc(stats.num_accepted_tokens - accepted)
+        for pos, count in enumerate(stats.accepted_per_pos):
+            before = per_pos[pos] if pos < len(per_pos) else 0
+            if count > before or pos >= len(per_pos):
+                self._spec_per_pos.labels(self._model_name, str(pos)).inc(count - before)
+        self._last_spec = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens,
+                           list(stats.accepted_per_pos))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

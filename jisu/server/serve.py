@@ -120,7 +120,7 @@ def cmd_serve(args) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             num_kv_blocks=args.num_kv_blocks, checkpoint=load_checkpoint(args.model, keep_blocks=True),
             weights=args.weights, activations=args.activations, kv_cache_dtype=args.kv_cache_dtype,
-            deterministic=args.deterministic,
+            deterministic=args.deterministic, speculative_config=getattr(args, "speculative_config", None),
         )
     except BaseException:
         sock.close()
