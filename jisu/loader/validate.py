@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-import torch
-
 from jisu.errors import ModelConfigError, ModelLoadError
 from jisu.models.config import ModelConfig
 
@@ -25,8 +23,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     from jisu.models.registry import model_class
     from jisu.models.weights import checkpoint_shapes
 
-    with torch.device("meta"):
-        model = model_class(config.architecture)(config, max_positions=1)
+    # Its matrices are built on meta by the model itself; `with torch.device("meta")` around the rest (norms, a
+    # one-position rotary table) would run them through meta's Python reference ops, which import torch._dynamo (1-2 s).
+    model = model_class(config.architecture)(config, max_positions=1)
     return checkpoint_shapes(model)
 
 

@@ -84,14 +84,21 @@ class DecoderLayer(nn.Module):
         return x + (post_mlp(h) if post_mlp is not None else h)
 
 
+def _meta_embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding on the meta device, its weight left uninitialised (the loader fills it).
+    NOTE: nn.Embedding(..., device="meta") runs init.normal_ on the meta tensor, whose Python reference
+    implementation imports torch._dynamo: about 1-2 s of every start-up for nothing (issue 25)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim, device="meta"))
+
+
 class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        self.embed_tokens = _meta_embedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.embed_scale
         self.embed_positions = None
         if config.learned_positions:  # GPT-2's absolute positions, added to the token embeddings
-            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size, device="meta")
+            self.embed_positions = _meta_embedding(config.max_position_embeddings, config.hidden_size)
         self.rotary = RotaryEmbedding(config, max_positions)
         uses = {config.layer_rope(i) for i in range(config.num_hidden_layers)}
         self.rotary_local = None
