@@ -9,6 +9,8 @@ already fused under the projection's own name (Phi-3's qkv_proj), and either loa
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -47,6 +49,30 @@ def load_weights(model: nn.Module, tensors: dict, dtype: torch.dtype, device: to
         if isinstance(t, QuantizedTensor) and t.format not in support.kernels:
             raise ModelLoadError(f"{t.describe()} weights cannot run here: {support.refusals[t.format]}; "
                                  "load float weights instead")
+    with _one_thread():
+        _load_weights(model, tensors, dtype, device, kernels, act_bits)
+
+
+@contextmanager
+def _one_thread():
+    """torch (and the kernels' repacking) on one thread while weights are placed.
+    NOTE: placing is ~1,000 small copies (q/k row order, fused shards, int4 repacking), each too short to gain from
+    a second thread; but each parallel one waits for every thread of the team, and on a 2-core machine where another
+    process keeps a core busy that wait is a scheduler time slice: SmolLM2's placement took 0.6-1.1 s on 2 threads
+    and 0.26-0.40 s on one, measured alternately on such a machine (issue 25)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load_weights(model: nn.Module, tensors: dict, dtype: torch.dtype, device: torch.device, kernels,
+                  act_bits: int) -> None:
     floats, quantized = place(model, tensors, dtype, device)
     if model.config.output_is_tied(tensors):
         if EMBED in floats:
@@ -59,9 +85,15 @@ def load_weights(model: nn.Module, tensors: dict, dtype: torch.dtype, device: to
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
     _bind(model, floats, quantized, kernels is None, dtype, device)
+    tied = EMBED in quantized and quantized.get(OUTPUT) is quantized[EMBED]
+    any_quantized = bool(quantized)
+    # The modules hold the placed matrices now. Without these references each goes as soon as the kernels have
+    # their own copy (int4 is repacked), so a load does not hold two whole copies of the low-bit weights at once.
+    floats.clear()
+    quantized.clear()
     if kernels is not None:
-        _bind_cpu_kernels(model, kernels, quantized, act_bits)
-    elif quantized:
+        _bind_cpu_kernels(model, kernels, tied, act_bits)
+    elif any_quantized:
         for module in model.modules():
             if isinstance(module, Linear) and module.quantized is not None:
                 bias = None if module.bias is None else module.bias.data
@@ -113,9 +145,14 @@ def place(model: nn.Module, tensors: dict, dtype: torch.dtype, device: torch.dev
             floats[target] = torch.empty(params[target].shape, dtype=dtype, device=device)
         dest = floats[target] if rows is None else floats[target][rows]
         dest.copy_(tensor)
-    quantized = {t: concat_rows(unify([p for _, p in sorted(parts, key=lambda x: x[0])], t))
-                 for t, parts in shards.items()}
+    # A matrix of one shard is the checkpoint's own (no copy: the kernels repack int4 into their own layout, and
+    # int8 is read where it lies, e.g. in the converted-model cache's mapping of the file).
+    quantized = {t: _stack(unify([p for _, p in sorted(parts, key=lambda x: x[0])], t)) for t, parts in shards.items()}
     return floats, quantized
+
+
+def _stack(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    return parts[0] if len(parts) == 1 else concat_rows(parts)
 
 
 def fused_splitter(config):
@@ -124,8 +161,9 @@ def fused_splitter(config):
     own name; any other tensor as it is. Meta tensors too."""
     from jisu.models.registry import model_class
 
-    with torch.device("meta"):
-        model = model_class(config.architecture)(config, max_positions=1)
+    # NOTE: not under `with torch.device("meta")`: its matrices are built on meta anyway, and running the rest (a
+    # one-position rotary table, norm weights) through meta's Python reference ops imports torch._dynamo, 1-2 s.
+    model = model_class(config.architecture)(config, max_positions=1)
     return lambda name, tensor: list(_split_fused(model, {name: tensor}))
 
 
@@ -220,7 +258,8 @@ def _bind(model: nn.Module, floats: dict, quantized: dict, torch_layout: bool, d
             module.weight_format = value.describe()
 
 
-def _bind_cpu_kernels(model: nn.Module, kernels, quantized: dict, act_bits: int) -> None:
+def _bind_cpu_kernels(model: nn.Module, kernels, tied: bool, act_bits: int) -> None:
+    """tied: the output layer's matrix is the embedding's (one kernel copy serves both)."""
     for module in model.modules():
         if isinstance(module, Linear):
             bias = None if module.bias is None else module.bias.data
@@ -232,7 +271,6 @@ def _bind_cpu_kernels(model: nn.Module, kernels, quantized: dict, act_bits: int)
                 module.quantized = q.shape_only()  # keep one copy of the blocks: the kernels'
     embed = model.model.embed_tokens
     if isinstance(embed, QuantizedEmbedding):
-        tied = quantized.get(OUTPUT) is quantized.get(EMBED)
         kw = model.lm_head.kernel_weight if tied else embed.quantized.to_kernel(kernels)
         embed.use_kernels(kernels, kw)
         if kw.repacked:
