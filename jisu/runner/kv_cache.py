@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from jisu.config import CacheConfig
@@ -50,16 +53,45 @@ def plan_num_blocks(
     return max(1, min(fits, -(-max_tokens_in_use // cache.block_size)))
 
 
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros whose memory the OS provides page by page as it is first written.
+
+    NOTE: the KV cache is sized for its budget (1 GiB by default) but a run touches only the blocks its sequences
+    fill. torch.zeros writes every page, so all of it was resident from the start (SmolLM2: 1,619 MB peak RSS
+    for a few hundred KB of K/V). torch.empty would not write, but may return recycled allocator memory holding
+    anything, and attention reads slots beyond a sequence's length (masked, with weight 0: NaN * 0 is NaN). A
+    private anonymous mapping is zero-filled by the kernel on first touch and is never anyone else's memory, so
+    every slot reads as a finite 0 until K/V is written there, and RSS grows with the blocks used, up to the budget.
+    Huge pages are declined where the kernel allows it: one written slot would make 2 MiB of each layer resident.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    flags = getattr(mmap, "MAP_PRIVATE", None)
+    buf = mmap.mmap(-1, nbytes) if flags is None else mmap.mmap(-1, nbytes, flags=flags)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+    # The tensor keeps `buf` alive (frombuffer holds a reference); the mapping goes when the tensor does.
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype, device):
         self.num_blocks = num_blocks
         self.block_size = block_size
         slots = num_blocks * block_size
         shape = (slots, config.num_key_value_heads, config.head_dim)
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)
-        ]
+        device = torch.device(device)
+
+        def zeros():
+            if device.type == "cpu":
+                return untouched_zeros(shape, dtype)
+            return torch.zeros(shape, dtype=dtype, device=device)  # device memory: allocated whole, as vLLM does
+
+        self.layers = [(zeros(), zeros()) for _ in range(config.num_hidden_layers)]
 
     @property
     def num_slots(self) -> int:
