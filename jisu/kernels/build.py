@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,10 +42,34 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _torch_extensions_dir(name: str) -> Path | None:
+    """Where torch.utils.cpp_extension builds extension `name` (its _get_build_directory, restated), without importing
+    that module: it imports setuptools, ~0.1-0.2 s of every start-up. A wrong guess (another torch) only misses the
+    cached build, and the import below finds it."""
+    import torch
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        try:
+            from torch import _appdirs
+
+            base = os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions"))
+        except Exception:  # a torch without _appdirs: let cpp_extension say
+            return None
+        if torch.version.hip is not None:
+            accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+        elif torch.version.cuda is not None:
+            accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(base, f"{python}_{accelerator}")
+    return Path(root) / name
+
+
 def _build():
     try:
         import torch  # the extension links against libtorch, which importing torch loads
-        from torch.utils.cpp_extension import _get_build_directory, load
 
         # NOTE: named instruction sets rather than -march=native, and the set is part of the extension's name:
         # a build cached on disk must never be loaded on a CPU that lacks its instructions (VMs move).
@@ -62,6 +87,11 @@ def _build():
         for p in sorted(_HERE.glob("*.h")) + [_HERE / s for s in _SOURCES]:
             digest.update(p.read_bytes())
         name = f"jisu_kernels_{'avx2' if vector else 'portable'}_{digest.hexdigest()[:12]}"
+        guess = _torch_extensions_dir(name)
+        if guess is not None and (guess / f"{name}.so").exists():
+            return _import(name, guess / f"{name}.so")
+        from torch.utils.cpp_extension import _get_build_directory, load
+
         build_dir = Path(_get_build_directory(name, verbose=False))
         built = build_dir / f"{name}.so"
         if built.exists():
