@@ -6,20 +6,26 @@ NOTE: the functions calibrate.calibrate and estimate.estimate are not re-exporte
 they would shadow their modules (`from jisu.profile import calibrate` must give the module).
 """
 
-from jisu.profile.calibrate import Calibration, load_calibration, read_cpu_clock
-from jisu.profile.cycles import CycleCount, count_cycles, counter_status
-from jisu.profile.estimate import Estimate
-from jisu.profile.roofline import (
-    SeqWork,
-    StepCost,
-    Verdict,
-    WeightFormat,
-    decode_cost,
-    prefill_cost,
-    roofline_verdict,
-    seq_work_from_step,
-    step_cost,
-)
+# Lazy (PEP 562): the engine imports jisu.profile.timeline on every start, and this package's other modules
+# (roofline, calibration, estimates; the last reads GGUF headers) are for `jisu profile` and friends.
+_EXPORTS = {
+    "Calibration": "calibrate", "load_calibration": "calibrate", "read_cpu_clock": "calibrate",
+    "CycleCount": "cycles", "count_cycles": "cycles", "counter_status": "cycles",
+    "Estimate": "estimate",
+    "SeqWork": "roofline", "StepCost": "roofline", "Verdict": "roofline", "WeightFormat": "roofline",
+    "decode_cost": "roofline", "prefill_cost": "roofline", "roofline_verdict": "roofline",
+    "seq_work_from_step": "roofline", "step_cost": "roofline",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jisu.profile' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"jisu.profile.{module}"), name)
+
 
 __all__ = [
     "Calibration", "CycleCount", "Estimate", "SeqWork", "StepCost", "Verdict", "WeightFormat", "count_cycles",
