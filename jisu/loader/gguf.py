@@ -64,6 +64,13 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
 
     The file is untrusted: its structure is checked by scan_gguf, its metadata by ModelConfig.from_hf_dict
     and the tensor shapes its header states against that config, all before any tensor data is read."""
+    return load_gguf_with_config(path, progress, keep_blocks)[0]
+
+
+def load_gguf_with_config(path: str | Path, progress: ProgressFn | None = None,
+                          keep_blocks: bool = False) -> tuple[Checkpoint, dict[str, Any], dict[str, str]]:
+    """load_gguf, and the config.json-style dict and field names its ModelConfig was made from (what the cache of
+    converted checkpoints stores, jisu/loader/converted_cache.py)."""
     path = Path(path)
     arch = _check_header(path)
     if arch is not None:  # fail fast, before parsing a vocabulary of maybe 250k tokens
@@ -133,7 +140,7 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
         if spec.permute_gguf_qk:
             w = _unpermute_qk(w, gguf_name, config)
         tensors.update(split(hf_name, spec.sanitize_gguf(hf_name, w)))
-    return Checkpoint(
+    checkpoint = Checkpoint(
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,
@@ -148,6 +155,7 @@ def load_gguf(path: str | Path, progress: ProgressFn | None = None, keep_blocks:
             "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
         },
     )
+    return checkpoint, hf_config, names
 
 
 # ----------------------------------------------------------------------------- file and metadata

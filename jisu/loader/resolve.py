@@ -87,13 +87,18 @@ def load_checkpoint(
     keep_blocks: quantized matrices that jisu's kernels run as they are (GGUF Q8_0/Q4_0/Q4_1, `jisu quantize`
     output) stay QuantizedTensor.
     """
-    from jisu.loader.gguf import load_gguf
-    from jisu.loader.hf_folder import load_hf_folder
-
     path = resolve_model(name_or_path, progress)
     if path.is_dir():
+        from jisu.loader.hf_folder import load_hf_folder
+
         return load_hf_folder(path, progress, keep_blocks)
     if path.suffix.lower() == ".gguf" or _starts_with_gguf_magic(path):
+        from jisu.loader import converted_cache
+
+        if keep_blocks and converted_cache.enabled(path):  # what jisu generate / LLM() load by default
+            return converted_cache.load_gguf_cached(path, progress)
+        from jisu.loader.gguf import load_gguf
+
         return load_gguf(path, progress, keep_blocks)
     raise ModelLoadError(
         f"{path} is neither a GGUF file nor a Hugging Face model folder (a directory with config.json)"
