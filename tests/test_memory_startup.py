@@ -245,3 +245,28 @@ def test_cache_hit_does_not_parse_the_gguf(tiny_q_gguf, tmp_path):
             f"from jisu.loader.resolve import load_checkpoint; load_checkpoint({str(tiny_q_gguf)!r}, keep_blocks=True)")
     assert "gguf" in _modules_after(code, env)  # a miss reads the file with gguf's reader
     assert "gguf" not in _modules_after(code, env)  # a hit does not
+
+
+def test_memory_report_of_an_engine(tiny_llama_dir):
+    from jisu import LLM, SamplingParams
+    from jisu.profile.memory import format_bytes, memory_report
+
+    llm = LLM(model=str(tiny_llama_dir), max_model_len=128)
+    llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4))
+    m = memory_report(llm.engine)
+    kv = m["kv_cache"]
+    assert kv["allocated_bytes"] == sum(k.nbytes + v.nbytes for k, v in llm.engine.kv_cache.layers)
+    assert m["peak_rss_bytes"] > 0
+    if m["rss_bytes"] is not None:
+        assert 0 < kv["resident_bytes"] <= kv["allocated_bytes"] and m["rss_bytes"] <= m["peak_rss_bytes"]
+    assert format_bytes(3 << 20) == "3 MiB" and format_bytes(None) == "-"
+
+
+def test_compare_report_names_what_its_memory_figures_mean():
+    from jisu.bench.compare import format_compare
+
+    result = {"engines": {"jisu": {"medians": {}, "load_rss_growth_bytes": 100 << 20}}, "input_len": 8,
+              "runs": 1, "model": "m", "concurrency": [1], "skipped": {}, "calibration_source": "none",
+              "peak_rss_bytes": 500 << 20, "checkpoint_rss_bytes": 300 << 20}
+    text = format_compare(result)
+    assert "process peak RSS 500 MiB" in text and "jisu +100 MiB at load" in text

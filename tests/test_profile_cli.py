@@ -35,6 +35,11 @@ def test_profile_reports_every_section_and_writes_trace_and_plots(tiny_llama_dir
         v = report["phases"][phase]["roofline"]
         assert v["binding"] in ("memory bandwidth", "compute") and 0 < v["percent_of_bound"]
     assert report["cycles"]["cycles_per_token"] > 0
+    mem = report["memory"]
+    assert mem["peak_rss_bytes"] > 0 and mem["kv_cache"]["allocated_bytes"] > 0
+    if mem["rss_bytes"] is not None:  # Linux: the KV cache's written pages are a part of it
+        assert 0 < mem["kv_cache"]["resident_bytes"] <= mem["kv_cache"]["allocated_bytes"]
+        assert mem["rss_bytes"] <= mem["peak_rss_bytes"]
     trace = json.loads((tmp_path / "t.json").read_text())
     assert any(e["name"] == "forward" for e in trace["traceEvents"])
     pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))

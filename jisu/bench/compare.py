@@ -22,6 +22,7 @@ from pathlib import Path
 
 from jisu.bench.latency import TimedRun, check_workload, fmt_num, machine_info, phase_figures, timed_generate
 from jisu.errors import InvalidRequestError, JisuError
+from jisu.profile.memory import peak_rss_bytes, rss_bytes
 
 ENGINE_ALIASES = {"jisu": "jisu", "transformers": "transformers", "hf": "transformers",
                   "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp",
@@ -228,14 +229,21 @@ def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seq
             log(f"{name}: skipped ({_MODULES[base]} is not installed; {INSTALL[base]})")
             continue
         t = time.perf_counter()
+        rss = rss_bytes()
         try:
             args = (path, checkpoint, max_len, max_seqs) + ((weights,) if weights else ())
-            loaded.append(ENGINES[base](*args))
+            engine = ENGINES[base](*args)
         except _Skip as e:
             skipped[name] = {"reason": str(e), "install": None}
             log(f"{name}: skipped ({e})")
             continue
-        log(f"{name}: loaded in {time.perf_counter() - t:.1f} s")
+        after = rss_bytes()
+        # What loading this engine added to the process's RSS: its weights, caches and buffers as they stand once
+        # loaded (None where the OS does not say). Approximate: allocator reuse of memory freed meanwhile hides part.
+        engine.load_rss_growth = None if rss is None or after is None else after - rss
+        loaded.append(engine)
+        log(f"{name}: loaded in {time.perf_counter() - t:.1f} s"
+            + ("" if engine.load_rss_growth is None else f", RSS +{engine.load_rss_growth / 2**20:.0f} MiB"))
     return loaded, skipped
 
 
@@ -398,6 +406,13 @@ def format_compare(result: dict) -> str:
         if spread:
             lines.append(f"  {'':{len(name)}s} within each run: " + ", ".join(
                 f"{short(k)} {p['min']:.2f}-{p['max']:.2f}x (median {p['median']:.2f}x)" for k, p in spread.items()))
+    grown = {name: e["load_rss_growth_bytes"] for name, e in engines.items() if e.get("load_rss_growth_bytes") is not None}
+    if result.get("peak_rss_bytes") is not None:
+        parts = [f"process peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB (all engines together, one process)"]
+        if result.get("checkpoint_rss_bytes") is not None:
+            parts.append(f"the checkpoint the engines share +{result['checkpoint_rss_bytes'] / 2**20:,.0f} MiB")
+        parts += [f"{name} +{b / 2**20:,.0f} MiB at load" for name, b in grown.items()]
+        lines.append("memory: " + "; ".join(parts) + " (RSS growth while each loaded; approximate)")
     for name, e in engines.items():
         if e.get("note"):
             lines.append(f"note: {name}: {e['note']}")
@@ -427,7 +442,10 @@ def cmd_compare(args) -> int:
     names = parse_engines(args.engines)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     path = resolve_model(args.model)
+    rss = rss_bytes()
     checkpoint = load_checkpoint(path)
+    after = rss_bytes()
+    checkpoint_rss = None if rss is None or after is None else after - rss
     max_len = args.input_len + args.output_len + 16
     if max_len > checkpoint.config.max_position_embeddings:
         raise InvalidRequestError(f"--input-len + --output-len ({max_len - 16}) exceeds the model's context of "
@@ -441,7 +459,8 @@ def cmd_compare(args) -> int:
     cal, cal_source = get_calibration(args.calibration)
     for e in engines:
         r = results[e.name]
-        r |= {"version": e.version, "note": e.note, "kv_cache_dtype": e.kv_dtype}
+        r |= {"version": e.version, "note": e.note, "kv_cache_dtype": e.kv_dtype,
+              "load_rss_growth_bytes": getattr(e, "load_rss_growth", None)}
         if cal is not None:
             try:
                 r["roofline"] = roofline_percents(checkpoint.config, e, cal, args.input_len, args.output_len,
@@ -455,7 +474,8 @@ def cmd_compare(args) -> int:
               "calibration": None if cal is None else {"bandwidth_bytes_per_s": cal.bandwidth_bytes_per_s,
                                                        "peak_flops_per_s": cal.peak_flops_per_s, "quick": cal.quick},
               "engines": results, "skipped": skipped, "ratios_vs_jisu": ratios_vs_jisu(results),
-              "paired_ratios_vs_jisu": paired_ratios_vs_jisu(results)}
+              "paired_ratios_vs_jisu": paired_ratios_vs_jisu(results),
+              "peak_rss_bytes": peak_rss_bytes(), "checkpoint_rss_bytes": checkpoint_rss}
     print(format_compare(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -8,7 +8,7 @@ from jisu.profile.timeline import PHASES, StepRecord
 from jisu.request import RequestTimes
 
 PHASE_COLOURS = {"schedule": "#8da0cb", "prepare": "#66c2a5", "forward": "#fc8d62", "sample": "#e78ac3",
-                 "detokenize": "#a6d854"}
+                 "detokenize": "#a6d854", "draft": "#ffd92f"}
 
 
 def _pyplot():
@@ -50,7 +50,7 @@ def step_phases(steps: list[StepRecord], path: Path) -> Path:
     bottom = [0.0] * len(steps)
     for phase in PHASES:
         ms = [getattr(s, phase) * 1e3 for s in steps]
-        ax.bar(x, ms, bottom=bottom, width=1.0, color=PHASE_COLOURS[phase], label=phase)
+        ax.bar(x, ms, bottom=bottom, width=1.0, color=PHASE_COLOURS.get(phase, "#b3b3b3"), label=phase)
         bottom = [b + m for b, m in zip(bottom, ms)]
     ax.set_xlabel("engine step")
     ax.set_ylabel("ms")

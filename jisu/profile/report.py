@@ -27,6 +27,7 @@ def report_dict(result: ProfileResult, calibration=None) -> dict[str, Any]:
             "outputs_identical_with_profiler_off": result.outputs_identical,
         },
         "cycles": result.cycles,
+        "memory": result.memory,
         "calibration": calibration.to_dict() if calibration is not None else None,
     }
 
@@ -98,6 +99,15 @@ def print_report(result: ProfileResult, calibration=None, console=None) -> None:
         label = "estimated from CPU time x clock" if c["estimated"] else "hardware counters"
         console.print(f"Cycles: {c['cycles_per_token'] / 1e6:.2f} M per token, {c['flops_per_cycle']:.2f} FLOPs per "
                       f"cycle ({label}; {c['note']})")
+    if result.memory:
+        from jisu.profile.memory import format_bytes
+
+        m = result.memory
+        kv = m.get("kv_cache") or {}
+        kv_text = (f"; KV cache {format_bytes(kv.get('resident_bytes'))} written of "
+                   f"{format_bytes(kv.get('allocated_bytes'))} allocated" if kv else "")
+        console.print(f"Memory: peak RSS {format_bytes(m['peak_rss_bytes'])} (the whole process since it started), "
+                      f"RSS now {format_bytes(m['rss_bytes'])}{kv_text}")
 
 
 def write_plots(result: ProfileResult, directory: str | Path, calibration=None) -> list[Path]:

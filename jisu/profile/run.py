@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from jisu.profile.memory import memory_report
 from jisu.profile.operators import OperatorProfiler
 from jisu.profile.roofline import SeqWork, WeightFormat, roofline_verdict, step_cost
 from jisu.profile.timeline import PHASES, StepRecord
@@ -49,6 +50,8 @@ class ProfileResult:
     """The faster of two runs without hooks (one before, one after the profiled run)."""
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     cycles: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    """Peak and current RSS of the process, KV cache allocated and resident (jisu/profile/memory.py)."""
 
     @property
     def profiler_overhead(self) -> float:
@@ -100,6 +103,7 @@ def run_profile(llm, workload: Workload, calibration=None, count_cycles_fn=None)
         layers=dict(prof.by_layer), outputs_identical=identical,
     )
     result.phases = phase_verdicts(engine, steps, calibration)
+    result.memory = memory_report(engine)
     if cycles is not None:
         tokens = sum(s.num_tokens for s in steps)
         flops = sum(_cost(engine, s).flops.total for s in steps)
