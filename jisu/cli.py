@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,6 +188,9 @@ def _read_text(path: str, flag: str) -> str:
 @contextmanager
 def _loading(quiet: bool):
     """Shows model loading progress on stderr (stdout stays clean for --json)."""
+    if quiet or not (sys.stderr.isatty() or os.environ.get("FORCE_COLOR") or os.environ.get("TTY_INTERACTIVE")):
+        yield None  # no bar to draw: rich (~0.1 s to import) stays out of the start-up
+        return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
