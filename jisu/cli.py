@@ -22,6 +22,7 @@ from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune
 from jisu.quant.cli import add_quantize_parser, run_quantize
+from jisu.server.ray_cli import add_ray_args, cmd_serve_or_replicas
 from jisu.server.serve import add_serve_args, cmd_serve
 
 # NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
     add_serve_args(s)
+    add_ray_args(s)
     return parser
 
 
@@ -364,7 +366,7 @@ def cmd_estimate(args) -> int:
 
 
 COMMANDS = {
-    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "profile": cmd_profile,
+    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve_or_replicas, "profile": cmd_profile,
     "calibrate": cmd_calibrate, "estimate": cmd_estimate, "eval": cmd_eval,
     "bench": cmd_bench, "quantize": run_quantize, "prune": run_prune,
 }
