@@ -20,10 +20,15 @@ class SchedulerConfig:
     """Sequences decoding together in one step."""
     max_num_batched_tokens: int = 1024
     """Token budget of one step; longer prompts are prefilled in chunks of at most this size."""
+    max_prefill_tokens_with_decodes: int | None = None
+    """Prompt tokens a step may take while some sequence decodes in it (None: the whole budget). Every decoding
+    sequence waits for its step, so a cap bounds their time per output token (TPOT) while new prompts arrive;
+    the prompts then take more steps (higher TTFT). See scheduler.py's NOTE on decode latency."""
 
     def __post_init__(self):
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_prefill_tokens_with_decodes", self.max_prefill_tokens_with_decodes, 1, allow_none=True)
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")

@@ -7,6 +7,14 @@ preempted for lack of KV blocks simply restarts from zero computed tokens and is
 A decoding sequence with k draft tokens (speculative decoding, Request.spec_token_ids) needs 1 + k: the drafts'
 K/V are written, but only the accepted ones are counted as computed (accept()), so a rejected draft's slot is
 overwritten by the next step and never reaches the prefix cache.
+
+NOTE: decode latency beside new prompts. Decodes are scheduled first and prompts fill the rest of the budget, so a
+step that admits prompts while others decode is as long as its prompt tokens make it, and every decoding sequence
+waits for it: on CPU, where a row costs about the same whether it is a decode or a prompt token (deterministic steps
+run both as decode rows, 128 a fused call), 16 streams of 256-token prompts and 64-token answers put ~4 prompt rows
+beside each decode row. SchedulerConfig.max_prefill_tokens_with_decodes caps the prompt tokens of such steps (and
+so the steps decodes wait for); the prompts then take more steps (higher TTFT, fewer sequences decoding at once).
+Tokens do not change with it in deterministic mode (chunking does not matter there).
 """
 
 from __future__ import annotations
@@ -70,27 +78,41 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # Prompt (and recompute) tokens this step may take: capped while sequences decode (see the NOTE).
+        prefill_budget = budget
+        cap = self.config.max_prefill_tokens_with_decodes
+        if cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
+            prefill_budget = min(budget, cap)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.spec_token_ids and req.num_tokens - req.num_computed_tokens != 1:
+            decoding = req.num_tokens - req.num_computed_tokens == 1
+            if not decoding and prefill_budget <= 0:
+                i += 1  # a prompt mid-chunking waits for a later step
+                continue
+            if req.spec_token_ids and not decoding:
                 _drop_drafts(req, 0)  # drafts follow the last real token only
             n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            if not decoding:
+                n = min(n, prefill_budget)
             if req.spec_token_ids:  # the budget may cut the drafts short
                 _drop_drafts(req, max(0, req.num_computed_tokens + n - req.num_tokens))
             if self._allocate_or_preempt(req, n, out):
                 out.scheduled.append(ScheduledRequest.of(req, n))
                 budget -= n
+                if not decoding:
+                    prefill_budget -= n
                 i += 1
         # New sequences join only when nothing had to be preempted: admitting one would just evict another.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and prefill_budget > 0 and not out.preempted
+               and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             _drop_drafts(req, 0)
             first_time = req.times.first_scheduled is None
             # A request that keeps its prompt rows (prompt logprobs, pooling) must compute them, so no cache hit.
             if req.num_computed_tokens == 0 and not req.needs_prompt_rows:
                 req.num_computed_tokens = self.blocks.match_prefix(req.request_id, req.all_token_ids)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
             if not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
                 self.blocks.free(req.request_id)  # give back any prefix hit; it is looked up again next time
                 req.num_computed_tokens = 0
@@ -105,6 +127,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest.of(req, n))
             budget -= n
+            prefill_budget -= n
         return out
 
     def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
