@@ -24,6 +24,8 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 httpx = pytest.importorskip("httpx")
 
 REPLICA_HEADER = "x-jisu-replica"
+API_KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # The tiny model's context is 256 tokens; the cluster runs with --affinity-min-prefix 64.
 LONG_PREFIX = "You are a careful assistant. Answer briefly, quoting the context. " * 2
 
@@ -38,7 +40,7 @@ def _free_port() -> int:
 def cluster(tiny_llama_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("ray-serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "JISU_API_KEY": "",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "JISU_API_KEY": API_KEY,
            "RAY_SERVE_LOG_TO_STDERR": "0"}
     cmd = [sys.executable, "-m", "jisu.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
            "--replicas", "2", "--threads-per-replica", "1", "--max-num-seqs", "8", "--shutdown-timeout", "20",
@@ -73,12 +75,12 @@ def cluster(tiny_llama_dir, tmp_path_factory):
 
 def _complete(base: str, prompt: str, max_tokens: int = 4) -> httpx.Response:
     return httpx.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
-                                                       "temperature": 0}, timeout=60)
+                                                       "temperature": 0}, timeout=60, headers=AUTH)
 
 
 def test_openai_client_streams_through_the_cluster(cluster):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=cluster["base"] + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=cluster["base"] + "/v1", api_key=API_KEY, max_retries=0)
     model = client.models.list().data[0].id
     chunks = list(client.completions.create(model=model, prompt="Hello there", max_tokens=8, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
@@ -87,11 +89,14 @@ def test_openai_client_streams_through_the_cluster(cluster):
     # Errors are the single-process server's own.
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
-    r = httpx.post(cluster["base"] + "/v1/completions", json={"prompt": "x", "max_tokens": -3}, timeout=30)
+    r = httpx.post(cluster["base"] + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(cluster["base"] + "/v1/completions", json={"prompt": "x", "max_tokens": -3}, timeout=30,
+                   headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert r.headers[REPLICA_HEADER]
     body = httpx.post(cluster["base"] + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
-                      timeout=30).json()
+                      timeout=30, headers=AUTH).json()
     assert "timings" in body and body["usage"]["completion_tokens"] == 3
 
 
@@ -142,7 +147,7 @@ def test_killing_a_replica_mid_stream_fails_only_its_requests(cluster):
     def stream(i: int) -> None:
         events, replica = [], None
         try:
-            with httpx.stream("POST", base + "/v1/completions", timeout=60,
+            with httpx.stream("POST", base + "/v1/completions", timeout=60, headers=AUTH,
                               json={"prompt": f"Stream {i}", "max_tokens": 240, "stream": True,
                                     "ignore_eos": True}) as r:
                 replica = started[i] = r.headers.get(REPLICA_HEADER)
@@ -190,7 +195,7 @@ def test_sigterm_drains_in_flight_streams(cluster):
     out = {}
 
     def stream() -> None:
-        with httpx.stream("POST", base + "/v1/completions", timeout=60,
+        with httpx.stream("POST", base + "/v1/completions", timeout=60, headers=AUTH,
                           json={"prompt": "drain me", "max_tokens": 120, "stream": True, "ignore_eos": True}) as r:
             out["events"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
@@ -201,3 +206,78 @@ def test_sigterm_drains_in_flight_streams(cluster):
     t.join(60)
     assert out["events"][-1] == "[DONE]", out["events"][-3:]
     assert proc.wait(60) == 0, cluster["log"].read_text()[-3000:]
+
+
+# ----------------------------------------------------------------------------- the router and metrics, no cluster
+
+
+class _Rid:
+    def __init__(self, name: str):
+        self.name = name
+
+    def to_full_id_str(self) -> str:
+        return self.name
+
+
+class _Replica:
+    def __init__(self, name: str):
+        self.replica_id = _Rid(name)
+        self.max_ongoing_requests = 100
+
+
+class _Pending:
+    def __init__(self, text: str):
+        self.args = [{"route_text": text}]
+
+
+def _router(lens: dict, **kwargs):
+    import asyncio
+
+    from jisu.server.ray_serve import PrefixAffinityRouter
+
+    router = object.__new__(PrefixAffinityRouter)
+    router.initialize_state(**kwargs)
+
+    async def queue_lens(replicas):
+        return {r.replica_id: lens[r.replica_id.name] for r in replicas}
+
+    router._queue_lens = queue_lens
+    return router, lambda replicas, text: asyncio.run(router.choose_replicas(replicas, _Pending(text)))
+
+
+def test_router_prefers_least_loaded_then_the_prefix_owner_unless_much_busier():
+    a, b = _Replica("a"), _Replica("b")
+    lens = {"a": 3, "b": 0}
+    router, choose = _router(lens, min_match_chars=128, imbalance=4)
+    first = choose([a, b], "x" * 300)
+    assert first[0][0] is b  # least loaded
+    router.on_request_routed(_Pending("x" * 300), b.replica_id, None)
+    lens.update(a=0, b=3)
+    assert choose([a, b], "x" * 300 + " more")[0][0] is b  # shared prefix: stays, 3 more is not much busier
+    assert choose([a, b], "y" * 300)[0][0] is a  # no shared prefix: least loaded
+    assert choose([a, b], "x" * 100)[0][0] is a  # shares less than min_match_chars
+    lens.update(b=9)
+    assert choose([a, b], "x" * 300)[0][0] is a  # the owner is much busier
+    lens.update(b=0)
+    off, choose_off = _router(lens, affinity=False)
+    off.on_request_routed(_Pending("x" * 300), a.replica_id, None)
+    assert not off._owner
+
+
+def test_route_text_and_merged_metrics():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jisu.server.ray_serve import merge_metrics, prefix_blocks, route_text
+
+    assert route_text(b'{"prompt": "abc"}') == "abc"
+    chat = route_text(b'{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}')
+    assert chat.startswith("system\x1fS") and "user\x1fU" in chat
+    assert route_text(b"not json") is None and route_text(b"[1]") is None
+    assert prefix_blocks("a" * 130)[:2] == prefix_blocks("a" * 128 + "zz")[:2] and len(prefix_blocks("a" * 127)) == 1
+    text = ('# HELP jisu:generation_tokens_total Number of generation tokens processed.\n'
+            '# TYPE jisu:generation_tokens_total counter\n'
+            'jisu:generation_tokens_total{model_name="m"} 5.0\n')
+    merged = merge_metrics({"r1": text, "r2": text.replace("5.0", "7.0")})
+    fams = list(text_string_to_metric_families(merged))
+    samples = [(s.labels["replica"], s.value) for f in fams for s in f.samples]
+    assert samples == [("r1", 5.0), ("r2", 7.0)] and merged.count("# TYPE") == 1
