@@ -137,6 +137,26 @@ def test_metrics_aggregate_replicas_and_health(cluster):
     assert health["status"] == "ok" and all(r["healthy"] for r in health["replicas"])
 
 
+def _metric_sum(base: str, prefix: str, having: str = "") -> float:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix) and having in x)
+
+
+def test_a_client_hanging_up_aborts_its_request_on_the_replica(cluster):
+    base = cluster["base"]
+    aborted = ("jisu:request_success_total", 'finished_reason="abort"')
+    before = _metric_sum(base, *aborted)
+    with httpx.stream("POST", base + "/v1/completions", timeout=60, headers=AUTH,
+                      json={"prompt": "hang up", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break
+    deadline = time.monotonic() + 15
+    while _metric_sum(base, *aborted) <= before:
+        assert time.monotonic() < deadline, "the replica never aborted the request"
+        time.sleep(0.3)
+
+
 def test_killing_a_replica_mid_stream_fails_only_its_requests(cluster):
     base = cluster["base"]
     health = httpx.get(base + "/health", timeout=10).json()
