@@ -290,7 +290,7 @@ class LLMEngine:
             for i, t, lp in zip(plain, sampled.token_ids, sampled.logprobs):
                 result[i] = (seqs[i], [t], [lp], 0, 0)
         spec_rows = [r for i in spec for r in range(starts[i], starts[i + 1])]
-        spec_logits = logits[spec_rows]
+        spec_logits = logits if len(spec_rows) == logits.shape[0] else logits[spec_rows]
         reqs = [seqs[i] for i in spec]
         drafts = [list(r.spec_token_ids) for r in reqs]
         verified = self.speculator.verify(spec_logits, reqs, drafts, [r.spec_probs for r in reqs])

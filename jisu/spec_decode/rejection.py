@@ -58,7 +58,10 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], draf
     for one-hot proposals.
     NOTE: the per-row work runs in numpy on the rows it needs (up to the first rejection): torch's softmax on a
     few rows costs milliseconds of thread-pool dispatch on a busy 2-core machine."""
-    x = sampler.processed_logits(logits, rows)
+    if all(r.params.greedy and not r.params.rewrites_logits and r.grammar is None for r in rows):
+        x = logits  # nothing changes a greedy row's argmax: skip the [rows, vocab] copy
+    else:
+        x = sampler.processed_logits(logits, rows)
     results = []
     r = 0
     for draft, q in zip(drafts, draft_probs):
