@@ -334,3 +334,25 @@ def test_real_model_quoting_is_identical_and_accepts(real_model_path, real_llm):
             f'{float(stats.accepted_per_pos[0])}') in text
     sm.engine_state(spec.engine, 0)  # idempotent: counters take only the increase
     assert f'jisu:spec_decode_num_drafts_total{{model_name="smol"}} {float(stats.num_drafts)}' in sm.render().decode()
+
+
+def test_cli_speculative_config(tiny_llama_dir):
+    """`jisu generate --speculative-config JSON`: the same greedy text, the acceptance line under --stats, and a bad
+    config is a clean error naming its field."""
+    import subprocess
+    import sys
+
+    def jisu(*args):
+        return subprocess.run([sys.executable, "-m", "jisu.cli", *args], capture_output=True, text=True, timeout=180,
+                              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+    base = ["generate", "hello world", "--model", str(tiny_llama_dir), "--temperature", "0", "--max-tokens", "12",
+            "--ignore-eos"]
+    plain = jisu(*base)
+    spec = jisu(*base, "--stats", "--speculative-config", json.dumps(NGRAM))
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "[speculative:" in spec.stderr
+    bad = jisu(*base, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 99}')
+    assert bad.returncode != 0 and "speculative_config.num_speculative_tokens" in bad.stderr
+    assert "Traceback" not in bad.stderr
