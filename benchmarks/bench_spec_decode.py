@@ -56,6 +56,30 @@ def run_one(llm: LLM, prompt: str, params: SamplingParams) -> dict:
             "accepted": m.spec_num_accepted_tokens}
 
 
+def row_costs(model: str | None, runs: int = 15) -> dict[int, float]:
+    """Median ms of one sequence's step of 1..8 rows (ModelRunner.prepare + execute, 170-token context): what a
+    verify of 1 + k rows costs against a plain decode step."""
+    from jisu.request import Request
+    from jisu.scheduler.scheduler import ScheduledRequest, SchedulerOutput
+
+    engine = LLM(model=model, max_model_len=2048).engine
+    ids = engine.tokenizer.encode(PASSAGE)[:170]
+    req = Request("rows", ids, SamplingParams(max_tokens=16))
+    engine.blocks.allocate("rows", len(ids) + 8)
+    fill = SchedulerOutput([ScheduledRequest(req, len(ids) - 8)])
+    engine.runner.execute(engine.runner.prepare(fill))
+    req.num_computed_tokens = len(ids) - 8
+    costs = {}
+    for rows in range(1, 9):
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            engine.runner.execute(engine.runner.prepare(SchedulerOutput([ScheduledRequest(req, rows, samples=True)])))
+            times.append(time.perf_counter() - start)
+        costs[rows] = statistics.median(times) * 1e3
+    return costs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="default: the default model (SmolLM2-135M-Instruct Q4_1)")
@@ -65,11 +89,16 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--row-costs", action="store_true", help="only time one sequence's step of 1..8 rows")
     args = ap.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.row_costs:
+        costs = row_costs(args.model)
+        print(json.dumps(costs) if args.json else "  ".join(f"{r} rows {ms:.1f} ms" for r, ms in costs.items()))
+        return
 
     config = json.loads(args.config)
     plain = LLM(model=args.model, max_model_len=2048)
