@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--latency-requests", type=int, default=30)
+    ap.add_argument("--configs", default="1x2,2x1", help="REPLICASxTHREADS servers for part 1 (default 1x2,2x1)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: serve,affinity,latency")
     args = ap.parse_args()
     out = Path(args.out)
@@ -156,7 +157,7 @@ def main() -> int:
     results: dict = {}
 
     if "serve" not in skip:
-        for replicas, threads in ((1, 2), (2, 1)):
+        for replicas, threads in (tuple(map(int, c.split("x"))) for c in args.configs.split(",")):
             name = f"{replicas}x{threads}"
             s = Server([*model, "--replicas", str(replicas), "--threads-per-replica", str(threads)],
                        out / f"serve-{name}.log")
