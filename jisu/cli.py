@@ -23,7 +23,7 @@ from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune
 from jisu.quant.cli import add_quantize_parser, run_quantize
 from jisu.server.ray_cli import add_ray_args, cmd_serve_or_replicas
-from jisu.server.serve import add_serve_args, cmd_serve
+from jisu.server.serve import add_serve_args
 
 # NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
 # the Python API keeps vLLM's SamplingParams defaults.
