@@ -19,6 +19,7 @@ arguments written so far. `ToolStream` turns the changes into OpenAI's delta.too
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import json
 import re
 import uuid
@@ -233,8 +234,8 @@ def _call_objects(s: str, i: int) -> list[tuple[int, int | None]]:
 # ----------------------------------------------------------------------------- parsers
 
 
-class ToolParser:
-    """Reads calls of the given tools out of a model's output."""
+class ToolParser(ABC):
+    """Reads calls of the given tools out of a model's output; each call format is a subclass."""
 
     name = "base"
     args_key = "arguments"
@@ -244,11 +245,13 @@ class ToolParser:
         self.names = frozenset(names)
         self.parallel = parallel
 
+    @abstractmethod
     def extract(self, text: str) -> ExtractedCalls:
-        raise NotImplementedError
+        """The calls in a finished output, and the text around them."""
 
+    @abstractmethod
     def partial(self, text: str) -> PartialOutput:
-        raise NotImplementedError
+        """What a still-growing output shows so far: calls begun, and text that can be sent."""
 
     def constrained(self) -> "ToolParser":
         """The parser for a required call's grammar-constrained output (a JSON list of calls)."""
