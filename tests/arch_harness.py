@@ -141,3 +141,21 @@ def assert_engine_invariants(path, prompt_len: int = 40, **llm_kwargs) -> None:
     assert small.engine.scheduler.total_preemptions > 0
     for llm in (cold, chunked, warm, small):
         _assert_no_leak(llm)
+
+
+def tiny_gemma3(tie: bool = True, window: int = 6):
+    """(transformers class, config) of a tiny Gemma 3: sliding and full layers, two RoPE tables (the global one
+    scaled), a query scalar that is not head_dim."""
+    import transformers
+
+    _, bos, eos = tiny_vocab("llama")
+    c = transformers.Gemma3TextConfig(
+        vocab_size=tiny_vocab("llama")[0], hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24, tie_word_embeddings=tie, bos_token_id=bos, eos_token_id=eos,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+    )
+    c.architectures = ["Gemma3ForCausalLM"]
+    return transformers.Gemma3ForCausalLM, c

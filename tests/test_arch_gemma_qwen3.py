@@ -11,7 +11,9 @@ import pytest
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from arch_harness import assert_engine_invariants, assert_logits_match, prompt_ids, save_tiny_hf, tiny_vocab  # noqa: E402
+from arch_harness import (  # noqa: E402
+    assert_engine_invariants, assert_logits_match, prompt_ids, save_tiny_hf, tiny_gemma3, tiny_vocab,
+)
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import _add_tensor, _add_tokenizer  # noqa: E402
 
@@ -19,16 +21,7 @@ VOCAB, BOS, EOS = tiny_vocab("llama")
 
 
 def _gemma3(tie=True):
-    c = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=3,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=6,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        query_pre_attn_scalar=24, tie_word_embeddings=tie, bos_token_id=BOS, eos_token_id=EOS,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
-    )
-    c.architectures = ["Gemma3ForCausalLM"]
-    return transformers.Gemma3ForCausalLM, c
+    return tiny_gemma3(tie)
 
 
 def _gemma2(tie=True):

@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
 
-from arch_harness import save_tiny_hf, tiny_vocab  # noqa: E402
+from arch_harness import save_tiny_hf, tiny_gemma3, tiny_vocab  # noqa: E402
 from jisu import LLM, SamplingParams  # noqa: E402
 from jisu.kernels.build import cpu_linear_kernels  # noqa: E402
 from jisu.models.config import ModelConfig  # noqa: E402
@@ -57,18 +57,8 @@ VOCAB, BOS, EOS = tiny_vocab("llama")
 
 
 def _gemma3():
-    # Windows wider than one attention chunk (16 slots) and narrower than the long prompts; two RoPE tables (the
-    # global one scaled); the query scalar is not head_dim.
-    c = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=3,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=40,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        query_pre_attn_scalar=24, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
-    )
-    c.architectures = ["Gemma3ForCausalLM"]
-    return transformers.Gemma3ForCausalLM, c
+    # Windows wider than one attention chunk (16 slots) and narrower than the long prompts.
+    return tiny_gemma3(window=WINDOWS["gemma3-windows"])
 
 
 def _gemma2(head_dim=16, window=37, softcap=5.0):
