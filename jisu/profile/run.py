@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from jisu.profile.memory import memory_report
 from jisu.profile.operators import OperatorProfiler
-from jisu.profile.roofline import SeqWork, WeightFormat, roofline_verdict, step_cost
+from jisu.profile.roofline import SeqWork, StepCost, WeightFormat, roofline_verdict, step_cost
 from jisu.profile.timeline import PHASES, StepRecord
 from jisu.request import RequestOutput
 from jisu.sampling_params import SamplingParams
@@ -52,6 +54,13 @@ class ProfileResult:
     cycles: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
     """Peak and current RSS of the process, KV cache allocated and resident (jisu/profile/memory.py)."""
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per phase of the run with operator hooks: seconds in each pipeline stage of the forward pass (STAGES) and
+    the phase's whole forward time in that run ("forward"), from StageTimer."""
+    step_costs: list[StepCost] = field(default_factory=list)
+    """The roofline model of each of `steps` (FLOPs and bytes)."""
+    text_timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    """"tokenizer" and "detokenizer": seconds and tokens, timed apart from the engine steps (time_text_stages)."""
 
     @property
     def profiler_overhead(self) -> float:
@@ -69,6 +78,99 @@ def synthetic_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
             ids = (ids * (length // max(1, len(ids)) + 1))[:length]
         prompts.append(ids)
     return prompts
+
+
+def step_phase(step: StepRecord) -> str:
+    """prefill (the step only prefills), decode (it only decodes) or mixed."""
+    if step.num_prefill_tokens and step.num_decodes:
+        return "mixed"
+    return "prefill" if step.num_prefill_tokens else "decode"
+
+
+STAGES = ("embedding", "attention", "ffn", "output_layer")
+
+
+class StageTimer:
+    """Seconds per pipeline stage per engine step, from forward hooks on the model's blocks: the embedding, each
+    layer's attention and feed-forward halves (their norms included), the output layer (final norm + lm_head).
+
+    NOTE: it runs inside OperatorProfiler, whose layer-by-layer decode makes these modules run; times are keyed
+    by the index the engine's step record will get, so they can be grouped by phase afterwards.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+        self.by_step: dict[int, dict[str, float]] = {}
+        self._handles = []
+
+    def __enter__(self) -> "StageTimer":
+        model = self.engine.model
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if not layers or not hasattr(model, "lm_head") or not all(hasattr(x, "norms") for x in layers):
+            return self  # not a jisu decoder: nothing to time by stage, and the rest of the profile goes on
+        modules = [("embedding", inner.embed_tokens), ("embedding", getattr(inner, "embed_positions", None)),
+                   ("output_layer", inner.norm), ("output_layer", model.lm_head)]
+        for layer in layers:
+            pre_attn, post_attn, pre_mlp, post_mlp = layer.norms()
+            modules += [("attention", pre_attn), ("attention", layer.self_attn), ("attention", post_attn),
+                        ("ffn", pre_mlp), ("ffn", layer.mlp), ("ffn", post_mlp)]
+        for stage, module in modules:
+            if module is not None:
+                self._hook(stage, module)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, stage: str, module) -> None:
+        starts: list[float] = []
+
+        def pre(mod, args):
+            self.sync()
+            starts.append(time.perf_counter())
+
+        def post(mod, args, output):
+            self.sync()
+            seconds = time.perf_counter() - starts.pop()
+            per = self.by_step.setdefault(self.engine.step_log.count, dict.fromkeys(STAGES, 0.0))
+            per[stage] += seconds
+
+        self._handles.append(module.register_forward_pre_hook(pre))
+        self._handles.append(module.register_forward_hook(post))
+
+    def by_phase(self, steps: list[StepRecord]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for s in steps:
+            entry = out.setdefault(step_phase(s), dict.fromkeys((*STAGES, "forward"), 0.0))
+            entry["forward"] += s.forward
+            for stage, seconds in self.by_step.get(s.index, {}).items():
+                entry[stage] += seconds
+        return out
+
+
+def time_text_stages(tokenizer, prompts: list[list[int]], outputs: list[RequestOutput], repeats: int = 5):
+    """Tokenizer (encoding the prompts' text) and detokenizer (the engine's incremental decode of each generated
+    token), timed here because the workload hands the engine token ids and the step log lumps detokenization
+    with stop checks and output building. The fastest of `repeats` passes, as for any short timing."""
+    texts = [tokenizer.decode(p) for p in prompts]
+    generated = [(o.prompt_token_ids, list(c.token_ids)) for o in outputs for c in o.outputs]
+    best = {"tokenizer": float("inf"), "detokenizer": float("inf")}
+    counts = {"tokenizer": 0, "detokenizer": sum(len(ids) for _, ids in generated)}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        counts["tokenizer"] = sum(len(tokenizer.encode(x, add_special_tokens=False)) for x in texts)
+        best["tokenizer"] = min(best["tokenizer"], time.perf_counter() - t)
+        decoders = [(tokenizer.stream_decoder(prompt), ids) for prompt, ids in generated]
+        t = time.perf_counter()
+        for decoder, ids in decoders:
+            for token in ids:
+                decoder.step(token)
+        best["detokenizer"] = min(best["detokenizer"], time.perf_counter() - t)
+    return {k: {"seconds": best[k], "tokens": counts[k]} for k in best}
 
 
 def run_profile(llm, workload: Workload, calibration=None, count_cycles_fn=None) -> ProfileResult:
@@ -90,7 +192,7 @@ def run_profile(llm, workload: Workload, calibration=None, count_cycles_fn=None)
         cycles = cyc
     else:
         outs, steps, wall = one_run()
-    with OperatorProfiler(engine.model, engine.device) as prof:
+    with OperatorProfiler(engine.model, engine.device) as prof, StageTimer(engine) as stages:
         outs_on, steps_on, wall_on = one_run()
     # A second hook-free run after the profiled one: the overhead is judged against the faster of the two,
     # so a noisy moment in either does not pass for profiler cost (or for a profiler speed-up).
@@ -103,6 +205,9 @@ def run_profile(llm, workload: Workload, calibration=None, count_cycles_fn=None)
         layers=dict(prof.by_layer), outputs_identical=identical,
     )
     result.phases = phase_verdicts(engine, steps, calibration)
+    result.stages = stages.by_phase(steps_on)
+    result.step_costs = [_cost(engine, s) for s in steps]
+    result.text_timings = time_text_stages(llm.tokenizer, prompts, outs)
     result.memory = memory_report(engine)
     if cycles is not None:
         tokens = sum(s.num_tokens for s in steps)
@@ -125,11 +230,7 @@ def _cost(engine, step: StepRecord):
 def phase_verdicts(engine, steps: list[StepRecord], calibration) -> dict[str, dict[str, Any]]:
     """Per phase (steps that only prefill, steps that only decode): achieved tokens/s over the steps' own
     time, and the roofline verdict when a calibration is available."""
-    groups = {
-        "prefill": [s for s in steps if s.num_prefill_tokens and not s.num_decodes],
-        "decode": [s for s in steps if s.num_decodes and not s.num_prefill_tokens],
-        "mixed": [s for s in steps if s.num_decodes and s.num_prefill_tokens],
-    }
+    groups = {phase: [s for s in steps if step_phase(s) == phase] for phase in ("prefill", "decode", "mixed")}
     out: dict[str, dict[str, Any]] = {}
     for phase, group in groups.items():
         if not group:
