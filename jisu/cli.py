@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     prof.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace (ui.perfetto.dev)")
     prof.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts here")
+    prof.add_argument("--mermaid", nargs="?", const="-", default=None, metavar="FILE",
+                      help="the pipeline as a Mermaid flowchart, each stage with its time, share, bytes, FLOPs "
+                           "and %% of roofline bound: printed alone on stdout, or written to FILE (.md: a "
+                           "```mermaid block)")
     prof.add_argument("--estimate", action="store_true", help="only print the memory estimate, without loading")
     prof.add_argument("--memory-budget", default=None, help="with --estimate: memory for weights + KV cache, e.g. 8GiB")
 
@@ -334,16 +338,30 @@ def cmd_profile(args) -> int:
     from jisu.profile.run import Workload, run_profile
     from jisu.profile.trace import write_trace
 
+    mermaid_stdout = args.mermaid == "-"
+    if mermaid_stdout and args.json:
+        from jisu.errors import InvalidRequestError
+
+        raise InvalidRequestError("--json and --mermaid both print to stdout: give --mermaid a FILE to write")
     workload = Workload(args.prompts, args.input_len, args.output_len)
-    llm = load_llm(args, quiet=args.json)
+    llm = load_llm(args, quiet=args.json or mermaid_stdout)
     calibration = load_calibration(args.device)
     clock = calibration.clock_hz if calibration is not None else None
     result = run_profile(llm, workload, calibration, count_cycles_fn=lambda fn: count_cycles(fn, clock_hz=clock))
-    console = Console(stderr=args.json)
+    # stdout carries only the JSON or the diagram when asked for; the tables then go to stderr.
+    console = Console(stderr=args.json or mermaid_stdout)
     if args.json:
         print(json.dumps(report_dict(result, calibration)))
     else:
         print_report(result, calibration, console)
+    if args.mermaid:
+        from jisu.profile.mermaid import mermaid_diagram, write_mermaid
+
+        diagram = mermaid_diagram(result, calibration)
+        if mermaid_stdout:
+            sys.stdout.write(diagram)
+        else:
+            console.print(f"mermaid: {write_mermaid(args.mermaid, diagram)}")
     if args.trace:
         path = write_trace(args.trace, result.steps, [(o.request_id, o.outputs[0].timeline) for o in result.outputs])
         console.print(f"trace: {path} (open in ui.perfetto.dev)")
