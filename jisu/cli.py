@@ -18,6 +18,7 @@ from jisu.config import (
     KV_CACHE_DTYPES,
     WEIGHTS_HELP,
 )
+from jisu.distill.cli import add_distill_parser, run_distill
 from jisu.errors import JisuError
 from jisu.eval.cli import add_eval_parser, cmd_eval
 from jisu.prune.cli import add_prune_parser, run_prune
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_quantize_parser(sub)
     add_prune_parser(sub)
+    add_distill_parser(sub)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics) over the engine")
     _add_model_args(s)
@@ -383,10 +385,27 @@ def cmd_estimate(args) -> int:
     return run(args)
 
 
+def cmd_prune(args) -> int:
+    """`jisu prune`, then with --distill STEPS `jisu distill` on the folder it wrote (teacher: the model pruned)."""
+    status = run_prune(args)
+    if status or not args.distill:
+        return status
+    argv = ["distill", args.out, "--out", args.out, "--overwrite", "--steps", str(args.distill)]
+    if args.model is not None:
+        argv += ["--teacher", args.model]
+    if args.distill_minutes is not None:
+        argv += ["--minutes", str(args.distill_minutes)]
+    if args.distill_text is not None:
+        argv += ["--text", args.distill_text]
+    if args.json:
+        argv.append("--json")
+    return run_distill(build_parser().parse_args(argv))
+
+
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve_or_replicas, "profile": cmd_profile,
     "calibrate": cmd_calibrate, "estimate": cmd_estimate, "eval": cmd_eval,
-    "bench": cmd_bench, "quantize": run_quantize, "prune": run_prune,
+    "bench": cmd_bench, "quantize": run_quantize, "prune": cmd_prune, "distill": run_distill,
 }
 
 

@@ -55,6 +55,13 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--include-output", action="store_true",
                    help="unstructured / N:M: prune the output layer too when it is not tied to the embedding")
     p.add_argument("--json", action="store_true", help="print the pruning report as one JSON object on stdout")
+    p.add_argument("--distill", type=int, default=None, metavar="STEPS",
+                   help="then train the pruned model for STEPS steps to match the original (jisu distill's "
+                        "defaults) and print its evaluation table; the distilled model replaces the pruned one in --out")
+    p.add_argument("--distill-minutes", type=float, default=None, metavar="M",
+                   help="with --distill: a wall-time budget for the training")
+    p.add_argument("--distill-text", default=None, metavar="FILE",
+                   help="with --distill: training text (default: jisu's built-in sampled text)")
     return p
 
 
