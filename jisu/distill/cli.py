@@ -69,7 +69,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", default=None, metavar="FILE", help="held-out text for the table (default: the "
                    "start of the training text, then left out of training)")
     p.add_argument("--eval-chunks", type=int, default=20, help="chunks of --eval-ctx tokens scored (default 20)")
-    p.add_argument("--eval-ctx", type=int, default=512, help="tokens per evaluation chunk (default 512)")
+    p.add_argument("--eval-ctx", type=int, default=None, help="tokens per evaluation chunk (default 512, or the "
+                   "models' context window when shorter)")
     p.add_argument("--eval-weights", default="float32", help="weight format every row runs in (default float32)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation table")
 
@@ -162,7 +163,8 @@ def _run(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequestError(f"--device {args.device}: no CUDA device is available")
     if not args.no_eval:
-        check_ctx(args.eval_ctx)
+        if args.eval_ctx is not None:
+            check_ctx(args.eval_ctx)
         if isinstance(args.eval_chunks, bool) or args.eval_chunks < 1:
             raise InvalidRequestError(f"--eval-chunks must be an integer >= 1, got {args.eval_chunks}")
         from jisu.eval import check_weights
@@ -187,6 +189,11 @@ def _run(args) -> int:
         raise InvalidRequestError("the student and the teacher tokenize text differently; distillation needs the "
                                   "same tokenizer")
 
+    window = min(student_ckpt.config.max_position_embeddings, teacher_ckpt.config.max_position_embeddings)
+    if args.eval_ctx is None:
+        args.eval_ctx = min(512, window)
+    elif not args.no_eval and args.eval_ctx > window:
+        raise InvalidRequestError(f"--eval-ctx {args.eval_ctx} exceeds the models' context window of {window} tokens")
     # Held-out text: the evaluation file's first chunks, left out of training when it is the training text too.
     eval_source = args.eval_text if args.eval_text is not None else args.text
     same_text = (None if eval_source is None else Path(eval_source).resolve()) == \
