@@ -73,11 +73,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     srv.add_argument("--plot-with", nargs="+", default=None, metavar="FILE",
                      help="earlier `bench serve --json` results drawn as more lines (e.g. another server)")
 
-    cmp = sub.add_parser("compare", help="the latency workload on jisu, transformers and llama.cpp side by side")
+    cmp = sub.add_parser("compare", help="the latency workload on jisu, transformers, llama.cpp and ik_llama.cpp "
+                                         "side by side")
     cmp.add_argument("--model", "-m", default=None, help=_DEFAULT_MODEL_HELP)
-    cmp.add_argument("--engines", default="jisu,transformers,llama.cpp",
-                     help="comma-separated: jisu, transformers, llama.cpp (default all three); jisu:WEIGHTS adds jisu "
-                          "with that --weights format, e.g. jisu,jisu:float32,llama.cpp")
+    cmp.add_argument("--engines", default="jisu,transformers,llama.cpp,ik_llama",
+                     help="comma-separated: jisu, transformers, llama.cpp, ik_llama (default all four; ik_llama runs "
+                          "the llama-bench named by $JISU_IK_LLAMA_BENCH, skipped when unset); jisu:WEIGHTS adds "
+                          "jisu with that --weights format, e.g. jisu,jisu:float32,llama.cpp")
     cmp.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
     cmp.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
     cmp.add_argument("--runs", type=int, default=3, help="timed runs per engine after a warm-up (default 3)")
@@ -85,6 +87,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     cmp.add_argument("--calibration", choices=["full", "quick", "fresh", "none"], default="full",
                      help="machine limits for %% of roofline: full / quick = the cached figures, else measured now; "
                           "fresh = measured now even if cached; none = no roofline (default full)")
+    cmp.add_argument("--ik-llama-rtr", action=argparse.BooleanOptionalAction, default=True,
+                     help="run ik_llama's llama-bench with -rtr 1, its run-time repack, its fastest CPU setting "
+                          "(default on)")
+    cmp.add_argument("--ik-llama-timeout", type=float, default=600.0, metavar="S",
+                     help="seconds one llama-bench run may take before it is killed (default 600)")
     cmp.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
     cmp.add_argument("--plot", default=None, metavar="DIR", help="write a bar chart here")
     return b

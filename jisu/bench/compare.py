@@ -9,14 +9,20 @@ run by run (their order rotates, so none always runs first); medians over --runs
 Each figure is also given as % of its roofline bound: the time the analytical model
 (jisu.profile.roofline) says the work needs at this machine's calibrated bandwidth and matmul rate,
 over the time it took, with the weight format that engine actually reads.
+
+ik_llama.cpp runs as its own `llama-bench` ($JISU_IK_LLAMA_BENCH) in a child process, once per run in its turn,
+on the same GGUF, prompt length, output length and threads; its figures come from llama-bench's JSON.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +32,11 @@ from jisu.profile.memory import peak_rss_bytes, rss_bytes
 
 ENGINE_ALIASES = {"jisu": "jisu", "transformers": "transformers", "hf": "transformers",
                   "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp",
-                  "llama_cpp": "llama.cpp"}
-INSTALL = {"transformers": "pip install transformers accelerate", "llama.cpp": "pip install llama-cpp-python"}
+                  "llama_cpp": "llama.cpp", "ik_llama": "ik_llama", "ik_llama.cpp": "ik_llama",
+                  "ik-llama": "ik_llama"}
+IK_LLAMA_ENV = "JISU_IK_LLAMA_BENCH"
+INSTALL = {"transformers": "pip install transformers accelerate", "llama.cpp": "pip install llama-cpp-python",
+           "ik_llama": f"build llama-bench from github.com/ikawrakow/ik_llama.cpp and set {IK_LLAMA_ENV} to its path"}
 
 
 def parse_engines(text: str) -> list[str]:
@@ -40,7 +49,7 @@ def parse_engines(text: str) -> list[str]:
         if name is None or (weights and name != "jisu"):
             raise InvalidRequestError(
                 f"--engines: unknown engine {part.strip()!r}; use jisu, jisu:WEIGHTS (e.g. jisu:float32), "
-                f"jisu:WEIGHTS:KV (e.g. jisu:auto:float16), transformers, llama.cpp"
+                f"jisu:WEIGHTS:KV (e.g. jisu:auto:float16), transformers, llama.cpp, ik_llama"
             )
         if weights:
             from jisu.config import CacheConfig
@@ -191,22 +200,176 @@ class LlamaCppEngine:
         return time.perf_counter() - start, tokens
 
     def weight_format(self):
-        from jisu.loader.gguf import hf_tensor_name, open_gguf, read_metadata
-        from jisu.models.arch import for_gguf
-        from jisu.profile.roofline import WeightFormat
+        return _gguf_weight_format(self.path)
 
-        reader = open_gguf(self.path)
-        table = for_gguf(str(read_metadata(reader).get("general.architecture"))).gguf_tensors
-        rows = [(hf_tensor_name(t.name, table), int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
-        tied = not any(name == "lm_head.weight" for name, _, _ in rows)
-        return WeightFormat.from_tensors([r for r in rows if r[0]], tied, name="GGUF as stored")
+
+def _gguf_weight_format(path: Path):
+    from jisu.loader.gguf import hf_tensor_name, open_gguf, read_metadata
+    from jisu.models.arch import for_gguf
+    from jisu.profile.roofline import WeightFormat
+
+    reader = open_gguf(path)
+    table = for_gguf(str(read_metadata(reader).get("general.architecture"))).gguf_tensors
+    rows = [(hf_tensor_name(t.name, table), int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    tied = not any(name == "lm_head.weight" for name, _, _ in rows)
+    return WeightFormat.from_tensors([r for r in rows if r[0]], tied, name="GGUF as stored")
+
+
+def ik_llama_bench_path() -> str | None:
+    """The llama-bench named by $JISU_IK_LLAMA_BENCH; None when the variable is unset or empty."""
+    value = os.environ.get(IK_LLAMA_ENV, "").strip()
+    if not value:
+        return None
+    if not os.path.isfile(value) or not os.access(value, os.X_OK):
+        what = "does not exist" if not os.path.exists(value) else "is not an executable file"
+        raise InvalidRequestError(f"{IK_LLAMA_ENV}={value!r} {what}; set it to ik_llama.cpp's llama-bench binary "
+                                  f"(e.g. /tmp/ik_llama/build/bin/llama-bench) or unset it to skip ik_llama")
+    return value
+
+
+_KV_NAMES = {"f16": "float16", "f32": "float32", "bf16": "bfloat16"}  # llama-bench's type_k -> roofline's names
+
+
+def parse_llama_bench_json(text: str, input_len: int, output_len: int) -> dict:
+    """Figures from llama-bench's `-o json` output of one `-p P -n 0 -gp P,N-1` invocation.
+
+    prefill tok/s = its pp test (P prompt tokens from an empty cache); decode tok/s = its tg test after the prompt
+    (N-1 single-token steps at positions P..P+N-2, the same steps as compare's decode after the first token).
+    llama-bench does not say when a first token would have been sampled, so TTFT and E2E are absent (None)."""
+    try:
+        tests = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JisuError(f"ik_llama: llama-bench's output is not JSON ({e}); it began: {text[:200]!r}") from None
+    if not isinstance(tests, list) or not all(isinstance(t, dict) for t in tests):
+        raise JisuError(f"ik_llama: llama-bench's JSON is not a list of tests; it began: {text[:200]!r}")
+
+    def rate(label: str, n_prompt: int, n_gen: int) -> tuple[float, dict]:
+        found = [t for t in tests if t.get("test") == label
+                 or ("test" not in t and t.get("n_prompt") == n_prompt and t.get("n_gen") == n_gen)]
+        if len(found) != 1:
+            raise JisuError(f"ik_llama: expected one {label} test in llama-bench's output, found {len(found)} "
+                            f"(tests: {[t.get('test') for t in tests]})")
+        samples = found[0].get("samples_ns") or []
+        if not samples or any(not isinstance(ns, (int, float)) or ns <= 0 for ns in samples):
+            raise JisuError(f"ik_llama: llama-bench's {label} test has no valid samples_ns: {samples!r}")
+        tokens = n_gen if n_gen else n_prompt  # a tg@pp test times its generated tokens only
+        return statistics.median(tokens * 1e9 / ns for ns in samples), found[0]
+
+    prefill, info = rate(f"pp{input_len}", input_len, 0)
+    decode = None
+    if output_len > 1:
+        decode, _ = rate(f"tg{output_len - 1}@pp{input_len}", input_len, output_len - 1)
+    keys = ("build_commit", "build_number", "cpu_info", "model_type", "n_threads", "n_batch", "n_ubatch",
+            "type_k", "type_v", "flash_attn", "repack", "use_mmap")
+    return {"figures": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "ttft_s": None,
+                        "e2e_s": None},
+            "config": {k: info[k] for k in keys if k in info}}
+
+
+class IkLlamaEngine:
+    """ik_llama.cpp, timed by its own llama-bench in a child process, once per compare run (-r 1) so that it
+    takes its turn in the alternation like the in-process engines."""
+
+    name = "ik_llama"
+    kv_dtype = "float16"  # llama-bench's default; replaced by what its JSON reports
+    own_process = True  # its memory is the child's peak RSS, not this process's growth
+    batch = None  # llama-bench runs one sequence: no concurrent figures
+
+    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int, run_time_repack: bool = True,
+                 timeout_s: float = 600.0):
+        import torch
+
+        del checkpoint, max_len
+        binary = ik_llama_bench_path()
+        if binary is None:
+            raise _Skip(f"{IK_LLAMA_ENV} is not set")
+        if not path.is_file():
+            raise _Skip("ik_llama.cpp needs a GGUF file; the model is a Hugging Face folder")
+        self.binary, self.path, self.timeout_s = binary, path, timeout_s
+        self.run_time_repack = run_time_repack
+        self.threads = torch.get_num_threads()  # the same threads as the torch engines
+        self.version = "unknown"  # llama-bench's build, known after its first run
+        self.config: dict = {}
+        self.note = ("timed by llama-bench (its own timers, its own random prompt tokens): prefill = its pp test, "
+                     "decode = its tg test after the prompt (-gp); no TTFT; memory = its process's peak RSS"
+                     + ("; -rtr 1 (run-time repack)" if run_time_repack else "; -rtr 0")
+                     + ("; no concurrent figures (one sequence)" if max_seqs > 1 else ""))
+
+    def command(self, input_len: int, output_len: int) -> list[str]:
+        cmd = [self.binary, "-m", str(self.path), "-p", str(input_len), "-n", "0", "-t", str(self.threads),
+               "-r", "1", "-o", "json", "-rtr", "1" if self.run_time_repack else "0"]
+        if output_len > 1:
+            cmd += ["-gp", f"{input_len},{output_len - 1}"]
+        return cmd
+
+    def latency_figures(self, prompt: list[int], output_len: int) -> dict:
+        cmd = self.command(len(prompt), output_len)
+        out, peak_rss = run_child(cmd, self.timeout_s, what="ik_llama: llama-bench")
+        parsed = parse_llama_bench_json(out, len(prompt), output_len)
+        self.config = parsed["config"] | {"command": cmd}
+        commit, number = self.config.get("build_commit"), self.config.get("build_number")
+        if commit:
+            self.version = f"{commit} (build {number})" if number is not None else str(commit)
+        self.kv_dtype = _KV_NAMES.get(str(self.config.get("type_k")), self.kv_dtype)
+        return parsed["figures"] | {"child_peak_rss_bytes": peak_rss}
+
+    def weight_format(self):
+        return _gguf_weight_format(self.path)
+
+
+# Runs argv[2:] as its own child and writes "<ru_maxrss> <wait status>" of it to argv[1]. Why a launcher: a child
+# spawned straight from this process (GBs once jisu is loaded) reports ru_maxrss >= this process's RSS, because
+# Linux records the memory it shared before exec; forked from this small launcher, the peak is the command's own.
+_LAUNCHER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {status}")
+"""
+
+
+def run_child(cmd: list[str], timeout_s: float, what: str) -> tuple[str, int | None]:
+    """(stdout, peak RSS in bytes of that command's process) of a command that must exit 0 within timeout_s."""
+    with tempfile.TemporaryDirectory(prefix="jisu-child-") as tmp, \
+            open(Path(tmp) / "out", "w+b") as out, open(Path(tmp) / "err", "w+b") as err:  # files: no pipe to fill
+        report = Path(tmp) / "rusage"
+        # A session of its own, so a timeout kills the launcher and the command together.
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report), *cmd],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        err.seek(0)
+        tail = "\n".join(err.read().decode(errors="replace").strip().splitlines()[-15:])
+        shown = " ".join(cmd)
+        if timed_out:
+            raise JisuError(f"{what} did not finish within {timeout_s:g} s and was killed: {shown}"
+                            + (f"\nits stderr ended:\n{tail}" if tail else ""))
+        fields = report.read_text().split() if report.exists() else []
+        if proc.returncode != 0 or len(fields) != 2:  # the launcher itself failed, e.g. no such command
+            raise JisuError(f"{what} could not be run (launcher status {proc.returncode}): {shown}"
+                            + (f"\nstderr ended:\n{tail}" if tail else ""))
+        maxrss, status = int(fields[0]), os.waitstatus_to_exitcode(int(fields[1]))
+        if status != 0:
+            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            raise JisuError(f"{what} {how}: {shown}" + (f"\nits stderr ended:\n{tail}" if tail else " (no stderr)"))
+        out.seek(0)
+        # ru_maxrss: KiB on Linux, bytes on macOS.
+        peak = maxrss * (1 if sys.platform == "darwin" else 1024) if maxrss else None
+        return out.read().decode(errors="replace"), peak
 
 
 class _Skip(Exception):
     """An engine that is installed but cannot run this model."""
 
 
-ENGINES = {"jisu": JisuEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
+ENGINES = {"jisu": JisuEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine,
+           "ik_llama": IkLlamaEngine}
 _MODULES = {"jisu": "jisu", "transformers": "transformers", "llama.cpp": "llama_cpp"}
 
 
@@ -219,12 +382,14 @@ def _version(module: str) -> str:
         return "unknown"
 
 
-def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seqs: int, log) -> tuple[list, dict]:
-    """The engines that load, and {name: {reason, install}} for those skipped."""
+def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seqs: int, log,
+                 ik_llama_options: dict | None = None) -> tuple[list, dict]:
+    """The engines that load, and {name: {reason, install}} for those skipped. ik_llama_options: keyword
+    arguments of IkLlamaEngine (run_time_repack, timeout_s)."""
     loaded, skipped = [], {}
     for name in names:
         base, _, weights = name.partition(":")
-        if importlib.util.find_spec(_MODULES[base]) is None:
+        if base in _MODULES and importlib.util.find_spec(_MODULES[base]) is None:
             skipped[name] = {"reason": f"{_MODULES[base]} is not installed", "install": INSTALL[base]}
             log(f"{name}: skipped ({_MODULES[base]} is not installed; {INSTALL[base]})")
             continue
@@ -232,15 +397,19 @@ def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seq
         rss = rss_bytes()
         try:
             args = (path, checkpoint, max_len, max_seqs) + ((weights,) if weights else ())
-            engine = ENGINES[base](*args)
+            engine = ENGINES[base](*args, **((ik_llama_options or {}) if base == "ik_llama" else {}))
         except _Skip as e:
-            skipped[name] = {"reason": str(e), "install": None}
-            log(f"{name}: skipped ({e})")
+            # Not installed (no binary named) comes with how to get it; a model it cannot run does not.
+            install = INSTALL[base] if base == "ik_llama" and IK_LLAMA_ENV in str(e) else None
+            skipped[name] = {"reason": str(e), "install": install}
+            log(f"{name}: skipped ({e}" + (f"; {install})" if install else ")"))
             continue
         after = rss_bytes()
         # What loading this engine added to the process's RSS: its weights, caches and buffers as they stand once
         # loaded (None where the OS does not say). Approximate: allocator reuse of memory freed meanwhile hides part.
-        engine.load_rss_growth = None if rss is None or after is None else after - rss
+        # An engine in its own process adds nothing here: its memory is measured on the child.
+        engine.load_rss_growth = (None if rss is None or after is None or getattr(engine, "own_process", False)
+                                  else after - rss)
         loaded.append(engine)
         log(f"{name}: loaded in {time.perf_counter() - t:.1f} s"
             + ("" if engine.load_rss_growth is None else f", RSS +{engine.load_rss_growth / 2**20:.0f} MiB"))
@@ -310,22 +479,34 @@ def run_compare(engines: list, tokenizer, input_len: int, output_len: int, runs:
     def prompts(seed: int, n: int) -> list[list[int]]:
         return [synthetic_prompt(tokenizer, input_len, seed=seed * 7919 + i).token_ids for i in range(n)]
 
+    def latency_figures(e, prompt: list[int]) -> dict:
+        # An engine timed by its own tool (ik_llama's llama-bench) gives figures, not token times.
+        if hasattr(e, "latency_figures"):
+            return e.latency_figures(prompt, output_len)
+        return phase_figures(e.latency(prompt, output_len))
+
     for e in engines:  # warm-up: every shape once
-        e.latency(prompts(90_001, 1)[0], min(output_len, 8))
+        if hasattr(e, "latency_figures"):
+            e.latency_figures(prompts(90_001, 1)[0], min(output_len, 8))
+        else:
+            e.latency(prompts(90_001, 1)[0], min(output_len, 8))
         for c in batch:
-            e.batch(prompts(90_002 + c, c), 2)
+            if e.batch is not None:
+                e.batch(prompts(90_002 + c, c), 2)
     per = {e.name: {} for e in engines}
     for r in range(runs):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         single = prompts(r, 1)  # the same token ids for every engine in this run
         for e in order:
-            f = phase_figures(e.latency(single[0], output_len))
+            f = latency_figures(e, single[0])
             _add(per[e.name], f)
             log(f"run {r + 1}/{runs} {e.name:12s} prefill {fmt_num(f['prefill_tokens_per_s']):>8s} tok/s  decode "
                 f"{fmt_num(f['decode_tokens_per_s']):>7s} tok/s  TTFT {fmt_num(f['ttft_s'], 1000):>7s} ms")
         for c in batch:
             many = prompts(1000 + r * 100 + c, c)
             for e in order:
+                if e.batch is None:
+                    continue
                 wall, tokens = e.batch(many, output_len)
                 _add(per[e.name], {f"concurrent_{c}_wall_s": wall, f"concurrent_{c}_output_tokens_per_s": tokens / wall})
                 log(f"run {r + 1}/{runs} {e.name:12s} {c} concurrent: {tokens / wall:8.1f} output tok/s")
@@ -414,6 +595,10 @@ def format_compare(result: dict) -> str:
         parts += [f"{name} +{b / 2**20:,.0f} MiB at load" for name, b in grown.items()]
         lines.append("memory: " + "; ".join(parts) + " (RSS growth while each loaded; approximate)")
     for name, e in engines.items():
+        child = e["medians"].get("child_peak_rss_bytes")
+        if child is not None:
+            lines.append(f"memory: {name}: peak RSS of its own process {child / 2**20:,.0f} MiB (median over runs)")
+    for name, e in engines.items():
         if e.get("note"):
             lines.append(f"note: {name}: {e['note']}")
     for name, s in result["skipped"].items():
@@ -440,6 +625,11 @@ def cmd_compare(args) -> int:
     check_workload(args.input_len, args.output_len, args.runs)
     concurrencies = parse_concurrency(args.concurrency)
     names = parse_engines(args.engines)
+    if "ik_llama" in names:
+        timeout = getattr(args, "ik_llama_timeout", 600.0)
+        if not timeout > 0 or timeout == float("inf"):
+            raise InvalidRequestError(f"--ik-llama-timeout must be a number of seconds > 0, got {timeout!r}")
+        ik_llama_bench_path()  # a bad $JISU_IK_LLAMA_BENCH fails now, before minutes of loading
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     path = resolve_model(args.model)
     rss = rss_bytes()
@@ -451,7 +641,9 @@ def cmd_compare(args) -> int:
         raise InvalidRequestError(f"--input-len + --output-len ({max_len - 16}) exceeds the model's context of "
                                   f"{checkpoint.config.max_position_embeddings} tokens")
     tokenizer = Tokenizer(checkpoint.tokenizer)
-    engines, skipped = load_engines(names, path, checkpoint, max_len, max(concurrencies), log)
+    ik_options = {"run_time_repack": getattr(args, "ik_llama_rtr", True),
+                  "timeout_s": getattr(args, "ik_llama_timeout", 600.0)}
+    engines, skipped = load_engines(names, path, checkpoint, max_len, max(concurrencies), log, ik_options)
     if not engines:
         raise JisuError("no engine could run: " + "; ".join(f"{n}: {s['reason']}" for n, s in skipped.items()))
     results = run_compare(engines, tokenizer, args.input_len, args.output_len, args.runs, concurrencies, log)
@@ -461,6 +653,8 @@ def cmd_compare(args) -> int:
         r = results[e.name]
         r |= {"version": e.version, "note": e.note, "kv_cache_dtype": e.kv_dtype,
               "load_rss_growth_bytes": getattr(e, "load_rss_growth", None)}
+        if isinstance(e, IkLlamaEngine):  # what llama-bench ran with, as its JSON reports it
+            r |= {"run_time_repack": e.run_time_repack, "llama_bench": e.config}
         if cal is not None:
             try:
                 r["roofline"] = roofline_percents(checkpoint.config, e, cal, args.input_len, args.output_len,
