@@ -199,6 +199,33 @@ def test_batch_invariance(fmt):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize(
+    "fmt", [(4, 576, 32), (4, 96, 96), (4, 1536, 128), (8, 576, 32), (8, 576, 576)], ids=_id
+)
+def test_row_bits_do_not_depend_on_neighbours(fmt):
+    """A speculative verify or a small batch puts a row beside 1-7 others: int4 rows of x share each widened block
+    4 at a time (qlinear.cpp, act16_quad_rows), so a row's result must be its result alone, bit for bit, at every
+    position among any neighbours, and on one thread or two."""
+    bits, K, G = fmt
+    qw, _, _ = make_weight(bits, 37, K, G, bias=True)  # 37 rows: a last quad with one row
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(6, K, generator=g) * torch.tensor([1.0, 30.0, 1e-3, 1.0, 4.0, 0.2]).unsqueeze(1)
+    alone = [ext.qlinear(rows[j : j + 1], qw) for j in range(len(rows))]
+    threads = torch.get_num_threads()
+    try:
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            for M in range(2, 9):
+                for pos in range(M):
+                    j = (M + pos) % len(rows)
+                    x = torch.randn(M, K, generator=g) * 10.0 ** torch.randint(-2, 3, (M, 1), generator=g)
+                    x[pos] = rows[j]
+                    y = ext.qlinear(x, qw)
+                    assert torch.equal(y[pos : pos + 1], alone[j]), f"threads={t} M={M} pos={pos}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def with_outliers(bits: int, N: int, K: int, G: int, cols: list[int], bias: bool, seed: int = 0):
     """make_weight's int8 matrix with float16 outlier columns: the blocks hold 0 there (as jisu's quantizer
     writes them), and the documented matrix takes the float weights in those columns."""

@@ -272,7 +272,7 @@ void dequantize_row(const QWeight& w, int64_t n, float* out, float* sc, float* z
   for (int64_t j = 0; j < C; ++j) out[c[j]] = static_cast<float>(ow[j * 8]);
 }
 
-// Bytes ahead of a weight stream that its kernels prefetch (measured for int4 quads, see act16_quad_n).
+// Bytes ahead of a weight stream that its kernels prefetch (measured for int4 quads, see act16_quad_rows).
 constexpr int64_t kPrefetchAhead = 4096;
 
 #if JISU_QLINEAR_VEC
@@ -390,7 +390,8 @@ inline void f32_rows(const float* w, int64_t K, const float* x, float* out) {
 
 // Up to this many rows of x read the weights directly, one row of x after another over the same few weight rows
 // (they stay in L1 after the first); more rows take the tiled forms: several float32 weight rows side by side, or
-// int8/int4 weights widened to int16 once first. Those cost more than they saved at few rows. Measured (2 threads):
+// int8 weights widened to int16 once first. Those cost more than they saved at few rows. (int4 with 16-bit
+// activations no longer switches: it takes rows of x 4 at a time at every M, act16_int4_task.) Measured (2 threads):
 // - SmolLM2 int4 with its Q8_0 output layer, decode tok/s of all sequences together: 2 sequences 207 -> 303 (one
 //   alone: ~240), 4: 276 -> 326; the output layer at 2 rows 1.42 -> 1.10 ms.
 // - cache-hot int4 3072x576, cycles per (block, row of x): M = 2 5.5 -> 3.4, 4 4.4 -> 3.4, 8 and 16 the same
@@ -845,40 +846,90 @@ void act16_int8_task(const QWeight& w, int64_t M, const int16_t* xq, const float
 // of a float stage per row (convert, permute the scale, FMA: 4 a block) 4.1 -> 3.2 with the quads in cache.
 // Streamed from memory the hardware prefetcher alone left it at 4.4-5.0; a software prefetch kPrefetchAhead bytes
 // ahead brought it to 2.9-3.4 (tried 512, 1024, 2048, 4096 and 8192 bytes ahead: 4096 was best).
-// Src gives row r's i-th block of group g (block b overall) as two int16 vectors: nibbles from the quad itself
-// (M = 1), or the quad's rows widened once to int16 (M > 1; the same numbers, so a sequence gets the same bits
-// alone or in a batch).
-struct QuadNibbles {
-  const uint8_t* quad;
-  const Int4Quads& layout;
-  void load(int64_t g, int64_t i, int64_t, int r, __m256i& w0, __m256i& w1) const {
-    Int4Src::load(quad + layout.block_at(g, i, r), w0, w1);
-  }
-  // Prefetch does not fault, so reading ahead past the last quad is harmless.
-  void prefetch(int64_t g) const {
-    _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
-  }
-};
-struct QuadWidened {
-  const int16_t* rows;  // [4, K]
-  int64_t K;
-  void load(int64_t, int64_t, int64_t b, int r, __m256i& w0, __m256i& w1) const {
-    Int16Src::load(rows + r * K + 32 * b, w0, w1);
-  }
-  void prefetch(int64_t) const {}  // the widened rows are in cache
-};
+//
+// Rows of x go through a quad kQuadXRows at a time: each block's nibbles are widened to int16 once (load, zero-
+// extend, mask, shift) and multiplied into every one of those rows. For each row of x the instructions and their
+// order are the ones it gets alone (integer sums are exact whatever their grouping, and the float steps are the
+// same), so a row's bits depend neither on its neighbours nor on how many there are. Rows 0-1 of the quad are
+// widened and summed for every row of x first, then rows 2-3: 4 widened vectors live instead of 8 keeps the
+// accumulators of 4 rows of x in registers. This replaces reading the nibbles again for every row of x (up to 4
+// rows) and, beyond 4, widening each quad into an int16 buffer first. Measured (one thread, SmolLM2's 30 layers
+// streamed, CPU ms per pass, before -> after): M = 1 4.8 -> 4.5 (the same kernel), 2 8.0 -> 6.9, 3 11.9 -> 9.9,
+// 4 15.7 -> 12.0, 5 22.9 -> 15.8, 8 32.6 -> 23.9, 16 55.9 -> 46.6, 64 205 -> 182.
+constexpr int kQuadXRows = 4;
 
-// kNbg: blocks per group fixed at compile time (0: the layout's, at run time). Group 32 (GGUF Q4_0 / Q4_1) is one
-// block a group, and the run-time loop of length 1 around it kept this ~1.6x slower (one thread, one large
-// matrix streamed: 9.8 -> 12.4 GB/s with it fixed).
-template <int kNbg, class Src>
-inline void act16_quad_n(const Src& src, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
-                         const float* xd, const float* xs, float* out) {
+// Row r's i-th block of group g (block b overall) and row r + 1's as int16: w[0], w[1] row r's inputs 0-15 and
+// 16-31, w[2], w[3] row r + 1's.
+inline void widen_quad_pair(const uint8_t* quad, const Int4Quads& layout, int64_t g, int64_t i, int r, __m256i* w) {
+  Int4Src::load(quad + layout.block_at(g, i, r), w[0], w[1]);
+  Int4Src::load(quad + layout.block_at(g, i, r + 1), w[2], w[3]);
+}
+
+// The first step of C for a pair of rows (w from widen_quad_pair) against one block of x (x0: inputs 0-15, x1:
+// 16-31): P_r and P_{r+1} with their lanes 2j and 2j + 1 summed, interleaved [r r+1 r r+1 | r r+1 r r+1].
+inline __m256i quad_pair_products(const __m256i* w, __m256i x0, __m256i x1) {
+  const __m256i pa = _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1));
+  const __m256i pb = _mm256_add_epi32(_mm256_madd_epi16(w[2], x0), _mm256_madd_epi16(w[3], x1));
+  return _mm256_add_epi32(_mm256_unpacklo_epi32(pa, pb), _mm256_unpackhi_epi32(pa, pb));
+}
+
+// One quad against MR rows of x (row m's int16 inputs at xq + m * K, its block scales at xd + m * K / 32, its group
+// sums at xs + m * ng); out[4 * m + r]. kNbg: blocks per group fixed at compile time (0: the layout's, at run
+// time). Group 32 (GGUF Q4_0 / Q4_1) is one block a group, and the run-time loop of length 1 around it kept this
+// ~1.6x slower (one thread, one large matrix streamed: 9.8 -> 12.4 GB/s with it fixed).
+template <int kNbg, int MR>
+inline void act16_quad_rows(const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
+                            const float* xs, int64_t K, float* out) {
+  const int64_t ng = layout.ng, nbg = kNbg ? kNbg : layout.nbg, nb = K / 32;
+  __m256 t[MR];
+  __m128 z[MR];
+  for (int m = 0; m < MR; ++m) t[m] = _mm256_setzero_ps(), z[m] = _mm_setzero_ps();
+  for (int64_t g = 0, b = 0; g < ng; ++g) {
+    // Prefetch does not fault, so reading ahead past the last quad is harmless.
+    _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
+    const uint8_t* halves = quad + layout.halves_at(g);
+    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves)));
+    const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
+    for (int m = 0; m < MR; ++m) z[m] = _mm_fmadd_ps(z4, _mm_broadcast_ss(xs + m * ng + g), z[m]);
+    const __m256 s8 = _mm256_set_m128(s4, s4);
+    for (int64_t i = 0; i < nbg; ++i, ++b) {
+      __m256i w[4], p01[MR];
+      widen_quad_pair(quad, layout, g, i, 0, w);
+      for (int m = 0; m < MR; ++m) {
+        const int16_t* xb = xq + m * K + 32 * b;
+        p01[m] = quad_pair_products(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16)));
+      }
+      widen_quad_pair(quad, layout, g, i, 2, w);
+      for (int m = 0; m < MR; ++m) {
+        const int16_t* xb = xq + m * K + 32 * b;
+        const __m256i p23 = quad_pair_products(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)),
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16)));
+        const __m256i c = _mm256_add_epi32(_mm256_unpacklo_epi64(p01[m], p23), _mm256_unpackhi_epi64(p01[m], p23));
+        t[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(s8, _mm256_broadcast_ss(xd + m * nb + b)), t[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) float tr[8];
+    _mm256_store_ps(tr, t[m]);
+    alignas(16) float zr[4];
+    _mm_store_ps(zr, z[m]);
+    for (int r = 0; r < 4; ++r) out[4 * m + r] = (tr[r] + tr[4 + r]) + zr[r];
+  }
+}
+
+// One row of x (MR = 1, plain decode): the 4 rows' blocks widened side by side, then C in one reduction; the same
+// operations as act16_quad_rows<kNbg, 1> in the same order (its two-pair form measured ~20% slower here, 4.7 ->
+// 5.6-6.3 ms per 30 SmolLM2 layers at one thread).
+template <int kNbg>
+inline void act16_quad_one(const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
+                           const float* xs, float* out) {
   const int64_t ng = layout.ng, nbg = kNbg ? kNbg : layout.nbg;
   __m256 t = _mm256_setzero_ps();
   __m128 z = _mm_setzero_ps();
   for (int64_t g = 0, b = 0; g < ng; ++g) {
-    src.prefetch(g);
+    _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
     const uint8_t* halves = quad + layout.halves_at(g);
     const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves)));
     const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
@@ -890,7 +941,7 @@ inline void act16_quad_n(const Src& src, const uint8_t* quad, const Int4Quads& l
       __m256i p[4];
       for (int r = 0; r < 4; ++r) {
         __m256i w0, w1;
-        src.load(g, i, b, r, w0, w1);
+        Int4Src::load(quad + layout.block_at(g, i, r), w0, w1);
         p[r] = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
       }
       const __m256i p01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p[0], p[1]), _mm256_unpackhi_epi32(p[0], p[1]));
@@ -905,46 +956,36 @@ inline void act16_quad_n(const Src& src, const uint8_t* quad, const Int4Quads& l
   _mm_store_ps(zr, z);
   for (int r = 0; r < 4; ++r) out[r] = (tr[r] + tr[4 + r]) + zr[r];
 }
-template <class Src>
-inline void act16_quad(const Src& src, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
-                       const float* xd, const float* xs, float* out) {
-  if (layout.nbg == 1) act16_quad_n<1>(src, quad, layout, xq, xd, xs, out);
-  else act16_quad_n<0>(src, quad, layout, xq, xd, xs, out);
+
+template <int kNbg>
+inline void act16_quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
+                              const float* xd, const float* xs, int64_t K, float* out) {
+  static_assert(kQuadXRows == 4, "one case per row count below");
+  switch (mr) {
+    case 4: act16_quad_rows<kNbg, 4>(quad, layout, xq, xd, xs, K, out); break;
+    case 3: act16_quad_rows<kNbg, 3>(quad, layout, xq, xd, xs, K, out); break;
+    case 2: act16_quad_rows<kNbg, 2>(quad, layout, xq, xd, xs, K, out); break;
+    default: act16_quad_one<kNbg>(quad, layout, xq, xd, xs, out); break;
+  }
 }
 
 // One parallel task of an int4 act16 matvec: output rows [n0, n1), n0 a multiple of 4 (whole quads; n1 may stop
-// short of the last quad's padding).
+// short of the last quad's padding). Every row of x meets a quad while it is in L1, kQuadXRows rows at a time.
 void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd, const float* xs, float* y,
                      int64_t n0, int64_t n1) {
   const Int4Quads layout(w);
   const int64_t N = w.N, K = w.K, ng = layout.ng, nb = K / 32;
   const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
-  Scratch& s = scratch();
-  if (M > kDirectRows && static_cast<int64_t>(s.row16.size()) < 4 * K) s.row16.resize(4 * K);
-  int16_t* wt = s.row16.data();
-  float t[4];
+  float t[4 * kQuadXRows];
   for (int64_t n = n0; n < n1; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
     const uint8_t* quad = layout.quad(n);
-    const QuadNibbles nibbles{quad, layout};
-    if (M <= kDirectRows) {
-      for (int64_t m = 0; m < M; ++m) {
-        act16_quad(nibbles, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
-        for (int r = 0; r < nr; ++r) y[m * N + n + r] = t[r] + (bp ? bp[n + r] : 0.f);
-      }
-      continue;
-    }
-    for (int r = 0; r < 4; ++r)  // widen the quad once for every row of x
-      for (int64_t b = 0; b < nb; ++b) {
-        __m256i w0, w1;
-        nibbles.load(b / layout.nbg, b % layout.nbg, b, r, w0, w1);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wt + r * K + 32 * b), w0);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wt + r * K + 32 * b + 16), w1);
-      }
-    const QuadWidened widened{wt, K};
-    for (int64_t m = 0; m < M; ++m) {
-      act16_quad(widened, quad, layout, xq + m * K, xd + m * nb, xs + m * ng, t);
-      for (int r = 0; r < nr; ++r) y[m * N + n + r] = t[r] + (bp ? bp[n + r] : 0.f);
+    for (int64_t m0 = 0; m0 < M; m0 += kQuadXRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kQuadXRows, M - m0));
+      if (layout.nbg == 1) act16_quad_rows_n<1>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
+      else act16_quad_rows_n<0>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
+      for (int m = 0; m < mr; ++m)
+        for (int r = 0; r < nr; ++r) y[(m0 + m) * N + n + r] = t[4 * m + r] + (bp ? bp[n + r] : 0.f);
     }
   }
 }
