@@ -809,9 +809,10 @@ void act16_int8_task(const QWeight& w, int64_t M, const int16_t* xq, const float
     }
     return;
   }
-  // M > 1: widen a tile of rows to int16 once, then every row of x against it (the same sums as M = 1).
-  if (static_cast<int64_t>(s.row16.size()) < kAct16Tile * K) s.row16.resize(kAct16Tile * K);
-  int16_t* wt = s.row16.data();
+  // M > 1: widen a tile of rows to int16 once, then every row of x against it (the same sums as M = 1). The tile
+  // starts on a cache line: from a vector's 16-byte alignment every other 32-byte load would split two lines.
+  if (static_cast<int64_t>(s.row16.size()) < kAct16Tile * K + 32) s.row16.resize(kAct16Tile * K + 32);
+  int16_t* wt = reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(s.row16.data()) + 63) & ~uintptr_t{63});
   float t[kAct16Tile];
   for (int64_t n = n0; n < n1; n += kAct16Tile) {
     const int nt = static_cast<int>(std::min<int64_t>(kAct16Tile, n1 - n));
