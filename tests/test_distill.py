@@ -64,6 +64,28 @@ def test_logits_match_transformers(tmp_path, arch, tie):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_qwen3_qk_norm_matches_transformers_and_gemma_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from arch_harness import save_tiny_hf, tiny_gemma3, tiny_vocab
+
+    vocab, bos, eos = tiny_vocab()
+    c = transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=5,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, bos_token_id=bos, eos_token_id=eos,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    c.architectures = ["Qwen3ForCausalLM"]
+    folder = save_tiny_hf(transformers.Qwen3ForCausalLM, c, tmp_path / "qwen3")
+    ckpt = load_checkpoint(folder)
+    ids = torch.randint(0, vocab, (1, 30), generator=torch.Generator().manual_seed(0))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(TrainableLM(ckpt.config, ckpt.tensors)(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
+    cls, gc = tiny_gemma3()
+    gemma = load_checkpoint(save_tiny_hf(cls, gc, tmp_path / "gemma3"))
+    with pytest.raises(UnsupportedModelError, match="Gemma3ForCausalLM"):
+        TrainableLM(gemma.config, gemma.tensors, "student")
+
+
 @pytest.mark.real_model
 def test_logits_match_the_engine_on_the_default_model(real_model_path):
     from jisu import LLM

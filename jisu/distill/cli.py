@@ -145,6 +145,7 @@ def _run(args) -> int:
     from jisu.distill.trainer import distill
     from jisu.errors import InvalidRequestError
     from jisu.eval.perplexity import check_ctx, read_text
+    from jisu.loader.checkpoint import Checkpoint
     from jisu.loader.resolve import load_checkpoint, resolve_model
     from jisu.loader.save import check_output_folder, save_checkpoint
     from jisu.tokenizer import Tokenizer
@@ -220,7 +221,7 @@ def _run(args) -> int:
     say(f"trained {report.steps} steps ({report.tokens:,} tokens) in {report.elapsed_s / 60:.1f} min, "
         f"{report.tokens_per_s:.0f} tokens/s; loss {report.first_loss:.4f} -> {report.last_loss:.4f}")
 
-    distilled = student_ckpt.__class__(config=student_ckpt.config, tensors=student.hf_tensors(),
+    distilled = Checkpoint(config=student_ckpt.config, tensors=student.hf_tensors(),
                                        tokenizer=student_ckpt.tokenizer, source=str(out), metadata={})
     record = {"teacher": str(teacher_path), "student": str(student_path), "text": data.source,
               "config": {k: v for k, v in vars(cfg).items()}, **{k: v for k, v in report.to_dict().items()

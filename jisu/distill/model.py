@@ -87,7 +87,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         if self.window is not None and t > self.window:
-            i = torch.arange(t)
+            i = torch.arange(t, device=x.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
@@ -157,7 +157,7 @@ class TrainableLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, hidden_states: bool = False):
         t = ids.shape[1]
-        angles = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)
+        angles = torch.outer(torch.arange(t, dtype=torch.float32, device=ids.device), self.inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
         x = self.model.embed_tokens(ids)
