@@ -76,18 +76,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_distill(args) -> int:
-    from jisu.errors import JisuError
-
+    """Runs `jisu distill`; jisu.cli.main reports JisuError and OSError as one line, as for every command."""
     try:
         return _run(args)
-    except JisuError as e:
+    except FloatingPointError as e:  # a diverged loss: the message says what to change
         print(f"jisu: error: {e}", file=sys.stderr)
-        return 1
-    except FloatingPointError as e:
-        print(f"jisu: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"jisu: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("jisu: interrupted; `--resume` continues from the last saved state", file=sys.stderr)
