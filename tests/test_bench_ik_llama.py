@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from jisu.bench.cli import main as bench
-from jisu.bench.compare import (
-    IK_LLAMA_ENV, IkLlamaEngine, ik_llama_bench_path, load_engines, parse_llama_bench_json, run_child, run_compare,
-)
+from jisu.bench.compare import load_engines, run_compare
+from jisu.bench.ik_llama import IK_LLAMA_ENV, IkLlamaEngine, ik_llama_bench_path, parse_llama_bench_json, run_child
 from jisu.bench.latency import TimedRun
 from jisu.errors import InvalidRequestError, JisuError
 
