@@ -2,9 +2,11 @@
 #include <torch/extension.h>
 #include "qlinear.h"
 
-void register_fused_decode(pybind11::module_& m);  // fused_decode.cpp
+void register_fused_decode(pybind11::module_& m);       // fused_decode.cpp
+void register_prefill_attention(pybind11::module_& m);  // prefill_attention.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_qlinear(m);
   register_fused_decode(m);
+  register_prefill_attention(m);
 }
