@@ -12,7 +12,7 @@ from jisu.models.fused_decode import FusedDecoder
 from jisu.models.layers import Linear, MergedLinear, make_mlp, make_norm
 from jisu.models.rotary import ApplyRotary, RotaryEmbedding
 from jisu.models.weights import load_weights
-from jisu.runner.attention import AttentionMetadata, PagedAttention
+from jisu.runner.attention import AttentionMetadata, PagedAttention, prefill_kernels
 
 
 class Attention(nn.Module):
@@ -126,6 +126,9 @@ class DecoderForCausalLM(nn.Module):
         """A FusedDecoder once weights are loaded on CPU kernels (None: every step runs layer by layer)."""
         self.use_fused_decode = True
         """Off while per-operator hooks are installed: the fused path runs no Python modules to hook."""
+        self.attention_kernels = None
+        """jisu's C++ kernels once weights are loaded where prefill chunks can attend in them (CPU, float32,
+        cpu_kernels on); the runner passes them to attention in each step's metadata."""
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """Flattened tokens of a step -> final hidden states [T, hidden] (logits are computed separately,
@@ -158,6 +161,7 @@ class DecoderForCausalLM(nn.Module):
         """Materialises every parameter from checkpoint tensors (see jisu/models/weights.py)."""
         load_weights(self, tensors, dtype, device, cpu_kernels, act_bits)
         self.fused_decode = FusedDecoder.build(self)
+        self.attention_kernels = prefill_kernels(device, dtype, cpu_kernels)
 
     def set_activation_bits(self, bits: int) -> None:
         """Rounds int8/int4 products' activations to int16 (16) or keeps them float32 (32), on the eager layers and

@@ -1,7 +1,9 @@
-"""Attention over a paged KV cache, with torch's scaled_dot_product_attention as the kernel.
+"""Attention over a paged KV cache.
 
 The step's tokens arrive flattened: first one token per decoding sequence, then each prefill chunk.
-Decodes are attended together in one padded batch; each prefill chunk is attended on its own.
+Decodes are attended together in one padded batch (torch's scaled_dot_product_attention; pure decode steps of the
+fused C++ stack never come here). Each prefill chunk is attended on its own: on CPU by jisu's C++ flash-style kernel
+(jisu/kernels/prefill_attention.cpp) where it is built and the cache is float32 or float16, else by torch's SDPA.
 Index tensors are built once per step (see `AttentionMetadata`) and reused by every layer.
 """
 
@@ -13,12 +15,25 @@ import torch
 import torch.nn.functional as F
 
 
-# Long prefill chunks on CPU attend QUERY_BLOCK queries at a time, each block over only the keys it can see:
+# Without the C++ kernel, long prefill chunks on CPU attend QUERY_BLOCK queries at a time, each block over only the keys it can see:
 # torch's CPU SDPA with is_causal still does most of the masked upper triangle. Measured (one thread, SmolLM2's
 # 9 query / 3 KV heads, ms per layer, is_causal vs blocks of 32 / 64 / 128): 128 tokens 0.58 vs 0.48 / 0.51,
 # 256: 1.97 vs 1.47 / 1.56 / 1.77, 512: 7.8 vs 5.6 / 5.2 / 6.0, 1024: 22.5 vs 19.4 / 18.8 / 19.8.
 QUERY_BLOCK = 64
 BLOCKED_PREFILL_MIN = 128
+# The C++ prefill kernel reads the cache in these dtypes (bfloat16 caches stay on torch's SDPA).
+KERNEL_CACHE_DTYPES = (torch.float32, torch.float16)
+
+
+def prefill_kernels(device: torch.device, compute_dtype: torch.dtype, cpu_kernels: bool = True):
+    """jisu's C++ kernels module where prefill chunks can attend in its prefill_attention: device cpu, float32
+    compute, cpu_kernels on and the kernels built (the cache dtype is checked per step); else None."""
+    if torch.device(device).type != "cpu" or compute_dtype != torch.float32 or not cpu_kernels:
+        return None
+    from jisu.kernels.build import cpu_linear_kernels
+
+    kernels = cpu_linear_kernels()
+    return kernels if kernels is not None and hasattr(kernels, "prefill_attention") else None
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -51,9 +66,16 @@ class PrefillChunk:
     gather: torch.Tensor | None
     """[context_len] cache slots to read, or None when the chunk is the whole context (use fresh K/V)."""
     mask: torch.Tensor | None
-    """[length, context_len] bool, True = attend; None means plain causal."""
+    """[length, context_len] bool, True = attend; None means plain causal (the C++ kernel: always None, it masks
+    by position)."""
     query_blocks: list[QueryBlock] | None = None
-    """When set (long chunks on CPU), attend block by block instead, each over only the keys it can see."""
+    """When set (long chunks on CPU without the C++ kernel), attend block by block instead, each over only the keys
+    it can see."""
+
+    @property
+    def start_pos(self) -> int:
+        """Position of the chunk's first token in its sequence."""
+        return self.context_len - self.length
 
 
 def query_blocks(n: int, start_pos: int, window: int | None, device) -> list[QueryBlock]:
@@ -82,6 +104,9 @@ class AttentionMetadata:
     """The sliding window these indices honour (None: the whole context)."""
     by_window: dict[int | None, AttentionMetadata] = field(default_factory=dict)
     """The same step for layers with other windows (models that interleave sliding and global layers)."""
+    kernels: object | None = None
+    """jisu's C++ kernels module when the prefill chunks attend in its prefill_attention (their masks and query
+    blocks are then not built); None: torch's SDPA."""
 
     def for_window(self, window: int | None) -> AttentionMetadata:
         return self if window == self.window else self.by_window[window]
@@ -141,6 +166,12 @@ def paged_attention(
         out = torch.empty_like(q)
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.length)
+        if meta.kernels is not None:
+            # The kernel reads the cache (or the chunk's own K/V, rounded above) as stored: no widened copies.
+            fresh = c.gather is None
+            meta.kernels.prefill_attention(q[rows], k[rows] if fresh else k_cache, v[rows] if fresh else v_cache,
+                                           c.gather, c.start_pos, meta.window or 0, scale, softcap or 0.0, out[rows])
+            continue
         if c.gather is None:
             keys, values = widen(k[rows]), widen(v[rows])
         else:

@@ -29,7 +29,14 @@ import torch
 
 from jisu.models.config import ModelConfig
 from jisu.models.fused_decode import FUSED_KV_DTYPES, MAX_FUSED_SEQS
-from jisu.runner.attention import BLOCKED_PREFILL_MIN, AttentionMetadata, PrefillChunk, query_blocks, visible
+from jisu.runner.attention import (
+    BLOCKED_PREFILL_MIN,
+    KERNEL_CACHE_DTYPES,
+    AttentionMetadata,
+    PrefillChunk,
+    query_blocks,
+    visible,
+)
 from jisu.runner.kv_cache import KVCache
 from jisu.scheduler.blocks import BlockManager
 from jisu.request import Request
@@ -104,6 +111,8 @@ class ModelRunner:
         """Batch-invariant steps (see the module's NOTE)."""
         self.windows = config.attention_windows
         """The layers' distinct attention windows: a step's indices are built once for each."""
+        self.prefill_kernels = _prefill_kernels(model, kv_cache)
+        """jisu's C++ kernels when prefill chunks attend in them (CPU), else None (torch's SDPA)."""
 
     def row_group(self) -> int | None:
         """How many rows one deterministic forward may take: MAX_FUSED_SEQS on the fused C++ stack, 1 on the
@@ -168,7 +177,8 @@ class ModelRunner:
         metas = []
         for window in self.windows:
             meta = AttentionMetadata(slot_mapping=slots, num_decodes=len(decode_lens), window=window,
-                                     prefills=[self._prefill_chunk(*p, window) for p in prefills])
+                                     prefills=[self._prefill_chunk(*p, window) for p in prefills],
+                                     kernels=self.prefill_kernels if prefills else None)
             if decode_lens:
                 meta.decode_gather, meta.decode_mask = self._decode_index(decode_tables, decode_lens, window)
             metas.append(meta)
@@ -324,6 +334,10 @@ class ModelRunner:
 
     def _prefill_chunk(self, row: int, n: int, start_pos: int, table: torch.Tensor, window: int | None) -> PrefillChunk:
         ctx = start_pos + n
+        if self.prefill_kernels is not None:
+            # The C++ kernel masks by position: it needs only the slots to read (none: the chunk's own K/V).
+            gather = self._slots(table, torch.arange(ctx)) if start_pos > 0 else None
+            return PrefillChunk(row, n, ctx, gather=gather, mask=None)
         if n >= BLOCKED_PREFILL_MIN and self.device.type == "cpu":
             gather = self._slots(table, torch.arange(ctx)) if start_pos > 0 else None
             blocks = query_blocks(n, start_pos, window, self.device)
@@ -386,6 +400,15 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Tok
     else:
         top = [[] for _ in targets]
     return [TokenLogprobs(token_id=t, logprob=c, rank=r, top=tp) for t, c, r, tp in zip(targets, chosen, ranks, top)]
+
+
+def _prefill_kernels(model, kv_cache):
+    """The model's attention kernels (DecoderForCausalLM.attention_kernels: CPU, float32, C++ kernels on) where its
+    cache dtype is one they read; else None."""
+    kernels = getattr(model, "attention_kernels", None)
+    if kernels is None or kv_cache.layers[0][0].dtype not in KERNEL_CACHE_DTYPES:
+        return None
+    return kernels
 
 
 def _with_others(metas: list[AttentionMetadata]) -> AttentionMetadata:
