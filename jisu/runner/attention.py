@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 
-# Without the C++ kernel, long prefill chunks on CPU attend QUERY_BLOCK queries at a time, each block over only the keys it can see:
-# torch's CPU SDPA with is_causal still does most of the masked upper triangle. Measured (one thread, SmolLM2's
+# Without the C++ kernel, long prefill chunks on CPU attend QUERY_BLOCK queries at a time, each block over only the
+# keys it can see: torch's CPU SDPA with is_causal still does most of the masked upper triangle. Measured (one thread, SmolLM2's
 # 9 query / 3 KV heads, ms per layer, is_causal vs blocks of 32 / 64 / 128): 128 tokens 0.58 vs 0.48 / 0.51,
 # 256: 1.97 vs 1.47 / 1.56 / 1.77, 512: 7.8 vs 5.6 / 5.2 / 6.0, 1024: 22.5 vs 19.4 / 18.8 / 19.8.
 QUERY_BLOCK = 64
@@ -27,7 +27,7 @@ KERNEL_CACHE_DTYPES = (torch.float32, torch.float16)
 
 def prefill_kernels(device: torch.device, compute_dtype: torch.dtype, cpu_kernels: bool = True):
     """jisu's C++ kernels module where prefill chunks can attend in its prefill_attention: device cpu, float32
-    compute, cpu_kernels on and the kernels built (the cache dtype is checked per step); else None."""
+    compute, cpu_kernels on and the kernels built (the runner also checks the cache dtype); else None."""
     if torch.device(device).type != "cpu" or compute_dtype != torch.float32 or not cpu_kernels:
         return None
     from jisu.kernels.build import cpu_linear_kernels
