@@ -152,6 +152,8 @@ inline void softcap_portable(float* s, int64_t count, float cap) {
 
 #if JISU_VMATH_AVX2
 // ---- AVX2 tiles (head_dim % 8 == 0; rows are always a multiple of kRowAlign) ----
+// NOTE: `#pragma GCC unroll` on the loops over a tile's accumulators: without it GCC kept the accumulator arrays in
+// memory and stored them every iteration (a 512-token chunk on one thread: 13.2 ms with, 7.3 ms after).
 
 // Scores of NK keys against 16 rows: 2 * NK accumulators, each q lane vector loaded once per d for NK keys.
 template <int NK>
