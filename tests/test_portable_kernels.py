@@ -1,6 +1,6 @@
-"""The portable C++ kernels (no AVX2: what a CPU without AVX2/FMA/F16C builds) pass the same kernel, fused-decode and
-prefill-attention tests as the AVX2 ones. Run in a child process: one process can hold only one build of the kernels'
-Python types."""
+"""The portable C++ kernels (no AVX2: what a CPU without AVX2/FMA/F16C builds) pass the same kernel, fused-decode,
+prefill-attention and row-wise tests as the AVX2 ones. Run in a child process: one process can hold only one build
+of the kernels' Python types."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_portable_build_passes_the_kernel_tests():
     assert which.stdout.strip().startswith("jisu_kernels_portable_"), which.stderr[-2000:]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_qlinear_kernels.py",
-         "tests/test_fused_decode.py", "tests/test_prefill_attention.py"],
+         "tests/test_fused_decode.py", "tests/test_prefill_attention.py", "tests/test_rowwise_kernels.py"],
         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 # module.cpp holds the one PYBIND11_MODULE; every other source registers its own functions into it.
-_SOURCES = ("module.cpp", "qlinear.cpp", "fused_decode.cpp", "prefill_attention.cpp")
+_SOURCES = ("module.cpp", "qlinear.cpp", "fused_decode.cpp", "prefill_attention.cpp", "rowwise.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 # A build takes 1-2 minutes on a busy 2-core machine; a lock older than this was left by a killed process.

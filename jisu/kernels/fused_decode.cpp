@@ -40,6 +40,7 @@
 #endif
 
 #include "qlinear.h"
+#include "rowwise.h"
 #include "vmath.h"
 
 namespace {
@@ -61,20 +62,6 @@ inline void with_kv_type(at::ScalarType t, const F& f) {
 struct AttnTask {
   int64_t d, j0, j1;  // sequence, visible slots [j0, j1), every kv head
 };
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y = x / sqrt(mean(x^2) + eps) * w, in F.rms_norm's order of operations.
-inline void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  const float r = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
-}
 
 // The portable attention chunk (no AVX2, or a head_dim that is not a multiple of 8; the vector path is below).
 
@@ -289,8 +276,6 @@ struct Layer {
   int64_t rotation, window;                // index into forward's rotations (-1: no RoPE) and windows
   QWeight qkv, o, gate_up, down;
 };
-
-enum class Act { Silu, GeluTanh };
 
 // The slots the sequences of a step see under one attention window, and its attention work items.
 struct Visible {
@@ -602,42 +587,9 @@ class FusedDecoder {
     }
   }
 
-  // a[d] = act(gate) * up for the rows gu[d] = (gate, up). SiLU: g / (1 + e^-g). GELU (tanh approximation):
-  // g / 2 (1 + tanh(y)), y = sqrt(2/pi) (g + 0.044715 g^3), computed as g / (1 + e^-2y): the same function
-  // ((1 + tanh y) / 2 = sigmoid(2y)) through the same exp as SiLU, with no tanh to evaluate.
+  // a[d] = act(gate) * up for the rows gu[d] = (gate, up) (rowwise.h, as the eager layers compute it).
   void gated_act(int64_t D, const float* gu, float* a_out) const {
-    const bool gelu = act_ == Act::GeluTanh;
-    // -2y = g (c1 + c3 g^2)
-    constexpr float c1 = -1.5957691216057308f, c3 = -0.07135481627260025f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float* g = gu + d * 2 * I_;
-      const float* u = g + I_;
-      float* a = a_out + d * I_;
-      int64_t i = 0;
-#if JISU_ATTN_VEC
-      // Explicit lanes: `omp simd` left exp_clamped scalar here (5.2 us per layer for 1536 inputs; this
-      // measured 0.15 ms less per 30-layer step, the same bits).
-      const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-      if (gelu) {
-        const __m256 v1 = _mm256_set1_ps(c1), v3 = _mm256_set1_ps(c3);
-        for (; i + 8 <= I_; i += 8) {
-          const __m256 gv = _mm256_loadu_ps(g + i);
-          const __m256 e = exp_clamped8(_mm256_mul_ps(gv, _mm256_fmadd_ps(_mm256_mul_ps(gv, gv), v3, v1)));
-          _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
-      } else {
-        for (; i + 8 <= I_; i += 8) {
-          const __m256 gv = _mm256_loadu_ps(g + i);
-          const __m256 e = exp_clamped8(_mm256_xor_ps(gv, sign));
-          _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
-      }
-#endif
-      if (gelu)
-        for (; i < I_; ++i) a[i] = g[i] / (1.f + exp_clamped(g[i] * (g[i] * g[i] * c3 + c1))) * u[i];
-      else
-        for (; i < I_; ++i) a[i] = g[i] / (1.f + exp_clamped(-g[i])) * u[i];
-    }
+    for (int64_t d = 0; d < D; ++d) gated_act_row(act_, gu + d * 2 * I_, gu + d * 2 * I_ + I_, I_, a_out + d * I_);
   }
 
   // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d, in two parts:

@@ -18,7 +18,7 @@ from jisu.capabilities import low_bit_support
 from jisu.errors import ModelLoadError
 from jisu.kernels.build import cpu_linear_kernels
 from jisu.kernels.torch_int4 import TorchInt4Kernels, TorchInt4Weight
-from jisu.models.layers import Linear, MergedLinear, QuantizedEmbedding
+from jisu.models.layers import GateAndMul, Linear, MergedLinear, QuantizedEmbedding, RMSNorm
 from jisu.models.rotary import pairs_adjacent
 from jisu.quant.formats import QuantizedTensor, concat_rows, quantize
 
@@ -261,6 +261,8 @@ def _bind(model: nn.Module, floats: dict, quantized: dict, torch_layout: bool, d
 def _bind_cpu_kernels(model: nn.Module, kernels, tied: bool, act_bits: int) -> None:
     """tied: the output layer's matrix is the embedding's (one kernel copy serves both)."""
     for module in model.modules():
+        if isinstance(module, (RMSNorm, GateAndMul)):
+            module.use_kernels(kernels)
         if isinstance(module, Linear):
             bias = None if module.bias is None else module.bias.data
             q = module.quantized
