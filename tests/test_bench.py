@@ -292,3 +292,23 @@ def test_bench_compare_jisu_weight_formats_side_by_side(tiny_llama_dir, tmp_path
     assert list(r["engines"]) == ["jisu", "jisu:int4"]  # a repeated engine runs once
     assert r["engines"]["jisu:int4"]["medians"]["decode_tokens_per_s"] > 0
     assert set(r["ratios_vs_jisu"]) == {"jisu:int4"}
+
+
+def test_bench_compare_no_deterministic_reaches_jisu(tiny_llama_dir, tmp_path, monkeypatch):
+    """--no-deterministic builds jisu's engines with deterministic=False (prompts on the eager layers) and says so."""
+    from jisu.llm import LLM
+
+    made = []
+    real_init = LLM.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs.get("deterministic", True))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "__init__", spy)
+    out = tmp_path / "cmp.json"
+    assert bench(["bench", "compare", "--model", str(tiny_llama_dir), "--engines", "jisu", "--no-deterministic",
+                  "--input-len", "32", "--output-len", "4", "--runs", "1", "--concurrency", "1",
+                  "--calibration", "none", "--json", str(out)]) == 0
+    assert made == [False]
+    assert "not deterministic" in json.loads(out.read_text())["engines"]["jisu"]["note"]

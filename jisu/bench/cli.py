@@ -92,6 +92,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                           "(default on)")
     cmp.add_argument("--ik-llama-timeout", type=float, default=600.0, metavar="S",
                      help="seconds one llama-bench run may take before it is killed (default 600)")
+    cmp.add_argument("--no-deterministic", dest="deterministic", action="store_false", help="jisu's engines: "
+                     + DETERMINISTIC_HELP)
     cmp.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
     cmp.add_argument("--plot", default=None, metavar="DIR", help="write a bar chart here")
     return b

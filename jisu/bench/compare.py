@@ -72,8 +72,11 @@ class JisuEngine:
     kv_dtype = "float32"
     note = ""
 
-    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int, weights: str = "auto"):
-        """weights: a --weights format, optionally followed by ':' and a --kv-cache-dtype (auto:float16)."""
+    def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int, weights: str = "auto",
+                 deterministic: bool = True):
+        """weights: a --weights format, optionally followed by ':' and a --kv-cache-dtype (auto:float16).
+        deterministic: False runs prompts on the eager layers' faster, batch-shape-dependent kernels (--no-
+        deterministic)."""
         from jisu.llm import LLM
 
         from jisu.loader.resolve import load_checkpoint
@@ -82,7 +85,9 @@ class JisuEngine:
         del checkpoint
         fmt, _, kv = weights.partition(":")
         self.llm = LLM(model=str(path), checkpoint=load_checkpoint(path, keep_blocks=True), max_model_len=max_len,
-                       max_num_seqs=max_seqs, weights=fmt, kv_cache_dtype=kv or "auto")
+                       max_num_seqs=max_seqs, weights=fmt, kv_cache_dtype=kv or "auto", deterministic=deterministic)
+        if not deterministic:
+            self.note = "not deterministic (--no-deterministic): prompts on the eager layers' GEMM path"
         if weights != "auto":
             self.name = f"jisu:{weights}"
         self.kv_dtype = str(self.llm.engine.kv_dtype).removeprefix("torch.")
@@ -217,9 +222,9 @@ def _version(module: str) -> str:
 
 
 def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seqs: int, log,
-                 ik_llama_options: dict | None = None) -> tuple[list, dict]:
-    """The engines that load, and {name: {reason, install}} for those skipped. ik_llama_options: keyword
-    arguments of IkLlamaEngine (run_time_repack, timeout_s)."""
+                 ik_llama_options: dict | None = None, jisu_options: dict | None = None) -> tuple[list, dict]:
+    """The engines that load, and {name: {reason, install}} for those skipped. ik_llama_options / jisu_options:
+    keyword arguments of IkLlamaEngine (run_time_repack, timeout_s) / JisuEngine (deterministic)."""
     loaded, skipped = [], {}
     for name in names:
         base, _, weights = name.partition(":")
@@ -231,7 +236,8 @@ def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seq
         rss = rss_bytes()
         try:
             args = (path, checkpoint, max_len, max_seqs) + ((weights,) if weights else ())
-            engine = ENGINES[base](*args, **((ik_llama_options or {}) if base == "ik_llama" else {}))
+            options = {"ik_llama": ik_llama_options, "jisu": jisu_options}.get(base) or {}
+            engine = ENGINES[base](*args, **options)
         except _Skip as e:
             # Not installed (no binary named) comes with how to get it; a model it cannot run does not.
             install = INSTALL[base] if base == "ik_llama" and IK_LLAMA_ENV in str(e) else None
@@ -477,7 +483,8 @@ def cmd_compare(args) -> int:
     tokenizer = Tokenizer(checkpoint.tokenizer)
     ik_options = {"run_time_repack": getattr(args, "ik_llama_rtr", True),
                   "timeout_s": getattr(args, "ik_llama_timeout", 600.0)}
-    engines, skipped = load_engines(names, path, checkpoint, max_len, max(concurrencies), log, ik_options)
+    engines, skipped = load_engines(names, path, checkpoint, max_len, max(concurrencies), log, ik_options,
+                                    {"deterministic": getattr(args, "deterministic", True)})
     if not engines:
         raise JisuError("no engine could run: " + "; ".join(f"{n}: {s['reason']}" for n, s in skipped.items()))
     results = run_compare(engines, tokenizer, args.input_len, args.output_len, args.runs, concurrencies, log)
