@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import torch
 
 from jisu.kernels.build import cpu_linear_kernels
+from jisu.models.layers import KERNEL_ACTIVATIONS
 from jisu.runner.attention import AttentionMetadata
 
 MAX_FUSED_SEQS = 128
@@ -60,8 +61,8 @@ def layer_by_layer(model: torch.nn.Module) -> Iterator[None]:
         model.use_fused_decode = before
 
 
-ACTIVATIONS = ("silu", "gelu_tanh")
-"""MLP gate activations the C++ computes."""
+ACTIVATIONS = KERNEL_ACTIVATIONS
+"""MLP gate activations the C++ computes (rowwise.h; the eager layers' GateAndMul takes them there too)."""
 
 
 def supports(config) -> bool:
