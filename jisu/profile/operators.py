@@ -62,8 +62,9 @@ class OperatorProfiler:
         for i, layer in enumerate(layers):
             self._hook(layer, self._layer_done(i))
         self._hook(self.model, self._model_done)
-        # The fused decode path runs every layer in one C++ call, with no modules to time: while hooked, decode
-        # runs layer by layer, so the breakdown describes the unfused path.
+        # The fused C++ stack runs every layer in one call, with no modules to time: while hooked, decode steps
+        # (and, in deterministic mode, prompt rows, which it also runs) take the eager layers, so the breakdown
+        # describes those, whose kernels differ (docs/PERFORMANCE.md, "what runs a prefill").
         self._layer_by_layer = layer_by_layer(self.model)
         self._layer_by_layer.__enter__()
         return self

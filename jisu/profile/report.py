@@ -63,8 +63,9 @@ def print_report(result: ProfileResult, calibration=None, console=None) -> None:
 
     total = sum(result.operators.values()) or 1.0
     t = Table(title=f"Operators (profiler overhead {100 * result.profiler_overhead:+.1f}%, outputs "
-                    f"{'identical' if result.outputs_identical else 'DIFFERENT'} with it off; measured with "
-                    f"decode run layer by layer, the fused decode path has no operators to time)")
+                    f"{'identical' if result.outputs_identical else 'DIFFERENT'} with it off; measured on the "
+                    f"eager layers: the fused C++ stack, which runs decode steps and, in deterministic mode, "
+                    f"prompts too when unhooked, has no operators to time)")
     t.add_column("class")
     t.add_column("ms", justify="right")
     t.add_column("share", justify="right")
