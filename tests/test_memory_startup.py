@@ -206,9 +206,12 @@ def test_engine_kv_cache_grows_with_use(tiny_llama_dir):
     cache = llm.engine.kv_cache
     allocated = sum(k.nbytes + v.nbytes for k, v in cache.layers)
     assert allocated >= 4 << 20  # far beyond what one short request uses
+    tensors = [t for layer in cache.layers for t in layer]
+    # Growth, not the total: the kernel merges adjacent mappings with the same flags, so another live engine's
+    # cache (a session fixture's) can share the mapping and bring its own resident pages (seen once in a full run).
+    before = _resident_kb(*tensors) * 1024
     llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8))
-    resident = _resident_kb(*(t for layer in cache.layers for t in layer)) * 1024
-    assert resident < allocated / 20
+    assert _resident_kb(*tensors) * 1024 - before < allocated / 20
 
 
 def test_kv_cache_on_cpu_is_zero_whatever_the_allocator_held():
