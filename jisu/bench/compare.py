@@ -87,7 +87,7 @@ class JisuEngine:
         self.llm = LLM(model=str(path), checkpoint=load_checkpoint(path, keep_blocks=True), max_model_len=max_len,
                        max_num_seqs=max_seqs, weights=fmt, kv_cache_dtype=kv or "auto", deterministic=deterministic)
         if not deterministic:
-            self.note = "not deterministic (--no-deterministic): prompts on the eager layers' GEMM path"
+            self.note = "not deterministic (--no-deterministic): prompts run whole on the eager layers"
         if weights != "auto":
             self.name = f"jisu:{weights}"
         self.kv_dtype = str(self.llm.engine.kv_dtype).removeprefix("torch.")
