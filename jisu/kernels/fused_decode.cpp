@@ -98,20 +98,6 @@ inline void weighted_rows(const float* p, const KV* v, const int64_t* vis, int64
 // ---- softmax on 8 lanes ----
 // Its max was a scalar dependency chain and its exp did not vectorise: 8.7 -> 1.1 cycles per (slot, q head).
 
-// s[0:n] <- cap * tanh(s) (Gemma 2's softcap; the scores were scaled by scale / cap). The tail goes through a
-// padded block of lanes, so every score takes the same arithmetic wherever its chunk splits.
-inline void softcap_scores(float* s, int64_t n, float cap) {
-  const __m256 c = _mm256_set1_ps(cap);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(c, tanh8(_mm256_loadu_ps(s + j))));
-  if (j < n) {
-    alignas(32) float tail[8] = {};
-    std::memcpy(tail, s + j, (n - j) * sizeof(float));
-    _mm256_store_ps(tail, _mm256_mul_ps(c, tanh8(_mm256_load_ps(tail))));
-    std::memcpy(s + j, tail, (n - j) * sizeof(float));
-  }
-}
-
 // s[0:n] <- e^(s - max s); mx = max s, sum = sum of the new s.
 inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -284,9 +270,6 @@ inline void attend_heads_cached(int64_t nh, const float* q, int64_t hd, const KV
 }
 #else
 #define JISU_ATTN_VEC 0
-inline void softcap_scores(float* s, int64_t n, float cap) {
-  for (int64_t j = 0; j < n; ++j) s[j] = cap * std::tanh(s[j]);
-}
 #endif
 
 // Per-thread attention scratch: the scores of every q head for one chunk, and the heads' V accumulators.

@@ -146,10 +146,6 @@ inline void softmax_portable(float* s, int64_t kn, int64_t ld, float* m, float* 
   }
 }
 
-inline void softcap_portable(float* s, int64_t count, float cap) {
-  for (int64_t i = 0; i < count; ++i) s[i] = cap * std::tanh(s[i]);
-}
-
 #if JISU_VMATH_AVX2
 // ---- AVX2 tiles (head_dim % 8 == 0; rows are always a multiple of kRowAlign) ----
 // NOTE: `#pragma GCC unroll` on the loops over a tile's accumulators: without it GCC kept the accumulator arrays in
@@ -259,10 +255,6 @@ inline void softmax_avx2(float* s, int64_t kn, int64_t ld, float* m, float* l, f
   }
 }
 
-inline void softcap_avx2(float* s, int64_t count, float cap) {
-  const __m256 c = _mm256_set1_ps(cap);
-  for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(c, tanh8(_mm256_loadu_ps(s + i))));
-}
 #endif
 
 // The block steps on the AVX2 tiles where they apply (head_dim % 8 == 0 for the products), else portably.
@@ -290,14 +282,6 @@ inline void block_softmax(bool masked, float* s, int64_t kn, int64_t ld, float* 
     softmax_avx2<false>(s, kn, ld, m, l, corr);
 #else
   softmax_portable(s, kn, ld, m, l, corr);
-#endif
-}
-
-inline void softcap_scores(float* s, int64_t count, float cap) {
-#if JISU_VMATH_AVX2
-  softcap_avx2(s, count, cap);
-#else
-  softcap_portable(s, count, cap);
 #endif
 }
 

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -91,3 +92,22 @@ inline float hmax8(__m256 v) {
 #else
 #define JISU_VMATH_AVX2 0
 #endif
+
+// s[0:n] <- cap * tanh(s) (Gemma 2's softcap; the scores were scaled by scale / cap), for decode and prefill
+// attention alike. The vector form's tail goes through a padded block of lanes, so every score takes the same
+// arithmetic wherever its chunk splits.
+inline void softcap_scores(float* s, int64_t n, float cap) {
+  int64_t j = 0;
+#if JISU_VMATH_AVX2
+  const __m256 c = _mm256_set1_ps(cap);
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(c, tanh8(_mm256_loadu_ps(s + j))));
+  if (j < n) {
+    alignas(32) float tail[8] = {};
+    std::memcpy(tail, s + j, (n - j) * sizeof(float));
+    _mm256_store_ps(tail, _mm256_mul_ps(c, tanh8(_mm256_load_ps(tail))));
+    std::memcpy(s + j, tail, (n - j) * sizeof(float));
+  }
+#else
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j]);
+#endif
+}
