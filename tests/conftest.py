@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models (built once per session) and the real default model."""
+"""Shared fixtures: tiny random models (built once per session), the real default model, jisu's C++ kernels."""
 
 from __future__ import annotations
 
@@ -54,3 +54,14 @@ def real_llm(real_model_path):
     from jisu import LLM
 
     return LLM(model=str(real_model_path), max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    """jisu's C++ kernels module (one build holds every kernel); the test skips where it cannot be built."""
+    from jisu.kernels.build import cpu_linear_kernels
+
+    k = cpu_linear_kernels()
+    if k is None:
+        pytest.skip("jisu's C++ kernels are unavailable (no compiler here)")
+    return k

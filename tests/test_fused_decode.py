@@ -27,7 +27,6 @@ import transformers  # noqa: E402
 
 from arch_harness import save_tiny_hf, tiny_gemma3, tiny_vocab  # noqa: E402
 from jisu import LLM, SamplingParams  # noqa: E402
-from jisu.kernels.build import cpu_linear_kernels  # noqa: E402
 from jisu.models.config import ModelConfig  # noqa: E402
 from jisu.models.fused_decode import MAX_FUSED_SEQS, FusedDecoder, layer_by_layer, supports  # noqa: E402
 from jisu.runner.attention import AttentionMetadata, PrefillChunk  # noqa: E402
@@ -104,14 +103,6 @@ ARCH_MODELS = {
     "qwen3": _qwen3,
     "smollm3": _smollm3,
 }
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    k = cpu_linear_kernels()
-    if k is None or not hasattr(k, "FusedDecoder"):
-        pytest.skip("jisu's C++ kernels (with the fused decoder) are unavailable")
-    return k
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -13,16 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jisu.kernels.build import cpu_linear_kernels
 from jisu.models.layers import GateAndMul, RMSNorm
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    k = cpu_linear_kernels()
-    if k is None or not hasattr(k, "rms_norm_rows"):
-        pytest.skip("jisu's C++ kernels are unavailable")
-    return k
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -86,15 +77,13 @@ def test_modules_use_the_kernels_only_where_they_apply(kernels):
     assert exact.kernels is None  # exact GELU is not one of the kernels' activations
 
 
-def test_loaded_model_binds_them_and_keeps_its_logits(tiny_llama_dir):
+def test_loaded_model_binds_them_and_keeps_its_logits(kernels, tiny_llama_dir):
     """The loader hands every norm and gate the kernels; a prompt's logits through them match torch's ops (the
     eager layers: not deterministic, whose prompts run on the fused stack)."""
     from jisu import LLM
     from jisu.model_run import score_batch
 
     llm = LLM(model=str(tiny_llama_dir), deterministic=False)
-    if cpu_linear_kernels() is None:
-        pytest.skip("jisu's C++ kernels are unavailable")
     bound = [m for m in llm.engine.runner.model.modules() if isinstance(m, (RMSNorm, GateAndMul))]
     assert bound and all(m.kernels is not None for m in bound)
     g = torch.Generator().manual_seed(3)
