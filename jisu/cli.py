@@ -25,6 +25,7 @@ from jisu.prune.cli import add_prune_parser, run_prune
 from jisu.quant.cli import add_quantize_parser, run_quantize
 from jisu.server.ray_cli import add_ray_args, cmd_serve_or_replicas
 from jisu.server.serve import add_serve_args
+from jisu.startup_gc import freeze_loaded, imports_frozen
 
 # NOTE: command-line sampling defaults follow llama.cpp's CLI (what people type these commands expect);
 # the Python API keeps vLLM's SamplingParams defaults.
@@ -217,15 +218,19 @@ def _loading(quiet: bool):
 
 
 def load_llm(args, quiet: bool = False):
-    from jisu.llm import LLM
-    from jisu.loader.resolve import load_checkpoint
+    with imports_frozen():  # see startup_gc.py: the collector stays out of torch's import and later walks
+        from jisu.llm import LLM
+        from jisu.loader.resolve import load_checkpoint
 
     with _loading(quiet) as progress:
         checkpoint = load_checkpoint(args.model, progress=progress, keep_blocks=True)
-    return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               checkpoint=checkpoint, weights=args.weights, activations=args.activations,
-               kv_cache_dtype=args.kv_cache_dtype, deterministic=args.deterministic,
-               speculative_config=getattr(args, "speculative_config", None))
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              checkpoint=checkpoint, weights=args.weights, activations=args.activations,
+              kv_cache_dtype=args.kv_cache_dtype, deterministic=args.deterministic,
+              speculative_config=getattr(args, "speculative_config", None))
+    del checkpoint
+    freeze_loaded()
+    return llm
 
 
 def _print_stats(metrics, stream=sys.stderr) -> None:

@@ -284,3 +284,30 @@ def test_compare_report_names_what_its_memory_figures_mean():
               "peak_rss_bytes": 500 << 20, "checkpoint_rss_bytes": 300 << 20}
     text = format_compare(result)
     assert "process peak RSS 500 MiB" in text and "jisu +100 MiB at load" in text
+
+
+def test_cli_start_up_freezes_what_it_made_and_leaves_the_collector_on(tiny_llama_gguf):
+    # startup_gc.py: torch's import and the model's objects go to gc's permanent generation, so a later full
+    # collection (during a decode, or a server's request) walks only what was made after them.
+    code = ("import gc\nfrom jisu.cli import build_parser, load_llm\n"
+            f"llm = load_llm(build_parser().parse_args(['generate', 'hi', '--model', {str(tiny_llama_gguf)!r}]), "
+            "quiet=True)\n"
+            "print(gc.isenabled(), gc.get_freeze_count(), len(gc.get_objects()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    enabled, frozen, tracked = out.stdout.split()
+    assert enabled == "True"
+    assert int(frozen) > 50_000 and int(tracked) < int(frozen) / 10, (frozen, tracked)
+
+
+def test_collector_is_back_on_when_the_imports_fail():
+    import gc
+
+    from jisu.startup_gc import imports_frozen
+
+    try:
+        with pytest.raises(ModuleNotFoundError):
+            with imports_frozen():
+                import jisu_no_such_module  # noqa: F401
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()  # this test process is pytest's: give its objects back to the collector

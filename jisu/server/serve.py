@@ -12,6 +12,7 @@ import sys
 import threading
 
 from jisu.errors import JisuError
+from jisu.startup_gc import freeze_loaded, imports_frozen
 
 API_KEY_ENV = "JISU_API_KEY"
 
@@ -109,9 +110,10 @@ def bind_socket(host: str, port: int):
 def cmd_serve(args) -> int:
     _check_args(args)
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails at once
-    from jisu.llm import LLM
-    from jisu.loader.resolve import load_checkpoint
-    from jisu.server.app import create_app
+    with imports_frozen():  # see startup_gc.py: a full collection over these would stall requests later
+        from jisu.llm import LLM
+        from jisu.loader.resolve import load_checkpoint
+        from jisu.server.app import create_app
 
     print("jisu serve: loading the model ...", file=sys.stderr, flush=True)
     try:
@@ -125,6 +127,7 @@ def cmd_serve(args) -> int:
     except BaseException:
         sock.close()
         raise
+    freeze_loaded()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(
         llm.engine, model_name=args.served_model_name, api_key=api_key, max_queue=args.max_queue,
