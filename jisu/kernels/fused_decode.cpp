@@ -227,23 +227,37 @@ inline void qk_heads_cached(const float* q, int64_t hd, const KV* k, const int64
   }
 }
 
+// W (1-4) vectors of columns from c0: the width is a template argument so that the NH x W sums stay in registers
+// (with a run-time width GCC kept them on the stack, a store and a reload per FMA).
+template <int NH, int W, typename KV>
+inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int64_t* vis, int64_t n, int64_t c0,
+                              float* acc, int64_t acc_stride) {
+  __m256 a[NH][W];
+  for (int h = 0; h < NH; ++h)
+    for (int u = 0; u < W; ++u) a[h][u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const KV* x = v + vis[j] + c0;
+    __m256 pj[NH];
+    for (int h = 0; h < NH; ++h) pj[h] = _mm256_broadcast_ss(p + h * ld + j);
+    for (int u = 0; u < W; ++u) {
+      const __m256 kv = load_kv8(x + 8 * u);
+      for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(pj[h], kv, a[h][u]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int u = 0; u < W; ++u) _mm256_storeu_ps(acc + h * acc_stride + c0 + 8 * u, a[h][u]);
+}
+
 template <int NH, typename KV>
 inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis, int64_t n,
                             float* acc, int64_t acc_stride) {
   for (int64_t c0 = 0; c0 < hd; c0 += 32) {
-    const int64_t w = std::min<int64_t>(32, hd - c0) / 8;
-    __m256 a[NH][4];
-    for (int h = 0; h < NH; ++h)
-      for (int u = 0; u < 4; ++u) a[h][u] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const KV* x = v + vis[j] + c0;
-      for (int64_t u = 0; u < w; ++u) {
-        const __m256 kv = load_kv8(x + 8 * u);
-        for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + h * ld + j), kv, a[h][u]);
-      }
+    switch (std::min<int64_t>(32, hd - c0) / 8) {
+      case 4: pv_columns_cached<NH, 4, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
+      case 3: pv_columns_cached<NH, 3, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
+      case 2: pv_columns_cached<NH, 2, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
+      default: pv_columns_cached<NH, 1, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
     }
-    for (int h = 0; h < NH; ++h)
-      for (int64_t u = 0; u < w; ++u) _mm256_storeu_ps(acc + h * acc_stride + c0 + 8 * u, a[h][u]);
   }
 }
 
