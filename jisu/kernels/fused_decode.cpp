@@ -47,6 +47,9 @@ namespace {
 
 // Visible slots per attention task (SmolLM2: 48 KiB of K for its 3 kv heads, which stays in L2 for the V pass).
 constexpr int64_t kAttnChunk = 64;
+// Rows from which a step's per-row parts (norms, rotary, merging attention, gating) split over the threads: below
+// it (decode steps) they are too short to pay for the extra barriers.
+constexpr int64_t kSplitRows = 16;
 
 // Calls f with a null pointer of the cache's element type (float, c10::Half or c10::BFloat16).
 template <typename F>
@@ -457,18 +460,30 @@ class FusedDecoder {
     float* attn = attn_.data();
     float* proj = proj_.data();
     float* gu = gu_.data();
-    const int64_t n = D * hidden_;
 
     // NOTE: one parallel region for the whole stack. Each product and the attention split over the team, and
-    // the short serial parts (norms, rotary, K/V writes, merging attention chunks, the gated activation, rounding the next
-    // product's input) run on thread 0 between barriers. A fork/join per product (at::parallel_for) measured
-    // ~2.4 us of starting and joining each time in a real step, ~150 times a step (a barrier: ~0.3 us); the one
-    // region measured 3% less time for the int4 stack (2 threads, SmolLM2, 10 alternations, same bits).
+    // the short per-row parts (norms, rotary, K/V writes, merging attention chunks, the gated activation) run on
+    // thread 0 between barriers, or, from kSplitRows rows on (prompt groups), on each thread's own share of the
+    // rows (the same operations per row, so the same bits); thread 0 alone rounds the next product's input. A
+    // fork/join per product (at::parallel_for) measured ~2.4 us of starting and joining each time in a real step,
+    // ~150 times a step (a barrier: ~0.3 us); the one region measured 3% less time for the int4 stack (2 threads,
+    // SmolLM2, 10 alternations, same bits).
     MatvecInput in{};  // the next product's input: written by thread 0, read by all after a barrier
     const int T = std::max(1, at::get_num_threads());
+    const bool split = D >= kSplitRows;
 #pragma omp parallel num_threads(T)
     {
       const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      // This thread's rows of the per-row parts: all of them on thread 0 (none elsewhere) below kSplitRows.
+      const int64_t per = split ? (D + nt - 1) / nt : D;
+      const int64_t d0 = split ? std::min(D, tid * per) : (tid == 0 ? 0 : D);
+      const int64_t d1 = split ? std::min(D, d0 + per) : D;
+      // After per-row work that another thread reads whole (a product's input, attention's q/k/v).
+      auto rows_done = [&]() {
+        if (split) {
+#pragma omp barrier
+        }
+      };
       // y = x W^T by the whole team: thread 0 prepares x (after its own serial work), each thread computes its
       // share of the rows; all of y is there after.
       auto product = [&](const QWeight& w, const float* x_in, float* y) {
@@ -477,28 +492,31 @@ class FusedDecoder {
         qweight_rows(w, in, y, tid, nt);
 #pragma omp barrier
       };
-      // res += y, through the sandwich norm `w` first when the layer has one (y is scratch, normed in place).
+      // res += y for this thread's rows, through the sandwich norm `w` first when the layer has one (y is
+      // scratch, normed in place).
       auto residual_add = [&](const at::Tensor& w, float* y) {
-        if (w.defined())
-          for (int64_t d = 0; d < D; ++d)
-            rms_norm(y + d * hidden_, w.data_ptr<float>(), hidden_, eps_, y + d * hidden_);
+        for (int64_t d = d0; d < d1; ++d) {
+          if (w.defined()) rms_norm(y + d * hidden_, w.data_ptr<float>(), hidden_, eps_, y + d * hidden_);
+          float* r = res + d * hidden_;
+          const float* yd = y + d * hidden_;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) res[i] += y[i];
+          for (int64_t i = 0; i < hidden_; ++i) r[i] += yd[i];
+        }
       };
       for (int64_t l = 0; l < L; ++l) {
         const Layer& ly = layers_[l];
         const Visible& vis = vis_[ly.window];
         void* kc = k_caches[l].data_ptr();
         void* vc = v_caches[l].data_ptr();
-        if (tid == 0)
-          for (int64_t d = 0; d < D; ++d)
-            rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
+        for (int64_t d = d0; d < d1; ++d)
+          rms_norm(res + d * hidden_, ly.input_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
+        rows_done();
         product(ly.qkv, h, qkv);
-        if (tid == 0) {
+        {
           const float* rot = ly.rotation < 0 ? nullptr : rotations[ly.rotation].data_ptr<float>();
           with_kv_type(kv_type, [&](auto* tag) {
             using KV = std::remove_pointer_t<decltype(tag)>;
-            rotate_and_cache(D, ly, qkv, rot, sm, static_cast<KV*>(kc), static_cast<KV*>(vc));
+            rotate_and_cache(d0, d1, ly, qkv, rot, sm, static_cast<KV*>(kc), static_cast<KV*>(vc));
           });
         }
 #pragma omp barrier
@@ -507,17 +525,18 @@ class FusedDecoder {
           attention_tasks(tid, nt, vis, qkv, static_cast<const KV*>(kc), static_cast<const KV*>(vc));
         });
 #pragma omp barrier
-        if (tid == 0) merge_attention(D, vis, attn);
+        merge_attention(d0, d1, vis, attn);
+        rows_done();
         product(ly.o, attn, proj);
-        if (tid == 0) {
-          residual_add(ly.attn_out_norm, proj);
-          for (int64_t d = 0; d < D; ++d)
-            rms_norm(res + d * hidden_, ly.mlp_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
-        }
+        residual_add(ly.attn_out_norm, proj);
+        for (int64_t d = d0; d < d1; ++d)
+          rms_norm(res + d * hidden_, ly.mlp_norm.data_ptr<float>(), hidden_, eps_, h + d * hidden_);
+        rows_done();
         product(ly.gate_up, h, gu);
-        if (tid == 0) gated_act(D, gu, h);  // h is free again until the next norm; [D, I] fits (max(hidden, I))
+        gated_act(d0, d1, gu, h);  // h is free again until the next norm; [D, I] fits (max(hidden, I))
+        rows_done();
         product(ly.down, h, proj);
-        if (tid == 0) residual_add(ly.mlp_out_norm, proj);
+        residual_add(ly.mlp_out_norm, proj);  // the next layer's norm reads only this thread's rows of res
       }
     }
     if (norm_w)  // the model's final norm, in place (torch's rms_norm right after this call cost ~70 us)
@@ -580,12 +599,12 @@ class FusedDecoder {
   // q and k heads of every sequence, then this step's k and v into the layer's cache at the sequence's slot
   // (float16 and bfloat16 round to nearest even, as torch's .to()).
   template <typename KV>
-  void rotate_and_cache(int64_t D, const Layer& ly, float* qkv, const float* rot, const int64_t* sm, KV* kc,
+  void rotate_and_cache(int64_t d0, int64_t d1, const Layer& ly, float* qkv, const float* rot, const int64_t* sm, KV* kc,
                         KV* vc) const {
     const int64_t row = KVH_ * hd_;
     const float* qn = ly.q_norm.defined() ? ly.q_norm.data_ptr<float>() : nullptr;
     const float* kn = ly.k_norm.defined() ? ly.k_norm.data_ptr<float>() : nullptr;
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = d0; d < d1; ++d) {
       float* q = qkv + d * qkvN_;
       for (int64_t head = 0; head < H_ + KVH_; ++head) {  // q heads, then k heads
         float* p = q + head * hd_;
@@ -614,8 +633,8 @@ class FusedDecoder {
   }
 
   // a[d] = act(gate) * up for the rows gu[d] = (gate, up) (rowwise.h, as the eager layers compute it).
-  void gated_act(int64_t D, const float* gu, float* a_out) const {
-    for (int64_t d = 0; d < D; ++d) gated_act_row(act_, gu + d * 2 * I_, gu + d * 2 * I_ + I_, I_, a_out + d * I_);
+  void gated_act(int64_t d0, int64_t d1, const float* gu, float* a_out) const {
+    for (int64_t d = d0; d < d1; ++d) gated_act_row(act_, gu + d * 2 * I_, gu + d * 2 * I_ + I_, I_, a_out + d * I_);
   }
 
   // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d, in two parts:
@@ -692,10 +711,10 @@ class FusedDecoder {
   }
 
   // Merge the chunks of each (sequence, q head).
-  void merge_attention(int64_t D, const Visible& vis_w, float* attn) const {
+  void merge_attention(int64_t d0, int64_t d1, const Visible& vis_w, float* attn) const {
     const int64_t stride = hd_ + 2;
     const std::vector<int64_t>& first_task = vis_w.first_task;
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = d0; d < d1; ++d) {
       const int64_t chunks = first_task[d + 1] - first_task[d];
       for (int64_t h = 0; h < H_; ++h) {
         float* o = attn + d * H_ * hd_ + h * hd_;
