@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -16,6 +17,18 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def no_frozen_objects_left():
+    """The CLI and `jisu serve` freeze their start-up objects out of the collector (jisu/startup_gc.py). Run
+    in-process by a test, they would freeze pytest's: nothing of the session would be collected again, and objects
+    alive at exit would never be finalized. So a test that gets there must fake or undo it."""
+    yield
+    frozen = gc.get_freeze_count()
+    if frozen:
+        gc.unfreeze()
+        pytest.fail(f"the test left {frozen} objects frozen out of the garbage collector (see startup_gc.py)")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ a uvicorn server in a thread on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -268,6 +269,9 @@ def test_serve_flags_reach_the_app(monkeypatch, tmp_path):
     monkeypatch.setattr("jisu.loader.resolve.load_checkpoint", lambda *a, **kw: None)
     monkeypatch.setattr("jisu.server.app.create_app", fake_create_app)
     monkeypatch.setattr(serve, "make_server", lambda *a, **kw: SimpleNamespace(run=lambda sockets: None))
+    # Nor may the start-up freeze pytest's own objects out of the collector (startup_gc.py is for jisu's processes).
+    monkeypatch.setattr(serve, "imports_frozen", contextlib.nullcontext)
+    monkeypatch.setattr(serve, "freeze_loaded", lambda: None)
     args = build_parser().parse_args(["serve", "--port", "0"])
     assert serve.cmd_serve(args) == 0
     assert seen["allowed_hosts"] == list(LOOPBACK_HOSTS) and seen["allowed_origins"] is None
