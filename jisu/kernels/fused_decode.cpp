@@ -596,11 +596,11 @@ class FusedDecoder {
   }
 
   // The layer's q and k norms (per head) and rotary (pairs adjacent, see rotary.py; none when rot is null) on the
-  // q and k heads of every sequence, then this step's k and v into the layer's cache at the sequence's slot
-  // (float16 and bfloat16 round to nearest even, as torch's .to()).
+  // q and k heads of rows [d0, d1), then those rows' k and v into the layer's cache at their slots (float16 and
+  // bfloat16 round to nearest even, as torch's .to()).
   template <typename KV>
-  void rotate_and_cache(int64_t d0, int64_t d1, const Layer& ly, float* qkv, const float* rot, const int64_t* sm, KV* kc,
-                        KV* vc) const {
+  void rotate_and_cache(int64_t d0, int64_t d1, const Layer& ly, float* qkv, const float* rot, const int64_t* sm,
+                        KV* kc, KV* vc) const {
     const int64_t row = KVH_ * hd_;
     const float* qn = ly.q_norm.defined() ? ly.q_norm.data_ptr<float>() : nullptr;
     const float* kn = ly.k_norm.defined() ? ly.k_norm.data_ptr<float>() : nullptr;
@@ -632,7 +632,7 @@ class FusedDecoder {
     }
   }
 
-  // a[d] = act(gate) * up for the rows gu[d] = (gate, up) (rowwise.h, as the eager layers compute it).
+  // a[d] = act(gate) * up for rows d in [d0, d1), gu[d] = (gate, up) (rowwise.h, as the eager layers compute it).
   void gated_act(int64_t d0, int64_t d1, const float* gu, float* a_out) const {
     for (int64_t d = d0; d < d1; ++d) gated_act_row(act_, gu + d * 2 * I_, gu + d * 2 * I_ + I_, I_, a_out + d * I_);
   }
@@ -710,7 +710,7 @@ class FusedDecoder {
     }
   }
 
-  // Merge the chunks of each (sequence, q head).
+  // Merge the chunks of each (row, q head) for rows [d0, d1).
   void merge_attention(int64_t d0, int64_t d1, const Visible& vis_w, float* attn) const {
     const int64_t stride = hd_ + 2;
     const std::vector<int64_t>& first_task = vis_w.first_task;
