@@ -4,9 +4,10 @@
 // Why: at batch 1 decode reads every weight once per token, and int4 weights are 8x fewer bytes than float32, so
 // the kernels never materialise float32 weights. Two forms: (a) by default (QWeight::act_bits 16) x is rounded
 // once per call to int16 per 32-input block and nibbles / bytes widen to int16 for integer dot products (vpmaddwd,
-// ~2.3 cycles per 32 int4 weights and thread); (b) with act_bits 32, float32 x, weights converted to float in
-// registers right before the FMAs (~6 cycles), which was compute-bound at 2 threads. The loops are shaped by
-// counted instructions and by how the hardware prefetcher follows them (numbers next to each choice;
+// ~2.3 cycles per 32 int4 weights and thread on AVX2; the avx512 set's vpdpwssd gives the same integer sums); (b)
+// with act_bits 32, float32 x, weights converted to float in registers right before the FMAs (~6 cycles), which
+// was compute-bound at 2 threads. The loops are shaped by counted instructions and by how the hardware prefetcher
+// follows them (numbers next to each choice;
 // benchmarks/bench_qlinear.py).
 //
 // Order of the sums (what a result's bits depend on). Each (m, n) is computed in one fixed order, whatever M, the
@@ -765,7 +766,7 @@ inline void act16_rows(const typename S::T* q, int64_t row_stride, const float* 
       for (int r = 0; r < NR; ++r) {
         __m256i w0, w1;
         S::load(qb + r * row_stride, w0, w1);
-        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        const __m256i p = madd16_pair(w0, x0, w1, x1);
         a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, a[r]);
       }
     }
@@ -869,8 +870,8 @@ inline void widen_quad_pair(const uint8_t* quad, const Int4Quads& layout, int64_
 // The first step of C for a pair of rows (w from widen_quad_pair) against one block of x (x0: inputs 0-15, x1:
 // 16-31): P_r and P_{r+1} with their lanes 2j and 2j + 1 summed, interleaved [r r+1 r r+1 | r r+1 r r+1].
 inline __m256i quad_pair_products(const __m256i* w, __m256i x0, __m256i x1) {
-  const __m256i pa = _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1));
-  const __m256i pb = _mm256_add_epi32(_mm256_madd_epi16(w[2], x0), _mm256_madd_epi16(w[3], x1));
+  const __m256i pa = madd16_pair(w[0], x0, w[1], x1);
+  const __m256i pb = madd16_pair(w[2], x0, w[3], x1);
   return _mm256_add_epi32(_mm256_unpacklo_epi32(pa, pb), _mm256_unpackhi_epi32(pa, pb));
 }
 
@@ -943,7 +944,7 @@ inline void act16_quad_one(const uint8_t* quad, const Int4Quads& layout, const i
       for (int r = 0; r < 4; ++r) {
         __m256i w0, w1;
         Int4Src::load(quad + layout.block_at(g, i, r), w0, w1);
-        p[r] = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        p[r] = madd16_pair(w0, x0, w1, x1);
       }
       const __m256i p01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p[0], p[1]), _mm256_unpackhi_epi32(p[0], p[1]));
       const __m256i p23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p[2], p[3]), _mm256_unpackhi_epi32(p[2], p[3]));

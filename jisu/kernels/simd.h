@@ -1,4 +1,5 @@
-// AVX2 helpers shared by the kernels (included only where __AVX2__ is defined).
+// AVX2 helpers shared by the kernels (included only where __AVX2__ is defined), with AVX-512 VNNI forms where the
+// build has it.
 #pragma once
 #include <immintrin.h>
 
@@ -8,4 +9,15 @@ inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
   return _mm_cvtss_f32(s);
+}
+
+// The int32 sums of two 16-lane int16 products, lane i: w0[2i] x0[2i] + w0[2i+1] x0[2i+1] + the same for w1, x1.
+// With AVX-512 VNNI (256-bit form, AVX-512VL) vpdpwssd adds the second pair's products into the first's in one
+// instruction. Both forms add modulo 2^32 (vpdpwssd does not saturate), so they give the same integers.
+inline __m256i madd16_pair(__m256i w0, __m256i x0, __m256i w1, __m256i x1) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
+#else
+  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+#endif
 }

@@ -1,0 +1,140 @@
+"""The C++ kernels' instruction sets (jisu/kernels/build.py's KERNEL_SETS): the set is chosen from the CPU's flags,
+every set this CPU runs passes the kernel, fused-decode, prefill-attention and row-wise tests, the vector sets give
+the same bits, and a set this CPU cannot run still compiles. Other sets run in child processes: one process can
+hold only one build of the kernels' Python types."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jisu.kernels.build import (KERNEL_SETS, _cpu_flags, compile_check, cpu_linear_kernels, kernel_set,
+                                supported_kernel_sets)
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE_FLAGS = _cpu_flags()
+HERE_SETS = supported_kernel_sets(HERE_FLAGS)
+ZEN3 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
+ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+KERNEL_TESTS = ["tests/test_qlinear_kernels.py", "tests/test_fused_decode.py", "tests/test_prefill_attention.py",
+                "tests/test_rowwise_kernels.py"]
+needs_toolchain = pytest.mark.skipif(cpu_linear_kernels() is None, reason="no C++ toolchain: nothing to build")
+
+
+def test_the_best_set_the_cpu_runs_is_chosen():
+    assert kernel_set(ZEN4) == "avx512"
+    assert kernel_set(ZEN3) == "avx2"
+    assert kernel_set(ZEN4 - {"avx512_vnni"}) == "avx2"  # Skylake-X: AVX-512 without VNNI
+    assert kernel_set({"sse4_2", "avx"}) == "portable"
+    assert kernel_set(set()) == "portable"
+    assert supported_kernel_sets(ZEN4) == ["avx512", "avx2", "portable"]
+
+
+def test_a_lower_set_can_be_asked_for_and_one_the_cpu_lacks_is_refused(caplog):
+    assert kernel_set(ZEN4, "avx2") == "avx2"
+    assert kernel_set(ZEN4, "portable") == "portable"
+    with caplog.at_level(logging.WARNING, logger="jisu.kernels.build"):
+        assert kernel_set(ZEN3, "avx512") == "avx2"
+    assert "avx512_vnni" in caplog.text and "avx512bw" in caplog.text and "using avx2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jisu.kernels.build"):
+        assert kernel_set(ZEN3, "sse9") == "avx2"
+    assert "'sse9' is not a kernel set" in caplog.text and "avx512, avx2, portable" in caplog.text
+
+
+@needs_toolchain
+def test_the_build_in_use_is_the_chosen_set_and_named_by_it():
+    ext = cpu_linear_kernels()
+    chosen = kernel_set(HERE_FLAGS, os.environ.get("JISU_KERNELS"))
+    # instruction_set comes from the compiler's macros, the name from build.py: both must agree.
+    assert ext.instruction_set == chosen
+    assert ext.__name__.startswith(f"jisu_kernels_{chosen}_")
+
+
+def _run_with_set(name: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JISU_KERNELS=name, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@needs_toolchain
+@pytest.mark.parametrize("name", list(KERNEL_SETS))
+def test_every_set_this_cpu_runs_passes_the_kernel_tests(name):
+    if name not in HERE_SETS:
+        pytest.skip(f"this CPU lacks {sorted(KERNEL_SETS[name][0] - HERE_FLAGS)} (the compile test covers {name})")
+    if name == cpu_linear_kernels().instruction_set:
+        pytest.skip(f"{name} is this process's build: the rest of the suite runs these tests on it")
+    which = _run_with_set(name, ["-c", "from jisu.kernels.build import cpu_linear_kernels as k; "
+                                       "print(k().instruction_set)"])
+    assert which.stdout.strip() == name, which.stderr[-2000:]
+    proc = _run_with_set(name, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    # Only the int16-activation tests (a vector-set path) may skip, and only on the portable set.
+    summary = proc.stdout.strip().splitlines()[-1]
+    allowed = " 6 skipped" if name == "portable" else None
+    assert "passed" in summary and ("skipped" not in summary or (allowed and allowed in summary)), summary
+
+
+# Int4 and int8 products through the int16-activation kernels, for row counts that take each path (one row, the
+# quads' 2-4 rows, tiles, the GEMM): their bytes, hashed.
+_BITS_SCRIPT = """
+import hashlib, torch
+from jisu.kernels.build import cpu_linear_kernels
+ext = cpu_linear_kernels()
+g = torch.Generator().manual_seed(0)
+h = hashlib.sha256()
+for bits in (4, 8):
+    N, K, group = 96, 256, 32
+    scales = (torch.rand(N, K // group, generator=g) * 0.02 + 1e-3).half()
+    if bits == 8:
+        w = ext.QWeight(8, torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g), scales, None, group, None)
+    else:
+        q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+        zeros = (torch.rand(N, K // group, generator=g) * 0.1).half()
+        w = ext.QWeight(4, q, scales, zeros, group, None)
+    for m in (1, 3, 4, 17, 200):
+        x = torch.randn(m, K, generator=g)
+        h.update(ext.qlinear(x, w).numpy().tobytes())
+print(ext.instruction_set, h.hexdigest())
+"""
+
+
+@needs_toolchain
+def test_the_vector_sets_give_the_same_bits():
+    vector_sets = [s for s in HERE_SETS if s != "portable"]
+    if len(vector_sets) < 2:
+        pytest.skip(f"this CPU runs one vector set ({vector_sets}): nothing to compare")
+    digests = {}
+    for name in vector_sets:
+        proc = _run_with_set(name, ["-c", _BITS_SCRIPT])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got, digest = proc.stdout.split()
+        assert got == name
+        digests[name] = digest
+    assert len(set(digests.values())) == 1, digests
+
+
+@needs_toolchain
+@pytest.mark.parametrize("name", [s for s in KERNEL_SETS if s != "portable"])
+def test_a_set_this_cpu_cannot_run_still_compiles(name):
+    if name in HERE_SETS:
+        pytest.skip(f"this CPU runs {name}: the tests above build and run it")
+    compile_check(name)
+
+
+def test_the_compile_check_reports_a_source_that_fails(monkeypatch):
+    # A flag no compiler knows makes every source fail at once: the error must say which set and show the compiler.
+    monkeypatch.setitem(KERNEL_SETS, "broken", (frozenset(), ("-mno-such-instruction-set",)))
+    try:
+        compile_check("broken")
+    except FileNotFoundError:
+        pytest.skip("no C++ compiler")
+    except RuntimeError as e:
+        assert "the broken kernel set does not compile" in str(e) and "no-such-instruction-set" in str(e)
+    else:
+        pytest.fail("a source compiled with an unknown flag")
