@@ -1,13 +1,14 @@
-"""What rounding activations to int16 costs in quality: the same weights run with int16 activations (the decode
-default for int8/int4 weights) against float32 activations, and both against the float32 model.
+"""What rounding activations costs in quality: the same weights run with int16 activations (the decode default for
+int8/int4 weights) and with int8 ones (`--activations int8`, int4 weights only) against float32 activations, and
+each against the float32 model.
 
-The kernels take int16 activations only for products of up to 192 rows (decode, short prefill chunks), so a
+The kernels round activations only for products of up to 192 rows (decode, short prefill chunks), so a
 512-token perplexity chunk would never use them. Here every quantized product is split into calls of at most
 128 rows; the int16 path gives each row the same numbers whatever the batch (tests/test_qlinear_kernels.py), so
-this is exactly what decode computes. Text: WikiText-2 (raw test split, CC BY-SA 3.0), llama.cpp's perplexity
-method (512-token chunks, second half scored).
+this is exactly what decode computes (int8 activations likewise). Text: WikiText-2 (raw test split, CC BY-SA 3.0),
+llama.cpp's perplexity method (512-token chunks, second half scored).
 
-    .venv/bin/python benchmarks/activation_quality.py [--weights auto,int8,int4-g64] [--chunks 20]
+    .venv/bin/python benchmarks/activation_quality.py [--weights auto,int8] [--act-bits 16,8] [--chunks 20]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--weights", default="auto,int8")
+    ap.add_argument("--act-bits", default="16", help="rounded activation widths to measure, e.g. 16,8 (default 16)")
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--text", default=str(TEXT))
     args = ap.parse_args()
@@ -60,18 +62,23 @@ def main() -> None:
     rows = []
     with decode_sized_products():
         for weights in args.weights.split(","):
+            widths = [int(b) for b in args.act_bits.split(",")]
             runs = {}
-            for bits in (32, 16):
+            for bits in (32, *widths):
                 runs[bits] = open_llm(args.model, weights, 512)
                 set_act_bits(runs[bits], bits)
-            f, i, v = (kl_divergence(runs[a].engine, b, text, chunks=args.chunks)
-                       for a, b in ((32, reference), (16, reference), (16, runs[32].engine)))
-            rows.append({"weights": weights, "chunks": args.chunks, "float32_activations": f.to_dict(),
-                         "int16_activations": i.to_dict(), "int16_vs_float32_activations": v.to_dict()})
-            print(f"{weights}: PPL float acts {f.ppl:.4f}, int16 acts {i.ppl:.4f} ({100 * (i.ppl / f.ppl - 1):+.3f}%); "
-                  f"vs float32 model: KL {f.kl_mean:.5f} -> {i.kl_mean:.5f}, top-1 {100 * f.top1_agreement:.2f}% -> "
-                  f"{100 * i.top1_agreement:.2f}%; int16 vs float acts: KL {v.kl_mean:.2e}, top-1 "
-                  f"{100 * v.top1_agreement:.2f}%", flush=True)
+            f = kl_divergence(runs[32].engine, reference, text, chunks=args.chunks)
+            row = {"weights": weights, "chunks": args.chunks, "float32_activations": f.to_dict()}
+            for bits in widths:
+                i, v = (kl_divergence(runs[bits].engine, ref, text, chunks=args.chunks)
+                        for ref in (reference, runs[32].engine))
+                row[f"int{bits}_activations"] = i.to_dict()
+                row[f"int{bits}_vs_float32_activations"] = v.to_dict()
+                print(f"{weights}: PPL float acts {f.ppl:.4f}, int{bits} acts {i.ppl:.4f} "
+                      f"({100 * (i.ppl / f.ppl - 1):+.3f}%); vs float32 model: KL {f.kl_mean:.5f} -> {i.kl_mean:.5f}, "
+                      f"top-1 {100 * f.top1_agreement:.2f}% -> {100 * i.top1_agreement:.2f}%; int{bits} vs float acts: "
+                      f"KL {v.kl_mean:.2e}, top-1 {100 * v.top1_agreement:.2f}%", flush=True)
+            rows.append(row)
     print(json.dumps(rows))
 
 

@@ -12,7 +12,7 @@ token, wall time), a fresh prompt per run so the prefix cache never hits, the fi
 its own process; medians of the runs inside a round are printed per round, so compare within a round.
 
     flock /tmp/jisu-bench.lock .venv/bin/python benchmarks/bench_prefill_modes.py [--length 512] [--rounds 3]
-        [--runs 3] [--modes deterministic,eager] [--ik-llama]
+        [--runs 3] [--modes deterministic,eager,deterministic-int8] [--ik-llama]
 
 To compare two checkouts, run it with PYTHONPATH=<checkout> for each (the child processes inherit it).
 """
@@ -27,14 +27,17 @@ import subprocess
 import sys
 import time
 
-MODES = {"deterministic": True, "eager": False}
+# Mode -> LLM arguments. deterministic-int8: the deterministic stack with `--activations int8` (int4 products on
+# int8 inputs: faster, coarser; docs/QUANTIZATION.md).
+MODES = {"deterministic": {"deterministic": True}, "eager": {"deterministic": False},
+         "deterministic-int8": {"deterministic": True, "activations": "int8"}}
 
 
-def child(length: int, runs: int, deterministic: bool) -> None:
+def child(length: int, runs: int, options: dict) -> None:
     from jisu.llm import LLM
     from jisu.sampling_params import SamplingParams
 
-    llm = LLM("smollm2-135m", deterministic=deterministic)
+    llm = LLM("smollm2-135m", **options)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     times = []
     for r in range(runs + 1):
@@ -68,7 +71,8 @@ def main() -> int:
     p.add_argument("--length", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per process after a warm-up (default 3)")
-    p.add_argument("--modes", default="deterministic,eager", help="comma-separated: deterministic, eager")
+    p.add_argument("--modes", default="deterministic,eager",
+                   help="comma-separated: deterministic, eager, deterministic-int8")
     p.add_argument("--ik-llama", action="store_true", help="also run $JISU_IK_LLAMA_BENCH each round")
     p.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -85,10 +89,10 @@ def main() -> int:
         for mode in modes:
             times = jisu_round(args.length, args.runs, mode)
             med = statistics.median(times)
-            print(f"round {r} jisu {mode:13s}: {args.length / med:7.1f} tok/s (median of {len(times)}: "
+            print(f"round {r} jisu {mode:18s}: {args.length / med:7.1f} tok/s (median of {len(times)}: "
                   f"{[round(t * 1e3) for t in times]} ms)", flush=True)
         if args.ik_llama:
-            print(f"round {r} ik_llama     : {ik_llama_round(args.length, args.runs):7.1f} tok/s "
+            print(f"round {r} ik_llama          : {ik_llama_round(args.length, args.runs):7.1f} tok/s "
                   f"(llama-bench pp{args.length}, mean of {args.runs})", flush=True)
     return 0
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from jisu.capabilities import LowBitSupport
-from jisu.config import EngineConfig
+from jisu.config import ACTIVATION_BITS, EngineConfig
 from jisu.errors import InvalidRequestError, JisuError
 from jisu.models.config import ModelConfig
 from jisu.models.registry import model_class
@@ -33,8 +33,8 @@ _ids = itertools.count()
 def cache_dtype_for(cache_dtype: str, dtype: torch.dtype, support: LowBitSupport, activations: str,
                     low_bit: bool) -> torch.dtype:
     """What the KV cache stores: CacheConfig.dtype, 'auto' resolved by resolve_kv_dtype. Activations are rounded
-    to int16 only by jisu's C++ kernels, and only on low-bit matrices (low_bit: the model has some)."""
-    rounded = activations == "int16" and support.cpu_kernels and low_bit
+    to int16 or int8 only by jisu's C++ kernels, and only on low-bit matrices (low_bit: the model has some)."""
+    rounded = activations != "float32" and support.cpu_kernels and low_bit
     return resolve_kv_dtype(cache_dtype, dtype, rounded)
 
 
@@ -98,7 +98,7 @@ class ModelRun:
         low_bit = any(isinstance(t, QuantizedTensor) for t in tensors.values())
         kv_dtype = cache_dtype_for(config.cache.dtype, dtype, support, config.activations, low_bit)
         num_blocks, max_model_len = plan_kv_cache(model_config, config, kv_dtype, device)
-        act_bits = 16 if config.activations == "int16" else 32
+        act_bits = ACTIVATION_BITS[config.activations]
         model = load_model(model_config, tensors, dtype, device, max_model_len, config.cpu_kernels, act_bits)
         cache = config.cache
         blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)

@@ -48,10 +48,10 @@ def make_weight(bits: int, N: int, K: int, group: int, bias: bool, seed: int = 0
     return ext.QWeight(4, data, scales, zeros, group, b), w, b
 
 
-def act16_error(x: torch.Tensor) -> torch.Tensor:
-    """Per input, how far int16 rounding with one scale per 32-input block may move it."""
+def act16_error(x: torch.Tensor, levels: int = 32767) -> torch.Tensor:
+    """Per input, how far int16 rounding (int8: levels 127) with one scale per 32-input block may move it."""
     xd = x.double()
-    d = xd.abs().view(x.shape[0], -1, 32).amax(dim=2) / 32767
+    d = xd.abs().view(x.shape[0], -1, 32).amax(dim=2) / levels
     return d.repeat_interleave(32, dim=1) / 2 + 4 * U * xd.abs()
 
 
@@ -149,8 +149,38 @@ def test_float_activations_on_request(fmt):
     check_close(y32, x, w, b)
     check_close(y16, x, w, b, act16=True)
     assert not torch.equal(y16, y32)  # the two paths really are different computations
-    with pytest.raises(RuntimeError, match="act_bits must be 16"):
-        qw.act_bits = 8
+    with pytest.raises(RuntimeError, match="act_bits must be 8, 16 or 32"):
+        qw.act_bits = 12
+
+
+@pytest.mark.parametrize("fmt", [(4, 576, 32), (4, 1536, 128), (4, 96, 32)], ids=_id)
+@act16_only
+def test_int8_activations_on_request(fmt):
+    """act_bits 8 (int4 only) rounds x to int8 per 32-input block: within that rounding's bound of the exact
+    product, coarser than int16 (so a really different computation), and batch-invariant like int16."""
+    bits, K, G = fmt
+    qw, w, b = make_weight(bits, 70, K, G, bias=True, seed=7)
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(8))
+    y16 = ext.qlinear(x, qw)
+    qw.act_bits = 8
+    y8 = ext.qlinear(x, qw)
+    exact = x.double() @ w.double().T + b.double()
+    bound = (K + 2) * U * (x.double().abs() @ w.double().abs().T + b.double().abs()) + act16_error(x, 127) @ (
+        w.double().abs().T)
+    assert ((y8.double() - exact).abs() <= bound).all()
+    assert (y8.double() - exact).abs().mean() > 10 * (y16.double() - exact).abs().mean()
+    alone = torch.cat([ext.qlinear(x[m : m + 1], qw) for m in range(len(x))])
+    for M in (1, 2, 3, 4, 5, 9, 40):
+        assert torch.equal(ext.qlinear(x[:M], qw), alone[:M]), f"M={M}"
+
+
+@act16_only
+def test_int8_activations_leave_int8_weights_on_int16():
+    qw, _, _ = make_weight(8, 64, 576, 32, bias=False)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(9))
+    y16 = ext.qlinear(x, qw)
+    qw.act_bits = 8
+    assert torch.equal(ext.qlinear(x, qw), y16)
 
 
 @act16_only
@@ -168,9 +198,11 @@ def test_act16_rounding_is_per_block():
     assert abs(y.item() - 0.1) <= 0.1 * 2**-15
 
 
+@pytest.mark.parametrize("act_bits", [16, 8])
 @act16_only
-def test_act16_propagates_nan_and_inf():
+def test_act16_propagates_nan_and_inf(act_bits):
     qw, _, _ = make_weight(4, 8, 64, 32, bias=False)
+    qw.act_bits = act_bits
     for bad in (float("nan"), float("inf")):
         x = torch.ones(2, 64)
         x[1, 5] = bad

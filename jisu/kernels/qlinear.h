@@ -26,7 +26,8 @@ struct QWeight {
   int64_t bits = 32;
   int64_t N = 0, K = 0, group = 0;
   // bits 8 / 4 at up to 192 rows: 16 rounds x to int16 per 32-input block for integer dot products (faster;
-  // qlinear.cpp bounds the rounding), 32 keeps x in float32. Ignored for bits 32 and for K or G not % 32.
+  // qlinear.cpp bounds the rounding), 32 keeps x in float32, 8 rounds it to int8 (bits 4 only, faster still and
+  // coarser: asked for explicitly; bits 8 then keeps int16). Ignored for bits 32 and for K or G not % 32.
   int64_t act_bits = 16;
   at::Tensor data, scales, zeros, bias;  // bits 4: data holds the row quads, scales / zeros are undefined
   at::Tensor outlier_cols, outlier_weights;  // undefined when none; weights held as row octets (qlinear.cpp)
@@ -54,9 +55,10 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 struct MatvecInput {
   const float* x;
   int64_t M;
-  const int16_t* xq;  // null: float32 activations
+  const int16_t* xq;  // null: float32 (or int8) activations
   const float* xd;
   const float* xs;    // int4: per-group sums of x
+  const int8_t* xq8;  // int4 with act_bits 8: x rounded to int8 per 32-input block (scales in xd)
 };
 MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M);
 void qweight_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t part, int64_t parts);

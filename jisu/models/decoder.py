@@ -164,8 +164,9 @@ class DecoderForCausalLM(nn.Module):
         self.attention_kernels = prefill_kernels(device, dtype, cpu_kernels)
 
     def set_activation_bits(self, bits: int) -> None:
-        """Rounds int8/int4 products' activations to int16 (16) or keeps them float32 (32), on the eager layers and
-        the fused stack alike: the fused stack holds its own copies of the matrices' settings, so it is rebuilt."""
+        """Rounds int8/int4 products' activations to int16 (16), int4's to int8 (8), or keeps them float32 (32), on
+        the eager layers and the fused stack alike: the fused stack holds its own copies of the matrices' settings,
+        so it is rebuilt."""
         for m in self.modules():
             if getattr(m, "kernel_weight", None) is not None and hasattr(m.kernel_weight, "act_bits"):
                 m.kernel_weight.act_bits = bits

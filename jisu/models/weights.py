@@ -41,7 +41,7 @@ def load_weights(model: nn.Module, tensors: dict, dtype: torch.dtype, device: to
                  act_bits: int = 16) -> None:
     """Materialises every parameter of `model` (a DecoderForCausalLM) from `tensors`. Tensors may be
     QuantizedTensor: those matrices run on jisu's int8/int4 C++ kernels as they are, with activations rounded to
-    int16 (act_bits 16) or kept float32 (32) at decode (see jisu/kernels/qlinear.h); where those are not in use
+    int16 (act_bits 16; int4's to int8 with 8) or kept float32 (32) at decode (see jisu/kernels/qlinear.h); where those are not in use
     (CUDA), int4 runs on torch's int4 kernel (jisu/kernels/torch_int4.py)."""
     support = low_bit_support(device, dtype, cpu_kernels)
     kernels = cpu_linear_kernels() if support.cpu_kernels else None
