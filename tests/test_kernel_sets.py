@@ -81,8 +81,8 @@ def test_every_set_this_cpu_runs_passes_the_kernel_tests(name):
     assert "passed" in proc.stdout.strip().splitlines()[-1]
 
 
-# Int4 and int8 products through the int16-activation kernels, for row counts that take each path (one row, the
-# quads' 2-4 rows, tiles, the GEMM): their bytes, hashed.
+# Int4 and int8 products through the int16-activation kernels (int4 also through the int8-activation ones), for row
+# counts that take each path (one row, the quads' 2-4 rows, tiles, the GEMM): their bytes, hashed.
 _BITS_SCRIPT = """
 import hashlib, torch
 from jisu.kernels.build import cpu_linear_kernels
@@ -98,9 +98,11 @@ for bits in (4, 8):
         q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
         zeros = (torch.rand(N, K // group, generator=g) * 0.1).half()
         w = ext.QWeight(4, q, scales, zeros, group, None)
-    for m in (1, 3, 4, 17, 200):
-        x = torch.randn(m, K, generator=g)
-        h.update(ext.qlinear(x, w).numpy().tobytes())
+    for act_bits in ((16, 8) if bits == 4 else (16,)):
+        w.act_bits = act_bits
+        for m in (1, 3, 4, 17, 200):
+            x = torch.randn(m, K, generator=g)
+            h.update(ext.qlinear(x, w).numpy().tobytes())
 print(ext.instruction_set, h.hexdigest())
 """
 
