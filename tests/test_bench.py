@@ -312,3 +312,16 @@ def test_bench_compare_no_deterministic_reaches_jisu(tiny_llama_dir, tmp_path, m
                   "--calibration", "none", "--json", str(out)]) == 0
     assert made == [False]
     assert "not deterministic" in json.loads(out.read_text())["engines"]["jisu"]["note"]
+
+
+def test_bench_compare_int8_activations_reach_jisu_and_the_kernel_set_is_reported(tiny_llama_dir, tmp_path):
+    out = tmp_path / "cmp.json"
+    assert bench(["bench", "compare", "--model", str(tiny_llama_dir), "--engines", "jisu:int4", "--activations",
+                  "int8", "--input-len", "32", "--output-len", "4", "--runs", "1", "--concurrency", "1",
+                  "--calibration", "none", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert "--activations int8 (changes answers" in r["engines"]["jisu:int4"]["note"]
+    from jisu.kernels.build import cpu_linear_kernels
+
+    kernels = cpu_linear_kernels()
+    assert r["machine"]["cpu_kernels"] == (None if kernels is None else kernels.instruction_set)

@@ -94,6 +94,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                      help="seconds one llama-bench run may take before it is killed (default 600)")
     cmp.add_argument("--no-deterministic", dest="deterministic", action="store_false", help="jisu's engines: "
                      + DETERMINISTIC_HELP)
+    cmp.add_argument("--activations", default="int16", choices=ACTIVATIONS, help="jisu's engines: " + ACTIVATIONS_HELP)
     cmp.add_argument("--json", default=None, metavar="FILE", help="also write the result here")
     cmp.add_argument("--plot", default=None, metavar="DIR", help="write a bar chart here")
     return b

@@ -73,10 +73,10 @@ class JisuEngine:
     note = ""
 
     def __init__(self, path: Path, checkpoint, max_len: int, max_seqs: int, weights: str = "auto",
-                 deterministic: bool = True):
+                 deterministic: bool = True, activations: str = "int16"):
         """weights: a --weights format, optionally followed by ':' and a --kv-cache-dtype (auto:float16).
         deterministic: False runs prompts on the eager layers' faster, batch-shape-dependent kernels (--no-
-        deterministic)."""
+        deterministic). activations: --activations (int8: faster, coarser)."""
         from jisu.llm import LLM
 
         from jisu.loader.resolve import load_checkpoint
@@ -85,9 +85,15 @@ class JisuEngine:
         del checkpoint
         fmt, _, kv = weights.partition(":")
         self.llm = LLM(model=str(path), checkpoint=load_checkpoint(path, keep_blocks=True), max_model_len=max_len,
-                       max_num_seqs=max_seqs, weights=fmt, kv_cache_dtype=kv or "auto", deterministic=deterministic)
+                       max_num_seqs=max_seqs, weights=fmt, kv_cache_dtype=kv or "auto", deterministic=deterministic,
+                       activations=activations)
+        notes = []
         if not deterministic:
-            self.note = "not deterministic (--no-deterministic): prompts run whole on the eager layers"
+            notes.append("not deterministic (--no-deterministic): prompts run whole on the eager layers")
+        if activations != "int16":
+            notes.append(f"--activations {activations}" + (" (changes answers: docs/QUANTIZATION.md)"
+                                                           if activations == "int8" else ""))
+        self.note = "; ".join(notes)
         if weights != "auto":
             self.name = f"jisu:{weights}"
         self.kv_dtype = str(self.llm.engine.kv_dtype).removeprefix("torch.")
@@ -224,7 +230,7 @@ def _version(module: str) -> str:
 def load_engines(names: list[str], path: Path, checkpoint, max_len: int, max_seqs: int, log,
                  ik_llama_options: dict | None = None, jisu_options: dict | None = None) -> tuple[list, dict]:
     """The engines that load, and {name: {reason, install}} for those skipped. ik_llama_options / jisu_options:
-    keyword arguments of IkLlamaEngine (run_time_repack, timeout_s) / JisuEngine (deterministic)."""
+    keyword arguments of IkLlamaEngine (run_time_repack, timeout_s) / JisuEngine (deterministic, activations)."""
     loaded, skipped = [], {}
     for name in names:
         base, _, weights = name.partition(":")
@@ -409,7 +415,9 @@ def format_compare(result: dict) -> str:
     cols += [(f"concurrent_{c}_output_tokens_per_s", f"concurrent_{c}", f"{c} concurrent")
              for c in result["concurrency"] if c > 1]
     width = max([14] + [len(name) + 2 for name in engines])
-    lines = [f"medians of {result['runs']} runs, tokens/s (% of roofline bound); model {result['model']}",
+    kernels = (result.get("machine") or {}).get("cpu_kernels")
+    lines = [f"medians of {result['runs']} runs, tokens/s (% of roofline bound); model {result['model']}"
+             + (f"; jisu's CPU kernels: {kernels}" if kernels else ""),
              f"{'engine':{width}s}" + "".join(f"{label:>22s}" for _, _, label in cols)]
     for name, e in engines.items():
         roof = e.get("roofline") or {}
@@ -484,7 +492,8 @@ def cmd_compare(args) -> int:
     ik_options = {"run_time_repack": getattr(args, "ik_llama_rtr", True),
                   "timeout_s": getattr(args, "ik_llama_timeout", 600.0)}
     engines, skipped = load_engines(names, path, checkpoint, max_len, max(concurrencies), log, ik_options,
-                                    {"deterministic": getattr(args, "deterministic", True)})
+                                    {"deterministic": getattr(args, "deterministic", True),
+                                     "activations": getattr(args, "activations", "int16")})
     if not engines:
         raise JisuError("no engine could run: " + "; ".join(f"{n}: {s['reason']}" for n, s in skipped.items()))
     results = run_compare(engines, tokenizer, args.input_len, args.output_len, args.runs, concurrencies, log)

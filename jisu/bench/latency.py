@@ -200,8 +200,14 @@ def machine_info(device: str = "cpu") -> dict:
 
     from jisu.profile.calibrate import device_name
 
-    return {"device": device, "device_name": device_name(device), "torch": torch.__version__,
+    info = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device == "cpu":  # which build of jisu's C++ kernels ran (jisu/kernels/build.py KERNEL_SETS), None: none
+        from jisu.kernels.build import cpu_linear_kernels
+
+        kernels = cpu_linear_kernels()
+        info["cpu_kernels"] = None if kernels is None else kernels.instruction_set
+    return info
 
 
 def fmt_num(v: float | None, scale: float = 1.0) -> str:
