@@ -47,13 +47,15 @@ def _cpu_flags() -> set[str]:
 # build, and the compiler flags that make it. Named sets rather than -march=native, and the set is part of a cached
 # build's name: a build on disk must never be loaded on a CPU that lacks its instructions (VMs move).
 # - avx512: the AVX2 kernels with AVX-512 VNNI's vpdpwssd for their int16 products (the same integer sums as AVX2's
-#   vpmaddwd + vpaddd, so the same bits) and AVX-512VL's 32 vector registers. Vectors stay 256 bits wide: Zen 4
-#   splits 512-bit operations into two halves anyway.
+#   vpmaddwd + vpaddd, so the same bits), vpdpbusd for --activations int8, and AVX-512VL's 32 vector registers.
+#   Vectors stay 256 bits wide, the compiler's own loops too (-mprefer-vector-width): Zen 4 splits 512-bit
+#   operations into two halves anyway, and some Intel CPUs lower their clock for them.
 # - avx2: AVX2 + FMA + F16C, the kernels' vector code.
 # - portable: plain C++ for any CPU (each vector kernel's scalar twin).
 KERNEL_SETS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     "avx512": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
-               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                "-mprefer-vector-width=256")),
     "avx2": (frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
     "portable": (frozenset(), ()),
 }
