@@ -692,26 +692,32 @@ void quant_task(const QWeight& w, const float* x, int64_t M, float* y, const flo
 // d_b, A) over its blocks in order; T = fma(scale_g, A, T); y = hsum8(T) [int4: + the zero term from the float
 // x, as above] + bias. Measured (one thread, cache-resident int4 576x576 group 32): see kAct16Rows.
 
-// x [M, K] (K % 32 == 0) -> xq int16 [M, K] and d float [M, K / 32]. A block holding NaN or inf gets d = NaN,
-// so the rows it touches come out NaN, as they would in float.
-void quantize_act16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xd) {
+// One 32-input block of x into v[0..3]; its scale for rounding onto -levels..levels into *d, and the factor that
+// maps it there returned. A block holding NaN or inf gets d = NaN (factor 0), so the rows it touches come out
+// NaN, as they would in float.
+inline __m256 load_block_for_rounding(const float* xb, float levels, __m256* v, float* d) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 a = _mm256_setzero_ps();
+  int bad = 0;
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    a = _mm256_max_ps(a, _mm256_and_ps(v[j], abs_mask));
+    bad |= _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
+  const float amax = _mm_cvtss_f32(h);
+  const bool finite = !bad && amax <= 3.4e38f;
+  *d = finite ? amax / levels : std::numeric_limits<float>::quiet_NaN();
+  return _mm256_set1_ps(finite && amax > 0.f ? levels / amax : 0.f);
+}
+
+// x [M, K] (K % 32 == 0) -> xq int16 [M, K] and d float [M, K / 32].
+void quantize_act16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xd) {
   for (int64_t i = 0; i < M * K / 32; ++i) {
-    const float* xb = x + 32 * i;
-    __m256 v[4], a = _mm256_setzero_ps();
-    int bad = 0;
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      a = _mm256_max_ps(a, _mm256_and_ps(v[j], abs_mask));
-      bad |= _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
-    const float amax = _mm_cvtss_f32(h);
-    const bool finite = !bad && amax <= 3.4e38f;
-    const __m256 inv = _mm256_set1_ps(finite && amax > 0.f ? 32767.f / amax : 0.f);
-    xd[i] = finite ? amax / 32767.f : std::numeric_limits<float>::quiet_NaN();
+    __m256 v[4];
+    const __m256 inv = load_block_for_rounding(x + 32 * i, 32767.f, v, xd + i);
     for (int j = 0; j < 2; ++j) {
       const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * j], inv));
       const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * j + 1], inv));
@@ -1008,25 +1014,11 @@ void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float
 // nor their number: each row of x gets the same instructions in the same order.
 constexpr int kQuad8XRows = 4;
 
-// x [M, K] (K % 32 == 0) -> xq int8 [M, K] in -127..127 and d float [M, K / 32]; NaN or inf in a block gives d NaN.
+// x [M, K] (K % 32 == 0) -> xq int8 [M, K] in -127..127 and d float [M, K / 32].
 void quantize_act8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t i = 0; i < M * K / 32; ++i) {
-    const float* xb = x + 32 * i;
-    __m256 v[4], a = _mm256_setzero_ps();
-    int bad = 0;
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      a = _mm256_max_ps(a, _mm256_and_ps(v[j], abs_mask));
-      bad |= _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
-    const float amax = _mm_cvtss_f32(h);
-    const bool finite = !bad && amax <= 3.4e38f;
-    const __m256 inv = _mm256_set1_ps(finite && amax > 0.f ? 127.f / amax : 0.f);
-    xd[i] = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+    __m256 v[4];
+    const __m256 inv = load_block_for_rounding(x + 32 * i, 127.f, v, xd + i);
     __m256i q[4];
     for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
     // packs works per 128-bit half: [0-3 8-11 | 4-7 12-15] and so on; one permute of 32-bit lanes restores order.
