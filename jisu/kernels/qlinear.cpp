@@ -393,7 +393,7 @@ inline void f32_rows(const float* w, int64_t K, const float* x, float* out) {
 // Up to this many rows of x read the weights directly, one row of x after another over the same few weight rows
 // (they stay in L1 after the first); more rows take the tiled forms: several float32 weight rows side by side, or
 // int8 weights widened to int16 once first. Those cost more than they saved at few rows. (int4 with 16-bit
-// activations no longer switches: it takes rows of x 4 at a time at every M, act16_int4_task.) Measured (2 threads):
+// activations no longer switches: it takes rows of x 4 at a time at every M, int4_quads_task.) Measured (2 threads):
 // - SmolLM2 int4 with its Q8_0 output layer, decode tok/s of all sequences together: 2 sequences 207 -> 303 (one
 //   alone: ~240), 4: 276 -> 326; the output layer at 2 rows 1.42 -> 1.10 ms.
 // - cache-hot int4 3072x576, cycles per (block, row of x): M = 2 5.5 -> 3.4, 4 4.4 -> 3.4, 8 and 16 the same
@@ -966,36 +966,16 @@ inline void act16_quad_one(const uint8_t* quad, const Int4Quads& layout, const i
   for (int r = 0; r < 4; ++r) out[r] = (tr[r] + tr[4 + r]) + zr[r];
 }
 
+// The quad kernel for mr (1 to kQuadXRows) rows of x; overloaded on x's type with the act8 one below.
 template <int kNbg>
-inline void act16_quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq,
-                              const float* xd, const float* xs, int64_t K, float* out) {
+inline void quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
+                        const float* xs, int64_t K, float* out) {
   static_assert(kQuadXRows == 4, "one case per row count below");
   switch (mr) {
     case 4: act16_quad_rows<kNbg, 4>(quad, layout, xq, xd, xs, K, out); break;
     case 3: act16_quad_rows<kNbg, 3>(quad, layout, xq, xd, xs, K, out); break;
     case 2: act16_quad_rows<kNbg, 2>(quad, layout, xq, xd, xs, K, out); break;
     default: act16_quad_one<kNbg>(quad, layout, xq, xd, xs, out); break;
-  }
-}
-
-// One parallel task of an int4 act16 matvec: output rows [n0, n1), n0 a multiple of 4 (whole quads; n1 may stop
-// short of the last quad's padding). Every row of x meets a quad while it is in L1, kQuadXRows rows at a time.
-void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float* xd, const float* xs, float* y,
-                     int64_t n0, int64_t n1) {
-  const Int4Quads layout(w);
-  const int64_t N = w.N, K = w.K, ng = layout.ng, nb = K / 32;
-  const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
-  float t[4 * kQuadXRows];
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
-    const uint8_t* quad = layout.quad(n);
-    for (int64_t m0 = 0; m0 < M; m0 += kQuadXRows) {
-      const int mr = static_cast<int>(std::min<int64_t>(kQuadXRows, M - m0));
-      if (layout.nbg == 1) act16_quad_rows_n<1>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
-      else act16_quad_rows_n<0>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
-      for (int m = 0; m < mr; ++m)
-        for (int r = 0; r < nr; ++r) y[(m0 + m) * N + n + r] = t[4 * m + r] + (bp ? bp[n + r] : 0.f);
-    }
   }
 }
 
@@ -1011,8 +991,8 @@ void act16_int4_task(const QWeight& w, int64_t M, const int16_t* xq, const float
 // [P0a P0b P2a P2b | P1a P1b P3a P3b], each a sum of 16 products (< 2^24, exact as float); per block
 // T = fma(float(C), S * d_b, T) with S = [s0 s0 s2 s2 | s1 s1 s3 s3]; out[r] = (T_ra + T_rb) + Z_r, Z_r the zero
 // term from the float group sums as in act16_quad_rows. Like act16, a row's bits depend on neither its neighbours
-// nor their number: each row of x gets the same instructions in the same order.
-constexpr int kQuad8XRows = 4;
+// nor their number: each row of x gets the same instructions in the same order. Rows of x go through a quad
+// kQuadXRows at a time, as act16's.
 
 // x [M, K] (K % 32 == 0) -> xq int8 [M, K] in -127..127 and d float [M, K / 32].
 void quantize_act8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd) {
@@ -1074,9 +1054,9 @@ inline void act8_quad_rows(const uint8_t* quad, const Int4Quads& layout, const i
 }
 
 template <int kNbg>
-inline void act8_quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int8_t* xq,
-                             const float* xd, const float* xs, int64_t K, float* out) {
-  static_assert(kQuad8XRows == 4, "one case per row count below");
+inline void quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int8_t* xq, const float* xd,
+                        const float* xs, int64_t K, float* out) {
+  static_assert(kQuadXRows == 4, "one case per row count below");
   switch (mr) {
     case 4: act8_quad_rows<kNbg, 4>(quad, layout, xq, xd, xs, K, out); break;
     case 3: act8_quad_rows<kNbg, 3>(quad, layout, xq, xd, xs, K, out); break;
@@ -1085,20 +1065,23 @@ inline void act8_quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layou
   }
 }
 
-// One parallel task of an int4 act8 matvec: output rows [n0, n1), as act16_int4_task.
-void act8_int4_task(const QWeight& w, int64_t M, const int8_t* xq, const float* xd, const float* xs, float* y,
-                    int64_t n0, int64_t n1) {
+// One parallel task of an int4 matvec on rounded activations (XT int16_t: act_bits 16, int8_t: 8): output rows
+// [n0, n1), n0 a multiple of 4 (whole quads; n1 may stop short of the last quad's padding). Every row of x meets a
+// quad while it is in L1, kQuadXRows rows at a time.
+template <typename XT>
+void int4_quads_task(const QWeight& w, int64_t M, const XT* xq, const float* xd, const float* xs, float* y,
+                     int64_t n0, int64_t n1) {
   const Int4Quads layout(w);
   const int64_t N = w.N, K = w.K, ng = layout.ng, nb = K / 32;
   const float* bp = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
-  float t[4 * kQuad8XRows];
+  float t[4 * kQuadXRows];
   for (int64_t n = n0; n < n1; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, N - n));
     const uint8_t* quad = layout.quad(n);
-    for (int64_t m0 = 0; m0 < M; m0 += kQuad8XRows) {
-      const int mr = static_cast<int>(std::min<int64_t>(kQuad8XRows, M - m0));
-      if (layout.nbg == 1) act8_quad_rows_n<1>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
-      else act8_quad_rows_n<0>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
+    for (int64_t m0 = 0; m0 < M; m0 += kQuadXRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kQuadXRows, M - m0));
+      if (layout.nbg == 1) quad_rows_n<1>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
+      else quad_rows_n<0>(mr, quad, layout, xq + m0 * K, xd + m0 * nb, xs + m0 * ng, K, t);
       for (int m = 0; m < mr; ++m)
         for (int r = 0; r < nr; ++r) y[(m0 + m) * N + n + r] = t[4 * m + r] + (bp ? bp[n + r] : 0.f);
     }
@@ -1149,9 +1132,9 @@ void matvec_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t n0, 
     std::vector<float> sc(K / G);
     for (int64_t n = n0; n < n1; ++n) scalar_rows(w, n, x, M, y + n, N, bp ? bp[n] : 0.f, sc.data());
   } else if (in.xq8) {
-    act8_int4_task(w, M, in.xq8, in.xd, in.xs, y, n0, n1);
+    int4_quads_task(w, M, in.xq8, in.xd, in.xs, y, n0, n1);
   } else if (in.xq) {
-    if (w.bits == 4) act16_int4_task(w, M, in.xq, in.xd, in.xs, y, n0, n1);
+    if (w.bits == 4) int4_quads_task(w, M, in.xq, in.xd, in.xs, y, n0, n1);
     else act16_int8_task(w, M, in.xq, in.xd, y, n0, n1);
   } else if (w.bits == 4) {
     quant_task<Int4Block>(w, x, M, y, in.xs, n0, n1);
