@@ -882,6 +882,19 @@ inline __m256i quad_pair_products(const __m256i* w, __m256i x0, __m256i x1) {
   return _mm256_add_epi32(_mm256_unpacklo_epi32(pa, pb), _mm256_unpackhi_epi32(pa, pb));
 }
 
+// The start of group g of a quad for MR rows of x (group sums at xs + m * ng): prefetch ahead of the stream, add
+// each row's zero term (z[m] = fma(zeros, xs[m, g], z[m])), and return the 4 rows' scales as floats.
+template <int MR>
+inline __m128 quad_group_start(const uint8_t* quad, const Int4Quads& layout, int64_t g, const float* xs, int64_t ng,
+                               __m128* z) {
+  // Prefetch does not fault, so reading ahead past the last quad is harmless.
+  _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
+  const uint8_t* halves = quad + layout.halves_at(g);
+  const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
+  for (int m = 0; m < MR; ++m) z[m] = _mm_fmadd_ps(z4, _mm_broadcast_ss(xs + m * ng + g), z[m]);
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves)));
+}
+
 // One quad against MR rows of x (row m's int16 inputs at xq + m * K, its block scales at xd + m * K / 32, its group
 // sums at xs + m * ng); out[4 * m + r]. kNbg: blocks per group fixed at compile time (0: the layout's, at run
 // time). Group 32 (GGUF Q4_0 / Q4_1) is one block a group, and the run-time loop of length 1 around it kept this
@@ -894,12 +907,7 @@ inline void act16_quad_rows(const uint8_t* quad, const Int4Quads& layout, const 
   __m128 z[MR];
   for (int m = 0; m < MR; ++m) t[m] = _mm256_setzero_ps(), z[m] = _mm_setzero_ps();
   for (int64_t g = 0, b = 0; g < ng; ++g) {
-    // Prefetch does not fault, so reading ahead past the last quad is harmless.
-    _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
-    const uint8_t* halves = quad + layout.halves_at(g);
-    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves)));
-    const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
-    for (int m = 0; m < MR; ++m) z[m] = _mm_fmadd_ps(z4, _mm_broadcast_ss(xs + m * ng + g), z[m]);
+    const __m128 s4 = quad_group_start<MR>(quad, layout, g, xs, ng, z);
     const __m256 s8 = _mm256_set_m128(s4, s4);
     for (int64_t i = 0; i < nbg; ++i, ++b) {
       __m256i w[4], p01[MR];
@@ -938,11 +946,7 @@ inline void act16_quad_one(const uint8_t* quad, const Int4Quads& layout, const i
   __m256 t = _mm256_setzero_ps();
   __m128 z = _mm_setzero_ps();
   for (int64_t g = 0, b = 0; g < ng; ++g) {
-    _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
-    const uint8_t* halves = quad + layout.halves_at(g);
-    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves)));
-    const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
-    z = _mm_fmadd_ps(z4, _mm_broadcast_ss(xs + g), z);
+    const __m128 s4 = quad_group_start<1>(quad, layout, g, xs, ng, &z);
     const __m256 s8 = _mm256_set_m128(s4, s4);
     for (int64_t i = 0; i < nbg; ++i, ++b) {
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
@@ -1020,11 +1024,7 @@ inline void act8_quad_rows(const uint8_t* quad, const Int4Quads& layout, const i
   __m128 z[MR];
   for (int m = 0; m < MR; ++m) t[m] = _mm256_setzero_ps(), z[m] = _mm_setzero_ps();
   for (int64_t g = 0, b = 0; g < ng; ++g) {
-    _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
-    const uint8_t* halves = quad + layout.halves_at(g);
-    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves)));
-    const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
-    for (int m = 0; m < MR; ++m) z[m] = _mm_fmadd_ps(z4, _mm_broadcast_ss(xs + m * ng + g), z[m]);
+    const __m128 s4 = quad_group_start<MR>(quad, layout, g, xs, ng, z);
     const __m256 s8 = _mm256_permutevar8x32_ps(_mm256_set_m128(s4, s4), order);
     for (int64_t i = 0; i < nbg; ++i, ++b) {
       const uint8_t* blk = quad + layout.block_at(g, i, 0);
