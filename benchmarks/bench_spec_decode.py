@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--activations", default="int16", help="--activations of both runs (int8: cheaper verify "
+                                                             "steps, coarser answers)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--row-costs", action="store_true", help="only time one sequence's step of 1..8 rows")
     args = ap.parse_args()
@@ -102,8 +104,8 @@ def main() -> None:
         return
 
     config = json.loads(args.config)
-    plain = LLM(model=args.model, max_model_len=2048)
-    spec = LLM(model=args.model, max_model_len=2048, speculative_config=config)
+    plain = LLM(model=args.model, max_model_len=2048, activations=args.activations)
+    spec = LLM(model=args.model, max_model_len=2048, speculative_config=config, activations=args.activations)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     tasks = args.tasks.split(",")
     for name in tasks:  # warm-up: kernels, first-call allocations
