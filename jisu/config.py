@@ -81,9 +81,9 @@ DETERMINISTIC_HELP = ("let prefill chunks and large batches run on faster kernel
                       "chunking or prefix-cache hits)")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-ACTIVATIONS = ("int16", "float32", "int8")
-# What each --activations choice rounds x to in the int8/int4 kernels (QWeight.act_bits).
-ACTIVATION_BITS = {"int8": 8, "int16": 16, "float32": 32}
+# Each --activations choice and what it rounds x to in the int8/int4 kernels (QWeight.act_bits; 32: kept float).
+ACTIVATION_BITS = {"int16": 16, "float32": 32, "int8": 8}
+ACTIVATIONS = tuple(ACTIVATION_BITS)
 WEIGHTS_HELP = ("weight format: auto (default: the file's own precision; GGUF Q4_0/Q4_1/Q8_0 run as they are), float32, "
                 "float16, bfloat16, int8, int4; int8/int4 take a group size as -gN, e.g. int4-g64; int8 keeps 64 input "
                 "columns per matrix in float16 (8 with -gN), -oN for N (-o0: none)")

@@ -34,7 +34,7 @@ def cache_dtype_for(cache_dtype: str, dtype: torch.dtype, support: LowBitSupport
                     low_bit: bool) -> torch.dtype:
     """What the KV cache stores: CacheConfig.dtype, 'auto' resolved by resolve_kv_dtype. Activations are rounded
     to int16 or int8 only by jisu's C++ kernels, and only on low-bit matrices (low_bit: the model has some)."""
-    rounded = activations != "float32" and support.cpu_kernels and low_bit
+    rounded = ACTIVATION_BITS[activations] < 32 and support.cpu_kernels and low_bit
     return resolve_kv_dtype(cache_dtype, dtype, rounded)
 
 
