@@ -882,6 +882,20 @@ inline __m256i quad_pair_products(const __m256i* w, __m256i x0, __m256i x1) {
   return _mm256_add_epi32(_mm256_unpacklo_epi32(pa, pb), _mm256_unpackhi_epi32(pa, pb));
 }
 
+// A quad's 4 outputs for one row of x: out[r] = (T[a_r] + T[b_r]) + Z[r], lanes[r] = {a_r, b_r} the lanes of T
+// holding the two halves of row r's sum: lanes r and 4 + r in the int16 kernels ([P0 P1 P2 P3 | P0 P1 P2 P3]),
+// [P0a P0b P2a P2b | P1a P1b P3a P3b] in the int8 one.
+using QuadLanes = int[4][2];
+constexpr QuadLanes kAct16Lanes = {{0, 4}, {1, 5}, {2, 6}, {3, 7}};
+constexpr QuadLanes kAct8Lanes = {{0, 1}, {4, 5}, {2, 3}, {6, 7}};
+inline void finish_quad(__m256 t, __m128 z, const QuadLanes& lanes, float* out) {
+  alignas(32) float tr[8];
+  _mm256_store_ps(tr, t);
+  alignas(16) float zr[4];
+  _mm_store_ps(zr, z);
+  for (int r = 0; r < 4; ++r) out[r] = (tr[lanes[r][0]] + tr[lanes[r][1]]) + zr[r];
+}
+
 // The start of group g of a quad for MR rows of x (group sums at xs + m * ng): prefetch ahead of the stream, add
 // each row's zero term (z[m] = fma(zeros, xs[m, g], z[m])), and return the 4 rows' scales as floats.
 template <int MR>
@@ -927,13 +941,7 @@ inline void act16_quad_rows(const uint8_t* quad, const Int4Quads& layout, const 
       }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    alignas(32) float tr[8];
-    _mm256_store_ps(tr, t[m]);
-    alignas(16) float zr[4];
-    _mm_store_ps(zr, z[m]);
-    for (int r = 0; r < 4; ++r) out[4 * m + r] = (tr[r] + tr[4 + r]) + zr[r];
-  }
+  for (int m = 0; m < MR; ++m) finish_quad(t[m], z[m], kAct16Lanes, out + 4 * m);
 }
 
 // One row of x (MR = 1, plain decode): the 4 rows' blocks widened side by side, then C in one reduction; the same
@@ -963,24 +971,7 @@ inline void act16_quad_one(const uint8_t* quad, const Int4Quads& layout, const i
       t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(s8, _mm256_broadcast_ss(xd + b)), t);
     }
   }
-  alignas(32) float tr[8];
-  _mm256_store_ps(tr, t);
-  alignas(16) float zr[4];
-  _mm_store_ps(zr, z);
-  for (int r = 0; r < 4; ++r) out[r] = (tr[r] + tr[4 + r]) + zr[r];
-}
-
-// The quad kernel for mr (1 to kQuadXRows) rows of x; overloaded on x's type with the act8 one below.
-template <int kNbg>
-inline void quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
-                        const float* xs, int64_t K, float* out) {
-  static_assert(kQuadXRows == 4, "one case per row count below");
-  switch (mr) {
-    case 4: act16_quad_rows<kNbg, 4>(quad, layout, xq, xd, xs, K, out); break;
-    case 3: act16_quad_rows<kNbg, 3>(quad, layout, xq, xd, xs, K, out); break;
-    case 2: act16_quad_rows<kNbg, 2>(quad, layout, xq, xd, xs, K, out); break;
-    default: act16_quad_one<kNbg>(quad, layout, xq, xd, xs, out); break;
-  }
+  finish_quad(t, z, kAct16Lanes, out);
 }
 
 // ---- int4 row quads with 8-bit activations (act_bits 8: asked for explicitly, it changes answers) ----
@@ -1041,27 +1032,32 @@ inline void act8_quad_rows(const uint8_t* quad, const Int4Quads& layout, const i
       }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    alignas(32) float tr[8];
-    _mm256_store_ps(tr, t[m]);
-    alignas(16) float zr[4];
-    _mm_store_ps(zr, z[m]);
-    out[4 * m + 0] = (tr[0] + tr[1]) + zr[0];
-    out[4 * m + 1] = (tr[4] + tr[5]) + zr[1];
-    out[4 * m + 2] = (tr[2] + tr[3]) + zr[2];
-    out[4 * m + 3] = (tr[6] + tr[7]) + zr[3];
-  }
+  for (int m = 0; m < MR; ++m) finish_quad(t[m], z[m], kAct8Lanes, out + 4 * m);
 }
 
-template <int kNbg>
-inline void quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const int8_t* xq, const float* xd,
+// The quad kernel for MR rows of x, by x's type: int16 (act16_quad_rows, or act16_quad_one for one row) or int8.
+template <int kNbg, int MR>
+inline void quad_rows(const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
+                      const float* xs, int64_t K, float* out) {
+  if constexpr (MR == 1) act16_quad_one<kNbg>(quad, layout, xq, xd, xs, out);
+  else act16_quad_rows<kNbg, MR>(quad, layout, xq, xd, xs, K, out);
+}
+template <int kNbg, int MR>
+inline void quad_rows(const uint8_t* quad, const Int4Quads& layout, const int8_t* xq, const float* xd,
+                      const float* xs, int64_t K, float* out) {
+  act8_quad_rows<kNbg, MR>(quad, layout, xq, xd, xs, K, out);
+}
+
+// The same for a run-time row count mr, 1 to kQuadXRows.
+template <int kNbg, typename XT>
+inline void quad_rows_n(int mr, const uint8_t* quad, const Int4Quads& layout, const XT* xq, const float* xd,
                         const float* xs, int64_t K, float* out) {
   static_assert(kQuadXRows == 4, "one case per row count below");
   switch (mr) {
-    case 4: act8_quad_rows<kNbg, 4>(quad, layout, xq, xd, xs, K, out); break;
-    case 3: act8_quad_rows<kNbg, 3>(quad, layout, xq, xd, xs, K, out); break;
-    case 2: act8_quad_rows<kNbg, 2>(quad, layout, xq, xd, xs, K, out); break;
-    default: act8_quad_rows<kNbg, 1>(quad, layout, xq, xd, xs, K, out); break;
+    case 4: quad_rows<kNbg, 4>(quad, layout, xq, xd, xs, K, out); break;
+    case 3: quad_rows<kNbg, 3>(quad, layout, xq, xd, xs, K, out); break;
+    case 2: quad_rows<kNbg, 2>(quad, layout, xq, xd, xs, K, out); break;
+    default: quad_rows<kNbg, 1>(quad, layout, xq, xd, xs, K, out); break;
   }
 }
 
