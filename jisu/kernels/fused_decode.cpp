@@ -50,6 +50,8 @@ constexpr int64_t kAttnChunk = 64;
 // Rows from which a step's per-row parts (norms, rotary, merging attention, gating) split over the threads: below
 // it (decode steps) they are too short to pay for the extra barriers.
 constexpr int64_t kSplitRows = 16;
+// Rows sharing their keys that attention takes chunk by chunk together (see build_visible).
+constexpr int64_t kRowBlock = 8;
 
 // Calls f with a null pointer of the cache's element type (float, c10::Half or c10::BFloat16).
 template <typename F>
@@ -313,6 +315,7 @@ struct Visible {
   std::vector<uint8_t> shares_keys;    // per row: a neighbour reads the same keys (attention_tasks)
   std::vector<AttnTask> tasks;         // (sequence, chunk of visible slots), in that order
   std::vector<int64_t> first_task;     // per sequence, its first task; [D] = tasks.size()
+  std::vector<int64_t> order;          // the tasks in the order the threads take them (attention_tasks)
 };
 
 class FusedDecoder {
@@ -575,11 +578,12 @@ class FusedDecoder {
     // Rows whose first visible slot a neighbour also reads are prompt rows of one sequence: their keys stay in
     // cache. (A sliding window moves the first slot on by one a row: the neighbour's second.)
     v.shares_keys.assign(D, 0);
+    std::vector<uint8_t> joins(D, 0);  // row d reads its predecessor's keys
     for (int64_t d = 1; d < D; ++d) {
       const int64_t* a = v.slots.data() + (d - 1) * ctx;
       const int64_t first = v.slots[d * ctx];
       if (v.count[d] > 0 && v.count[d - 1] > 0 && (first == a[0] || (v.count[d - 1] > 1 && first == a[1])))
-        v.shares_keys[d] = v.shares_keys[d - 1] = 1;
+        joins[d] = v.shares_keys[d] = v.shares_keys[d - 1] = 1;
     }
     // Attention work items: (sequence, chunk of kAttnChunk visible slots), in that order.
     v.tasks.clear();
@@ -593,6 +597,22 @@ class FusedDecoder {
         v.tasks.push_back(AttnTask{d, j0, std::min(v.count[d], j0 + chunk)});
     }
     v.first_task[D] = static_cast<int64_t>(v.tasks.size());
+    // NOTE (order): rows that read the same keys (a prompt's rows, a verify's) go kRowBlock at a time, chunk by
+    // chunk: the block's rows use a chunk one after another (read from memory once for them, then from cache), and
+    // the threads' equal runs of this order split a few rows' chunks between them instead of giving each thread
+    // whole rows, each reading the whole cache. Every other row keeps its chunks in slot order (a decode row
+    // streams its cache from memory). Only the order changes: a task writes its own partial, so the bits are the
+    // same.
+    v.order.clear();
+    for (int64_t d = 0; d < D;) {
+      int64_t de = d + 1, chunks = v.first_task[d + 1] - v.first_task[d];
+      for (; de < D && de < d + kRowBlock && joins[de]; ++de)
+        chunks = std::max(chunks, v.first_task[de + 1] - v.first_task[de]);
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t r = d; r < de; ++r)
+          if (v.first_task[r] + c < v.first_task[r + 1]) v.order.push_back(v.first_task[r] + c);
+      d = de;
+    }
   }
 
   // The layer's q and k norms (per head) and rotary (pairs adjacent, see rotary.py; none when rot is null) on the
@@ -638,7 +658,7 @@ class FusedDecoder {
   }
 
   // attn[d, h*hd:(h+1)*hd] = softmax_j(scale * q.k_j) v_j over the visible slots j of sequence d, in two parts:
-  // attention_tasks (thread `tid` of `nt` takes an equal run of the tasks) and merge_attention (one thread).
+  // attention_tasks (thread `tid` of `nt` takes an equal run of the tasks in vis.order) and merge_attention.
   // With a softcap, the scores are cap * tanh(scale / cap * q.k_j) (Gemma 2; eager attention's arithmetic).
   //
   // NOTE: split like flash-decoding: each task takes one chunk of a sequence's slots for every q head, so every
@@ -660,7 +680,7 @@ class FusedDecoder {
     if (static_cast<int64_t>(scr.acc.size()) < H_ * hd_) scr.acc.resize(H_ * hd_);
     float* sc = scr.sc.data();
     float* acc = scr.acc.data();
-    for (int64_t t = t0; t < t1; ++t) {
+    auto run = [&](int64_t t) {
       const AttnTask& task = vis_w.tasks[t];
       const int64_t n = task.j1 - task.j0;
       const int64_t* vis = vis_w.slots.data() + task.d * ctx + task.j0;
@@ -674,7 +694,7 @@ class FusedDecoder {
                               capped ? softcap_ : 0.f, sc + h0 * kAttnChunk, kAttnChunk, part + h0 * stride, stride);
           h0 += nh;
         }
-        continue;
+        return;
       }
       if (hd_ % 8 == 0) {
         const float* q = qkv + task.d * qkvN_;
@@ -686,7 +706,7 @@ class FusedDecoder {
         }
         pv_all_heads(sc, kAttnChunk, H_, G, hd_, vc, vis, n, acc);
         for (int64_t h = 0; h < H_; ++h) std::memcpy(part + h * stride, acc + h * hd_, hd_ * sizeof(float));
-        continue;
+        return;
       }
 #endif
       for (int64_t h = 0; h < H_; ++h) {
@@ -707,7 +727,8 @@ class FusedDecoder {
         part[hd_] = mx;
         part[hd_ + 1] = sum;
       }
-    }
+    };
+    for (int64_t i = t0; i < t1; ++i) run(vis_w.order[i]);
   }
 
   // Merge the chunks of each (row, q head) for rows [d0, d1).
