@@ -231,18 +231,25 @@ template <int NH, int W, typename KV>
 inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int64_t* vis, int64_t n, int64_t c0,
                               float* acc, int64_t acc_stride) {
   __m256 a[NH][W];
+#pragma GCC unroll 4
   for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 4
     for (int u = 0; u < W; ++u) a[h][u] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const KV* x = v + vis[j] + c0;
     __m256 pj[NH];
+#pragma GCC unroll 4
     for (int h = 0; h < NH; ++h) pj[h] = _mm256_broadcast_ss(p + h * ld + j);
+#pragma GCC unroll 4
     for (int u = 0; u < W; ++u) {
       const __m256 kv = load_kv8(x + 8 * u);
+#pragma GCC unroll 4
       for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(pj[h], kv, a[h][u]);
     }
   }
+#pragma GCC unroll 4
   for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 4
     for (int u = 0; u < W; ++u) _mm256_storeu_ps(acc + h * acc_stride + c0 + 8 * u, a[h][u]);
 }
 
