@@ -901,8 +901,13 @@ inline void finish_quad(__m256 t, __m128 z, const QuadLanes& lanes, float* out) 
 template <int MR>
 inline __m128 quad_group_start(const uint8_t* quad, const Int4Quads& layout, int64_t g, const float* xs, int64_t ng,
                                __m128* z) {
-  // Prefetch does not fault, so reading ahead past the last quad is harmless.
-  _mm_prefetch(reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead), _MM_HINT_T0);
+  // Prefetch does not fault, so reading ahead past the last quad is harmless. Every line the group's record spans
+  // (80 bytes for group 32: one line a group had left every fifth line to the hardware prefetcher). Measured
+  // (SmolLM2's 30 int4 layers streamed, alternating in one process, 15 x 3 passes): 4 rows of x 7.29 -> 6.55 ms
+  // at 2 threads, 13.8 -> 12.1 at one; 1 row unchanged (3.34 / 4.68 ms).
+  const char* ahead = reinterpret_cast<const char*>(quad + g * layout.rec + kPrefetchAhead);
+  for (int64_t off = 0; off < layout.rec; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  _mm_prefetch(ahead + layout.rec - 1, _MM_HINT_T0);
   const uint8_t* halves = quad + layout.halves_at(g);
   const __m128 z4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves + 8)));
   for (int m = 0; m < MR; ++m) z[m] = _mm_fmadd_ps(z4, _mm_broadcast_ss(xs + m * ng + g), z[m]);
