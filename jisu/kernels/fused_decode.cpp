@@ -136,12 +136,14 @@ inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
 // 5.3 -> 4.9 (2 threads, alternating in one process, the same bits). Keeping the sums in registers without the
 // prefetch gave about half of that.
 
-// Up to 8 q heads' scores against one key row: the 8 sums of a[0..NH) land in lanes 0..NH-1.
-inline __m256 sum_lanes8(const __m256* a) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+// The sums of 8 vectors' lanes, the sum of a_u in lane u; each lane's value depends on its own vector only.
+inline __m256 sum_lanes8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
+// Up to 8 q heads' scores against one key row: the 8 sums of a[0..NH) land in lanes 0..NH-1.
+inline __m256 sum_lanes8(const __m256* a) { return sum_lanes8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]); }
 
 // s[h * ld + j] = scale * q_h . k_j for q heads h0 .. h0 + NH - 1 (head h reads kv head h / G of the row) over the
 // n rows k + vis[j], each row once and in order; vpre (optional): prefetch the vbytes of row vpre + vis[j] too.
@@ -208,19 +210,26 @@ inline void qk_heads_cached(const float* q, int64_t hd, const KV* k, const int64
   for (int64_t j = 0; j < n; j += 4) {
     const int64_t m = std::min<int64_t>(4, n - j);
     const KV* r[4] = {k + vis[j], k + vis[j + (m > 1)], k + vis[j + (m > 2 ? 2 : 0)], k + vis[j + (m > 3 ? 3 : 0)]};
-    __m256 a[NH][4];
-    for (int h = 0; h < NH; ++h)
+    __m256 a[NH + 1][4];  // a[NH]: zeros, the partner of an odd head out below
+#pragma GCC unroll 4
+    for (int h = 0; h <= NH; ++h)
+#pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) a[h][u] = _mm256_setzero_ps();
     for (int64_t i = 0; i < hd; i += 8)
+#pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) {
         const __m256 kv = load_kv8(r[u] + i);
+#pragma GCC unroll 4
         for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * hd + i), kv, a[h][u]);
       }
-    for (int h = 0; h < NH; ++h) {
-      const __m256 z = _mm256_setzero_ps();
-      const __m256 b[8] = {a[h][0], a[h][1], a[h][2], a[h][3], z, z, z, z};
-      _mm256_store_ps(out, _mm256_mul_ps(sum_lanes8(b), sv));
+    // Two heads' 4 keys per lane tree (lanes 0-3 head h, 4-7 head h + 1): half the trees of one head each.
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; h += 2) {
+      const __m256* b = a[h + 1 < NH ? h + 1 : NH];
+      _mm256_store_ps(out, _mm256_mul_ps(sum_lanes8(a[h][0], a[h][1], a[h][2], a[h][3], b[0], b[1], b[2], b[3]), sv));
       for (int64_t u = 0; u < m; ++u) s[h * ld + j + u] = out[u];
+      if (h + 1 < NH)
+        for (int64_t u = 0; u < m; ++u) s[(h + 1) * ld + j + u] = out[4 + u];
     }
   }
 }
