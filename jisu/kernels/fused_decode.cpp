@@ -286,22 +286,15 @@ inline void pv_heads_in_cache(int64_t nh, const float* p, int64_t ld, int64_t hd
   }
 }
 
-// The q heads [h0, h0 + nh) of one kv head (nh <= 3): scores into s (row h at h * ld), softmax, V sums into part
-// (head h at h * stride: hd sums, then the max and the sum of the exponentials).
+// qk_heads_cached for a run-time number of heads (1-3).
 template <typename KV>
-inline void attend_heads_cached(int64_t nh, const float* q, int64_t hd, const KV* k, const KV* v, const int64_t* vis,
-                                int64_t n, float scale, float softcap, float* s, int64_t ld, float* part,
-                                int64_t stride) {
+inline void qk_heads_in_cache(int64_t nh, const float* q, int64_t hd, const KV* k, const int64_t* vis, int64_t n,
+                              float scale, float* s, int64_t ld) {
   switch (nh) {
     case 3: qk_heads_cached<3, KV>(q, hd, k, vis, n, scale, s, ld); break;
     case 2: qk_heads_cached<2, KV>(q, hd, k, vis, n, scale, s, ld); break;
     default: qk_heads_cached<1, KV>(q, hd, k, vis, n, scale, s, ld); break;
   }
-  for (int64_t h = 0; h < nh; ++h) {
-    if (softcap > 0.f) softcap_scores(s + h * ld, n, softcap);
-    softmax_exp(s + h * ld, n, part[h * stride + hd], part[h * stride + hd + 1]);
-  }
-  pv_heads_in_cache(nh, s, ld, hd, v, vis, n, part, stride);
 }
 #else
 #define JISU_ATTN_VEC 0
@@ -699,29 +692,23 @@ class FusedDecoder {
       const int64_t n = task.j1 - task.j0;
       const int64_t* vis = vis_w.slots.data() + task.d * ctx + task.j0;
 #if JISU_ATTN_VEC
-      if (hd_ % 8 == 0 && vis_w.shares_keys[task.d]) {
-        const float* q = qkv + task.d * qkvN_;
-        float* part = partial_.data() + t * H_ * stride;
-        for (int64_t h0 = 0; h0 < H_;) {  // up to 3 q heads of one kv head at a time
-          const int64_t nh = std::min<int64_t>(3, std::min(H_, (h0 / G + 1) * G) - h0);
-          attend_heads_cached(nh, q + h0 * hd_, hd_, kc + (h0 / G) * hd_, vc + (h0 / G) * hd_, vis, n, scale,
-                              capped ? softcap_ : 0.f, sc + h0 * kAttnChunk, kAttnChunk, part + h0 * stride, stride);
-          h0 += nh;
-        }
-        return;
-      }
       if (hd_ % 8 == 0) {
         const float* q = qkv + task.d * qkvN_;
         float* part = partial_.data() + t * H_ * stride;
-        qk_all_heads(q, H_, G, hd_, kc, vis, n, scale, sc, kAttnChunk, vc);
-        for (int64_t h = 0; h < H_; ++h) {
-          if (capped) softcap_scores(sc + h * kAttnChunk, n, softcap_);
-          softmax_exp(sc + h * kAttnChunk, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
-        }
+        // A decode row streams its K rows once for every head (prefetching V); rows whose keys a neighbour has
+        // just read take one kv head's q heads at a time (see the prompt rows' code above).
+        const bool in_cache = vis_w.shares_keys[task.d];
+        if (!in_cache) qk_all_heads(q, H_, G, hd_, kc, vis, n, scale, sc, kAttnChunk, vc);
         for (int64_t h0 = 0; h0 < H_;) {  // up to 3 q heads of one kv head at a time
-          const int64_t nh = std::min<int64_t>(3, std::min(H_, (h0 / G + 1) * G) - h0);
-          pv_heads_in_cache(nh, sc + h0 * kAttnChunk, kAttnChunk, hd_, vc + (h0 / G) * hd_, vis, n,
-                            part + h0 * stride, stride);
+          const int64_t nh = std::min<int64_t>(3, std::min(H_, (h0 / G + 1) * G) - h0), g = h0 / G;
+          if (in_cache)
+            qk_heads_in_cache(nh, q + h0 * hd_, hd_, kc + g * hd_, vis, n, scale, sc + h0 * kAttnChunk, kAttnChunk);
+          for (int64_t h = h0; h < h0 + nh; ++h) {
+            if (capped) softcap_scores(sc + h * kAttnChunk, n, softcap_);
+            softmax_exp(sc + h * kAttnChunk, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
+          }
+          pv_heads_in_cache(nh, sc + h0 * kAttnChunk, kAttnChunk, hd_, vc + g * hd_, vis, n, part + h0 * stride,
+                            stride);
           h0 += nh;
         }
         return;
