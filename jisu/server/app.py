@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
 
 from jisu.errors import ContextLengthError, InvalidRequestError, JisuError
 from jisu.server import protocol as p
 from jisu.server.async_engine import AsyncEngine, NotAcceptingError, OutputStream, QueueFullError
+from jisu.server.chunks import (Deltas, chat_message, disconnected, sse_lines, tool_chunks, usage_and_timings,
+                                with_summary)
+from jisu.server.error_handlers import add_error_handlers, body_schema, register_schemas
 from jisu.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jisu.server.guards import LOOPBACK_HOSTS, HostCheck, is_json, max_token_bytes
 from jisu.server.metrics import ServerMetrics
@@ -101,7 +101,7 @@ def create_app(
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     app.state.model_name = name
-    _add_error_handlers(app)
+    add_error_handlers(app)
     # Added last, so outermost: a request for a foreign Host gets no further, not even a CORS answer.
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
@@ -113,7 +113,7 @@ def create_app(
 
     def post(path: str, model: type[BaseModel], handler: Callable):
         body_models[path] = model
-        app.add_api_route(path, handler, methods=["POST"], response_model=None, openapi_extra=_body_schema(model))
+        app.add_api_route(path, handler, methods=["POST"], response_model=None, openapi_extra=body_schema(model))
 
     post("/v1/completions", p.CompletionRequest, server.completions)
     post("/v1/chat/completions", p.ChatCompletionRequest, server.chat_completions)
@@ -126,7 +126,7 @@ def create_app(
     app.add_api_route("/health", server.health, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"], response_model=None)
     add_scoring_routes(app, server, post)
-    _register_schemas(app, body_models.values())
+    register_schemas(app, body_models.values())
     return app
 
 
@@ -259,12 +259,12 @@ class _Handlers:
 
     def event_stream(self, events: AsyncIterator[dict], stream: OutputStream) -> AbortingEventStream:
         """The events as SSE `data:` lines, ending with [DONE]; the engine requests are aborted however it ends."""
-        return AbortingEventStream(_sse_lines(events), lambda: self.async_engine.abort(stream))
+        return AbortingEventStream(sse_lines(events), lambda: self.async_engine.abort(stream))
 
     async def collect(self, request: Request, stream: OutputStream) -> dict | None:
         """Waits for the final outputs; None if the client went away first (its requests are aborted)."""
         result = asyncio.ensure_future(stream.final())
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
             return result.result() if result.done() else None
@@ -307,12 +307,12 @@ class _Handlers:
                 choices.append(choice)
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": p.now(), "model": self.model_name,
-            "choices": choices, **_usage_and_timings(outs, stream),
+            "choices": choices, **usage_and_timings(outs, stream),
         })
 
     async def _completion_events(self, req, request_id: str, stream: OutputStream) -> AsyncIterator[dict]:
         created = p.now()
-        track = _Deltas()
+        track = Deltas()
         base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
         finals = {}
         offsets: dict[int, int] = {}  # per choice: where its next token's text starts, as text_offset counts
@@ -347,7 +347,7 @@ class _Handlers:
                     chunks.append({**base, "choices": [choice]})
                 if out.finished:
                     finals[out.request_id] = out
-            for chunk in _with_summary(chunks, stream, finals, base, req.stream_options):
+            for chunk in with_summary(chunks, stream, finals, base, req.stream_options):
                 yield chunk
 
     # ---- /v1/chat/completions ------------------------------------------------------------------
@@ -368,12 +368,12 @@ class _Handlers:
         choices = []
         for c in out.outputs:
             lp = p.chat_logprobs(self.token_text, c.logprobs) if req.logprobs and c.logprobs is not None else None
-            message, finish_reason = _chat_message(c, plan)
+            message, finish_reason = chat_message(c, plan)
             choices.append({"index": c.index, "message": message,
                             "logprobs": lp, "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": p.now(), "model": self.model_name,
-            "choices": choices, **_usage_and_timings([out], stream),
+            "choices": choices, **usage_and_timings([out], stream),
         })
 
     def tool_plan(self, req, params) -> ToolPlan:
@@ -423,7 +423,7 @@ class _Handlers:
         # The role comes first, before any token, as OpenAI sends it.
         yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None} for i in range(req.n)]}
-        track = _Deltas()
+        track = Deltas()
         finals = {}
         # Per choice, when calls are read from the output: text that may start a call waits until it is decided.
         tool_streams: dict[int, ToolStream] | None = {} if plan is not None and plan.parser is not None else None
@@ -439,7 +439,7 @@ class _Handlers:
                         lp = p.chat_logprobs(self.token_text, c.logprobs[d.tokens_from:d.tokens_to])
                     if tool_streams is not None:
                         ts = tool_streams.setdefault(d.index, ToolStream(plan.parser))
-                        chunks += _tool_chunks(base, d, c, lp, ts)
+                        chunks += tool_chunks(base, d, c, lp, ts)
                         continue
                     delta = {"content": d.text} if d.text else {}
                     chunks.append({**base, "choices": [{"index": d.index, "delta": delta, "logprobs": lp,
@@ -447,7 +447,7 @@ class _Handlers:
                                                         "stop_reason": c.stop_reason if d.finish_reason else None}]})
                 if out.finished:
                     finals[out.request_id] = out
-            for chunk in _with_summary(chunks, stream, finals, base, req.stream_options):
+            for chunk in with_summary(chunks, stream, finals, base, req.stream_options):
                 yield chunk
 
     # ---- other routes ----------------------------------------------------------------------------
@@ -497,110 +497,7 @@ class _Handlers:
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-# ----------------------------------------------------------------------------- tool calls
-
-
-def _chat_message(c, plan: ToolPlan) -> tuple[dict, str | None]:
-    """A choice's message and finish reason: with the tool calls read from its text, if any."""
-    if plan.parser is None:
-        return {"role": "assistant", "content": c.text}, c.finish_reason
-    found = plan.parser.extract(c.text)
-    if not found.calls:
-        return {"role": "assistant", "content": c.text}, c.finish_reason
-    calls = [call.to_openai() for call in found.calls]
-    return {"role": "assistant", "content": found.content, "tool_calls": calls}, "tool_calls"
-
-
-def _tool_chunks(base: dict, d, c, lp, ts: ToolStream) -> list[dict]:
-    """The chunks for one choice's new output when calls are read from it: content and delta.tool_calls."""
-    finish = d.finish_reason
-    deltas = ts.feed(c.text, final=finish is not None)
-    if finish is not None and ts.called:
-        finish = "tool_calls"
-    if not deltas and (finish is not None or lp is not None):
-        deltas = [{}]
-    chunks = []
-    for k, delta in enumerate(deltas):
-        last = k == len(deltas) - 1
-        chunks.append({**base, "choices": [{
-            "index": d.index, "delta": delta, "logprobs": lp if k == 0 else None,
-            "finish_reason": finish if last else None,
-            "stop_reason": c.stop_reason if last and finish is not None else None}]})
-    return chunks
-
-
-# ----------------------------------------------------------------------------- streaming
-
-
-class _Delta:
-    __slots__ = ("index", "text", "tokens_from", "tokens_to", "finish_reason")
-
-
-class _Deltas:
-    """What each choice has been sent so far, and what is new in its latest cumulative output."""
-
-    def __init__(self):
-        self.chars: dict[int, int] = {}
-        self.tokens: dict[int, int] = {}
-        self.done: set[int] = set()
-
-    def advance(self, index: int, c) -> _Delta | None:
-        if index in self.done:
-            return None
-        sent_chars, sent_tokens = self.chars.get(index, 0), self.tokens.get(index, 0)
-        text = c.text[sent_chars:]
-        if not text and len(c.token_ids) == sent_tokens and c.finish_reason is None:
-            return None
-        d = _Delta()
-        d.index, d.text, d.finish_reason = index, text, c.finish_reason
-        d.tokens_from, d.tokens_to = sent_tokens, len(c.token_ids)
-        self.chars[index] = len(c.text)
-        self.tokens[index] = len(c.token_ids)
-        if c.finish_reason is not None:
-            self.done.add(index)
-        return d
-
-
-def _with_summary(chunks: list[dict], stream: OutputStream, finals: dict, base: dict, options) -> list[dict]:
-    """Adds the request's timings (and usage, if asked) to the stream's last chunk once all have finished."""
-    if not stream.finished:
-        return chunks
-    summary = _usage_and_timings([finals[rid] for rid in stream.request_ids], stream)
-    if options is not None and options.include_usage:
-        return chunks + [{**base, "choices": [], **summary}]
-    if chunks:
-        chunks[-1]["timings"] = summary["timings"]
-    else:
-        chunks.append({**base, "choices": [], "timings": summary["timings"]})
-    return chunks
-
-
-async def _sse_lines(events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    try:
-        async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-    except Exception as e:  # the status line is already out: the error goes in the stream
-        logger.exception("stream failed")
-        yield f"data: {json.dumps(p.error_body(str(e), 'server_error'))}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def _usage_and_timings(outs: list, stream: OutputStream) -> dict:
-    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
-    completion_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    t = p.timings(outs, stream.handoff_s)
-    return {"usage": p.usage(prompt_tokens, completion_tokens, t["cached_prompt_tokens"]), "timings": t}
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read, so only that can arrive)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-# ----------------------------------------------------------------------------- errors and schema
+# ----------------------------------------------------------------------------- request parameters
 
 
 def _content_chars(message: dict) -> int:
@@ -627,57 +524,3 @@ def _param_of(message: str, prompt_param: str | None) -> str | None:
     if m.group(1) == "prompt":
         return prompt_param
     return m.group(0)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(p.APIError)
-    async def api_error(request: Request, e: p.APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        loc = errors[0].get("loc", ()) if errors else ()
-        param = ".".join(str(x) for x in loc[1:]) or None
-        message = f"{param}: {errors[0].get('msg')}" if errors else "invalid request"
-        return JSONResponse(p.error_body(message, "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(p.error_body(message, kind), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, e: ClientDisconnect):
-        # The client hung up while sending its body: nobody reads an answer, and nothing went wrong here.
-        return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(p.error_body("internal server error", "server_error"), status_code=500)
-
-
-def _body_schema(model: type[BaseModel]) -> dict:
-    # Bodies are parsed by hand (strictly, with a size cap), so FastAPI cannot see them; describe them.
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
-
-
-def _register_schemas(app: FastAPI, models) -> None:
-    """Puts the request models (and the models they use) into the OpenAPI document's components."""
-    from fastapi.openapi.utils import get_openapi
-
-    def openapi():
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(s.pop("$defs", {}))
-                components[model.__name__] = s
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
