@@ -258,6 +258,52 @@ def test_row_bits_do_not_depend_on_neighbours(fmt):
         torch.set_num_threads(threads)
 
 
+needs_amx = pytest.mark.skipif(ext is None or not ext.amx_available(),
+                               reason="no AMX here (an AVX-512 build on a CPU with AMX-BF16 and the OS's grant)")
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", [(4, 576, 32), (4, 1536, 32), (4, 256, 64), (4, 384, 128)], ids=_id)
+@pytest.mark.parametrize("N", [576, 333, 50])
+def test_amx_gives_the_vector_kernels_bits(fmt, N):
+    """From 32 rows an int4 product runs on AMX tiles (qlinear_amx.cpp), and must give what the vector kernels give,
+    bit for bit: a prompt's rows and its decode rows meet in the same KV cache. Odd row counts leave partial tiles
+    of x and of weight rows (N = 333: a last quad of one row; 50: one partial tile per thread)."""
+    bits, K, G = fmt
+    qw, _, _ = make_weight(bits, N, K, G, bias=N != 576, seed=K + N)
+    g = torch.Generator().manual_seed(N)
+    threads = torch.get_num_threads()
+    try:
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            for M in (32, 33, 47, 64, 100, 192):
+                x = torch.randn(M, K, generator=g) * 10.0 ** torch.randint(-2, 3, (M, 1), generator=g)
+                ext.amx_set_enabled(False)
+                vector = ext.qlinear(x, qw)
+                ext.amx_set_enabled(True)
+                assert torch.equal(ext.qlinear(x, qw), vector), f"threads={t} M={M}"
+    finally:
+        ext.amx_set_enabled(True)
+        torch.set_num_threads(threads)
+
+
+@needs_amx
+def test_amx_keeps_nan_and_outliers_as_the_vector_kernels_do():
+    qw, _, _ = make_weight(4, 96, 256, 32, bias=True)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(3))
+    x[7, 5] = float("nan")
+    x[9, 100] = float("inf")
+    y = ext.qlinear(x, qw)
+    assert torch.isnan(y[7]).all() and torch.isnan(y[9]).all()
+    others = [m for m in range(40) if m not in (7, 9)]
+    assert torch.isfinite(y[others]).all()
+    ext.amx_set_enabled(False)
+    try:
+        assert torch.equal(ext.qlinear(x, qw)[others], y[others])
+    finally:
+        ext.amx_set_enabled(True)
+
+
 def with_outliers(bits: int, N: int, K: int, G: int, cols: list[int], bias: bool, seed: int = 0):
     """make_weight's int8 matrix with float16 outlier columns: the blocks hold 0 there (as jisu's quantizer
     writes them), and the documented matrix takes the float weights in those columns."""

@@ -17,7 +17,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 # module.cpp holds the one PYBIND11_MODULE; every other source registers its own functions into it.
-_SOURCES = ("module.cpp", "qlinear.cpp", "fused_decode.cpp", "prefill_attention.cpp", "rowwise.cpp")
+_SOURCES = ("module.cpp", "qlinear.cpp", "qlinear_amx.cpp", "fused_decode.cpp", "prefill_attention.cpp", "rowwise.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 # A build takes 1-2 minutes on a busy 2-core machine; a lock older than this was left by a killed process.
@@ -47,9 +47,10 @@ def _cpu_flags() -> set[str]:
 # build, and the compiler flags that make it. Named sets rather than -march=native, and the set is part of a cached
 # build's name: a build on disk must never be loaded on a CPU that lacks its instructions (VMs move).
 # - avx512: the AVX2 kernels with AVX-512 VNNI's vpdpwssd for their int16 products (the same integer sums as AVX2's
-#   vpmaddwd + vpaddd, so the same bits), vpdpbusd for --activations int8, and AVX-512VL's 32 vector registers.
-#   Vectors stay 256 bits wide, the compiler's own loops too (-mprefer-vector-width): Zen 4 splits 512-bit
-#   operations into two halves anyway, and some Intel CPUs lower their clock for them.
+#   vpmaddwd + vpaddd, so the same bits), vpdpbusd for --activations int8, and AVX-512VL's 32 vector registers;
+#   the int4 kernels on int16 inputs are written 512 bits wide (qlinear.cpp: ~5% faster on a Xeon with AMX), and
+#   AMX is used where the CPU has it (qlinear_amx.cpp, probed at run time). The compiler's own loops stay 256 bits
+#   wide (-mprefer-vector-width): Zen 4 splits 512-bit operations into two halves anyway.
 # - avx2: AVX2 + FMA + F16C, the kernels' vector code.
 # - portable: plain C++ for any CPU (each vector kernel's scalar twin).
 KERNEL_SETS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {

@@ -50,6 +50,9 @@ constexpr int64_t kAttnChunk = 64;
 // Rows from which a step's per-row parts (norms, rotary, merging attention, gating) split over the threads: below
 // it (decode steps) they are too short to pay for the extra barriers.
 constexpr int64_t kSplitRows = 16;
+// Rows from which the team, not thread 0 alone, rounds a product's input (qweight_prepare_rows): a prompt's
+// rounding (and, with AMX, its tile layout) was ~10-25% of a product done by one thread while the others waited.
+constexpr int64_t kPrepareTeamRows = 32;
 // Rows sharing their keys that attention takes chunk by chunk together (see build_visible).
 constexpr int64_t kRowBlock = 8;
 
@@ -499,7 +502,14 @@ class FusedDecoder {
       // y = x W^T by the whole team: thread 0 prepares x (after its own serial work), each thread computes its
       // share of the rows; all of y is there after.
       auto product = [&](const QWeight& w, const float* x_in, float* y) {
-        if (tid == 0) in = qweight_prepare(w, x_in, D);
+        if (D >= kPrepareTeamRows) {
+          if (tid == 0) in = qweight_prepare_begin(w, x_in, D);
+#pragma omp barrier
+          const int64_t per = (D + nt - 1) / nt;
+          qweight_prepare_rows(w, in, std::min(D, tid * per), std::min(D, (tid + 1) * per));
+        } else if (tid == 0) {
+          in = qweight_prepare(w, x_in, D);
+        }
 #pragma omp barrier
         qweight_rows(w, in, y, tid, nt);
 #pragma omp barrier

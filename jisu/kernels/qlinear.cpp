@@ -29,6 +29,8 @@
 // registers first (w = scale * q + zero, then FMA with x: 4 more FMAs per 32 weights) took 7.4 with one row and
 // 8.5 with two (register spills), against 7.2 / 6.6 / 6.1 for 1 / 2 / 4 rows with the group sums above.
 #include "qlinear.h"
+#include "int4_quads.h"
+#include "qlinear_amx.h"
 
 #include <ATen/Parallel.h>
 
@@ -48,34 +50,6 @@
 #endif
 
 namespace {
-
-// Where int4 row quads (qlinear.h) keep each thing: the one place that knows their layout.
-struct Int4Quads {
-  static constexpr int64_t kRowBytes = 16;                  // one row's 32-input block
-  static constexpr int64_t kBlockBytes = 4 * kRowBytes;     // the quad's 4 rows of one block
-  static constexpr int64_t kHalvesBytes = 16;               // after a group's blocks: 4 scales, then 4 zeros
-  const uint8_t* base;
-  int64_t nbg, ng, rec;  // blocks per group, groups, bytes per group record
-  Int4Quads(int64_t K, int64_t G, const uint8_t* base_ = nullptr)
-      : base(base_), nbg(G / 32), ng(K / G), rec(nbg * kBlockBytes + kHalvesBytes) {}
-  explicit Int4Quads(const QWeight& w) : Int4Quads(w.K, w.group, w.data.data_ptr<uint8_t>()) {}
-  int64_t quad_bytes() const { return ng * rec; }
-  // Offsets inside a quad: row r's i-th block of group g; group g's halves.
-  int64_t block_at(int64_t g, int64_t i, int64_t r) const { return g * rec + i * kBlockBytes + r * kRowBytes; }
-  int64_t halves_at(int64_t g) const { return g * rec + nbg * kBlockBytes; }
-  const uint8_t* quad(int64_t n) const { return base + (n / 4) * quad_bytes(); }  // the quad holding row n
-  const uint8_t* block(int64_t n, int64_t b) const { return quad(n) + block_at(b / nbg, b % nbg, n % 4); }
-  const at::Half* halves(int64_t n, int64_t g) const {
-    return reinterpret_cast<const at::Half*>(quad(n) + halves_at(g));
-  }
-  void row_scales(int64_t n, float* sc, float* zc) const {
-    for (int64_t g = 0; g < ng; ++g) {
-      const at::Half* h = halves(n, g);
-      sc[g] = static_cast<float>(h[n % 4]);
-      zc[g] = static_cast<float>(h[4 + n % 4]);
-    }
-  }
-};
 
 // int4 rows, scales and zeros (the constructor's inputs, qlinear.h) -> row quads.
 at::Tensor pack_int4_quads(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, int64_t G) {
@@ -189,9 +163,10 @@ namespace {
 struct Scratch {
   std::vector<float> row, sc, zc, out;  // used inside parallel tasks
   std::vector<int16_t> row16;           // used inside parallel tasks
-  std::vector<float> xs, xd, xz;        // used by the calling thread before its parallel_for
+  std::vector<float> xs, xd;            // used by the calling thread before its parallel_for
   std::vector<int16_t> xq;              // used by the calling thread before its parallel_for
   std::vector<int8_t> xq8;              // used by the calling thread before its parallel_for
+  std::vector<uint16_t> xa;             // used by the calling thread before its parallel_for
 };
 Scratch& scratch() {
   thread_local Scratch s;
@@ -979,6 +954,64 @@ inline void act16_quad_one(const uint8_t* quad, const Int4Quads& layout, const i
   finish_quad(t, z, kAct16Lanes, out);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// The avx512 set's form of act16_quad_rows / act16_quad_one, 512 bits wide: the same integers and float steps per
+// output, so the same bits. Two rows of a quad are one 512-bit vector: their 32 bytes of a block widen to int16
+// in one vpmovzxbw ([row r's bytes | row r + 1's]), the low nibbles are inputs 0-15 and the high ones 16-31 of
+// both rows, and x's inputs 0-15 and 16-31 are each broadcast to both halves; vpmaddwd + vpdpwssd then give
+// [P_r | P_r+1] (the 8 int32 lanes of each row's products, as in the 256-bit form). Two adds of lane pairs fold
+// [P_0 | P_1] and [P_2 | P_3] into W = per 128-bit lane k [A_k B_k A_k B_k], A_k the sum of the first product
+// vector's lanes 4k..4k+3 and B_k the second's: the 256-bit C's integers (lanes 0-3 and 4-7 of each row), each
+// twice. T = fma(float(W), S * d_b, T) per block with S the matching scales makes each of C's float lanes the same
+// way; row r's output adds its two halves' lanes in the same order, (a + b) + Z_r. About 15 instructions per
+// block and row of x against 23, and the shared widening 8 against 16.
+inline __m512i quad_pair_products512(__m512i wlo, __m512i whi, __m512i xlo, __m512i xhi) {
+  return _mm512_dpwssd_epi32(_mm512_madd_epi16(wlo, xlo), whi, xhi);
+}
+// Lanes of W holding row r's two halves (first, second): rows 0 and 2 in 128-bit lanes 0-1, rows 1 and 3 in 2-3.
+constexpr QuadLanes kAct16Lanes512 = {{0, 4}, {8, 12}, {1, 5}, {9, 13}};
+
+template <int kNbg, int MR>
+inline void act16_quad_rows512(const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
+                               const float* xs, int64_t K, float* out) {
+  const int64_t ng = layout.ng, nbg = kNbg ? kNbg : layout.nbg, nb = K / 32;
+  const __m512i lo4 = _mm512_set1_epi16(0xF);
+  // W's lanes hold rows [0 2 0 2 | 0 2 0 2 | 1 3 1 3 | 1 3 1 3]: the scales go the same way.
+  const __m512i scale_order = _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 1, 3, 1, 3, 1, 3, 1, 3);
+  __m512 t[MR];
+  __m128 z[MR];
+  for (int m = 0; m < MR; ++m) t[m] = _mm512_setzero_ps(), z[m] = _mm_setzero_ps();
+  for (int64_t g = 0, b = 0; g < ng; ++g) {
+    const __m128 s4 = quad_group_start<MR>(quad, layout, g, xs, ng, z);
+    const __m512 s16 = _mm512_permutexvar_ps(scale_order, _mm512_castps128_ps512(s4));
+    for (int64_t i = 0; i < nbg; ++i, ++b) {
+      const uint8_t* blk = quad + layout.block_at(g, i, 0);
+      const __m512i v01 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+      const __m512i v23 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+      const __m512i lo01 = _mm512_and_si512(v01, lo4), hi01 = _mm512_srli_epi16(v01, 4);
+      const __m512i lo23 = _mm512_and_si512(v23, lo4), hi23 = _mm512_srli_epi16(v23, 4);
+      for (int m = 0; m < MR; ++m) {
+        const int16_t* xb = xq + m * K + 32 * b;
+        const __m512i xlo = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+        const __m512i xhi = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16)));
+        const __m512i pa = quad_pair_products512(lo01, hi01, xlo, xhi);
+        const __m512i pb = quad_pair_products512(lo23, hi23, xlo, xhi);
+        const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi32(pa, pb), _mm512_unpackhi_epi32(pa, pb));
+        const __m512i w = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
+        t[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w), _mm512_mul_ps(s16, _mm512_set1_ps(xd[m * nb + b])), t[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(64) float tr[16];
+    _mm512_store_ps(tr, t[m]);
+    alignas(16) float zr[4];
+    _mm_store_ps(zr, z[m]);
+    for (int r = 0; r < 4; ++r) out[4 * m + r] = (tr[kAct16Lanes512[r][0]] + tr[kAct16Lanes512[r][1]]) + zr[r];
+  }
+}
+#endif
+
 // ---- int4 row quads with 8-bit activations (act_bits 8: asked for explicitly, it changes answers) ----
 //
 // x is rounded to int8 per 32-input block (d_b = max|x_b| / 127: each input moves by at most 1/254 of its block's
@@ -1044,8 +1077,12 @@ inline void act8_quad_rows(const uint8_t* quad, const Int4Quads& layout, const i
 template <int kNbg, int MR>
 inline void quad_rows(const uint8_t* quad, const Int4Quads& layout, const int16_t* xq, const float* xd,
                       const float* xs, int64_t K, float* out) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  act16_quad_rows512<kNbg, MR>(quad, layout, xq, xd, xs, K, out);
+#else
   if constexpr (MR == 1) act16_quad_one<kNbg>(quad, layout, xq, xd, xs, out);
   else act16_quad_rows<kNbg, MR>(quad, layout, xq, xd, xs, K, out);
+#endif
 }
 template <int kNbg, int MR>
 inline void quad_rows(const uint8_t* quad, const Int4Quads& layout, const int8_t* xq, const float* xd,
@@ -1108,6 +1145,8 @@ inline float dot_scalar(const float* w, const float* x, int64_t K) {
 // Output rows per parallel task at least (the float32 kernel this replaces measured that smaller ones cost more
 // to hand out than they save). With 2 threads every matrix here is split in two halves anyway.
 constexpr int64_t kGrain = 64;
+// Rows of x per parallel task of the input's preparation.
+constexpr int64_t kPrepareGrain = 16;
 
 // Row units a matrix is split in: int4 hands out whole row quads, the others single rows.
 inline int64_t row_unit(const QWeight& w) { return w.bits == 4 ? 4 : 1; }
@@ -1134,6 +1173,8 @@ void matvec_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t n0, 
     for (int64_t n = n0; n < n1; ++n) scalar_rows(w, n, x, M, y + n, N, bp ? bp[n] : 0.f, sc.data());
   } else if (in.xq8) {
     int4_quads_task(w, M, in.xq8, in.xd, in.xs, y, n0, n1);
+  } else if (in.xa) {
+    amx_int4_task(w, in, y, n0, n1);
   } else if (in.xq) {
     if (w.bits == 4) int4_quads_task(w, M, in.xq, in.xd, in.xs, y, n0, n1);
     else act16_int8_task(w, M, in.xq, in.xd, y, n0, n1);
@@ -1157,16 +1198,16 @@ void matvec_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t n0, 
 
 }  // namespace
 
-MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M) {
-  MatvecInput in{x, M, nullptr, nullptr, nullptr, nullptr};
+MatvecInput qweight_prepare_begin(const QWeight& w, const float* x, int64_t M) {
+  MatvecInput in;
+  in.x = x, in.M = M;
 #if JISU_QLINEAR_VEC
   const int64_t K = w.K, G = w.group;
   if (w.bits == 32 || G % 8 != 0 || M == 0) return in;
   Scratch& s = scratch();
-  // Group sums of x for the zero-point term (int4), once per call.
+  // Group sums of x for the zero-point term (int4).
   if (w.bits == 4) {
     if (static_cast<int64_t>(s.xs.size()) < M * (K / G)) s.xs.resize(M * (K / G));
-    group_sums(x, M, K, G, s.xs.data());
     in.xs = s.xs.data();
   }
   if (w.act_bits <= 16 && K % 32 == 0 && G % 32 == 0) {
@@ -1174,29 +1215,61 @@ MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M) {
     // sign juggling).
     const bool act8 = w.act_bits == 8 && w.bits == 4;
     if (static_cast<int64_t>(s.xd.size()) < M * K / 32) s.xd.resize(M * K / 32);
-    if (act8 && static_cast<int64_t>(s.xq8.size()) < M * K) s.xq8.resize(M * K);
-    if (!act8 && static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K);
-    const float* xa = x;
+    in.xd = s.xd.data();
+    if (act8) {
+      if (static_cast<int64_t>(s.xq8.size()) < M * K) s.xq8.resize(M * K);
+      in.xq8 = s.xq8.data();
+    } else if (amx_takes(w, M)) {  // the rounded rows go straight into the tiles' layout
+      if (static_cast<int64_t>(s.xa.size()) < amx_x_elems(M, K)) s.xa.resize(amx_x_elems(M, K));
+      in.xa = s.xa.data();
+    } else {
+      if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K);
+      in.xq = s.xq.data();
+    }
+  }
+#endif
+  return in;
+}
+
+void qweight_prepare_rows(const QWeight& w, const MatvecInput& in, int64_t m0, int64_t m1) {
+#if JISU_QLINEAR_VEC
+  const int64_t K = w.K, G = w.group, nb = K / 32;
+  // The buffers are the preparing thread's scratch (qweight_prepare_begin), written here row by row.
+  if (in.xa && m1 == in.M) amx_pad_rows(in.M, K, const_cast<uint16_t*>(in.xa));
+  if (m0 >= m1) return;
+  if (in.xs) group_sums(in.x + m0 * K, m1 - m0, K, G, const_cast<float*>(in.xs) + m0 * (K / G));
+  if (!in.xd) return;
+  Scratch& s = scratch();  // this thread's: a row with its outlier columns zeroed, a rounded row for AMX
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = in.x + m * K;
     if (w.outlier_cols.defined()) {
       // The blocks hold 0 in the outlier columns: leaving their (large) inputs out of the int16 rounding keeps
       // the other inputs of those 32-blocks finer.
-      if (static_cast<int64_t>(s.xz.size()) < M * K) s.xz.resize(M * K);
-      std::memcpy(s.xz.data(), x, M * K * sizeof(float));
+      if (static_cast<int64_t>(s.row.size()) < K) s.row.resize(K);
+      std::memcpy(s.row.data(), xr, K * sizeof(float));
       const int64_t* c = w.outlier_cols.data_ptr<int64_t>();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < w.outlier_cols.numel(); ++j) s.xz[m * K + c[j]] = 0.f;
-      xa = s.xz.data();
+      for (int64_t j = 0; j < w.outlier_cols.numel(); ++j) s.row[c[j]] = 0.f;
+      xr = s.row.data();
     }
-    if (act8) {
-      quantize_act8(xa, M, K, s.xq8.data(), s.xd.data());
-      in.xq8 = s.xq8.data();
+    float* xd = const_cast<float*>(in.xd) + m * nb;
+    if (in.xq8) {
+      quantize_act8(xr, 1, K, const_cast<int8_t*>(in.xq8) + m * K, xd);
+    } else if (in.xa) {
+      if (static_cast<int64_t>(s.row16.size()) < K) s.row16.resize(K);
+      quantize_act16(xr, 1, K, s.row16.data(), xd);
+      amx_prepare_x_row(s.row16.data(), m, K, const_cast<uint16_t*>(in.xa));
     } else {
-      quantize_act16(xa, M, K, s.xq.data(), s.xd.data());
-      in.xq = s.xq.data();
+      quantize_act16(xr, 1, K, const_cast<int16_t*>(in.xq) + m * K, xd);
     }
-    in.xd = s.xd.data();
   }
+#else
+  (void)w, (void)in, (void)m0, (void)m1;
 #endif
+}
+
+MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M) {
+  const MatvecInput in = qweight_prepare_begin(w, x, M);
+  qweight_prepare_rows(w, in, 0, M);
   return in;
 }
 
@@ -1211,7 +1284,8 @@ void qweight_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t par
 void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y) {
   TORCH_CHECK(M >= 0, "qweight_matvec: M must be >= 0, got ", M);
   if (M == 0 || w.N == 0) return;
-  const MatvecInput in = qweight_prepare(w, x, M);
+  const MatvecInput in = qweight_prepare_begin(w, x, M);
+  at::parallel_for(0, M, kPrepareGrain, [&](int64_t m0, int64_t m1) { qweight_prepare_rows(w, in, m0, m1); });
   split_rows(w, [&](int64_t n0, int64_t n1) { matvec_rows(w, in, y, n0, n1); });
 }
 
@@ -1314,6 +1388,11 @@ void register_qlinear(pybind11::module_& m) {
         "a QWeight as a float32 [N, K] matrix, or only the rows given (int64 indices, flattened): [len(rows), K]",
         pybind11::arg("weight"), pybind11::arg("rows") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("amx_available", &amx_available,
+        "whether int4 products of many rows run on AMX tiles here (AVX-512 build, AMX-BF16 CPU, OS grant; "
+        "JISU_AMX=0 turns it off)");
+  m.def("amx_set_enabled", &amx_set_enabled, "turn the AMX kernel off or back on (tests, benchmarks)",
+        pybind11::arg("on"));
   // For benchmarks/bench_qlinear.py: the weights' qweight_matvec calls back to back from C++, as a fused decoder
   // makes them (no Python or tensor overhead between calls); seconds for each of `passes` passes.
   m.def(

@@ -53,14 +53,20 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 // each of `parts` threads computes its share of the output rows (part = its index); the caller puts a barrier
 // between the two and after. The numbers are qweight_matvec's, bit for bit, whatever the split.
 struct MatvecInput {
-  const float* x;
-  int64_t M;
-  const int16_t* xq;  // null: float32 (or int8) activations
-  const float* xd;
-  const float* xs;    // int4: per-group sums of x
-  const int8_t* xq8;  // int4 with act_bits 8: x rounded to int8 per 32-input block (scales in xd)
+  const float* x = nullptr;
+  int64_t M = 0;
+  const int16_t* xq = nullptr;  // null: float32 (or int8) activations
+  const float* xd = nullptr;
+  const float* xs = nullptr;    // int4: per-group sums of x
+  const int8_t* xq8 = nullptr;  // int4 with act_bits 8: x rounded to int8 per 32-input block (scales in xd)
+  const uint16_t* xa = nullptr; // int4 on AMX: xq as the tiles' A operand (qlinear_amx.h), M rounded up to 16
 };
 MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M);
+// The same preparation shared by a team (long prompts): one thread sizes the buffers (begin: nothing computed
+// yet), then the team fills rows [m0, m1) each (every row once; the thread whose range ends at M also writes the
+// padding some kernels need), with a barrier after.
+MatvecInput qweight_prepare_begin(const QWeight& w, const float* x, int64_t M);
+void qweight_prepare_rows(const QWeight& w, const MatvecInput& in, int64_t m0, int64_t m1);
 void qweight_rows(const QWeight& w, const MatvecInput& in, float* y, int64_t part, int64_t parts);
 
 // Any number of rows: up to 128 (float32) / 192 (int8, int4) rows -> qweight_matvec (measured faster there, and
