@@ -254,12 +254,13 @@ JISU_AMX_TARGET void int4_task(const QWeight& w, const MatvecInput& in, float* y
               for (int r = 0; r < kTile; ++r)
                 if (r < mr) z[r] = _mm512_fmadd_ps(zg, _mm512_set1_ps(in.xs[(mx + r) * ng + g]), z[r]);
             }
+            // y = ((T_a + T_b) + Z) + bias, or + 0 without one (as the vector kernels add).
+            const __mmask16 keep = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+            const __m512 bias = bp ? _mm512_maskz_loadu_ps(keep, bp + nt) : _mm512_setzero_ps();
             for (int r = 0; r < mr; ++r) {
-              alignas(64) float o[16];
-              _mm512_store_ps(o, _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(t[xt][kk][0][r]),
-                                                             _mm512_load_ps(t[xt][kk][1][r])), z[r]));
-              float* ym = y + (mx + r) * N + nt;
-              for (int64_t col = 0; col < cols; ++col) ym[col] = o[col] + (bp ? bp[nt + col] : 0.f);
+              const __m512 o = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(t[xt][kk][0][r]),
+                                                           _mm512_load_ps(t[xt][kk][1][r])), z[r]);
+              _mm512_mask_storeu_ps(y + (mx + r) * N + nt, keep, _mm512_add_ps(o, bias));
             }
           }
       }
