@@ -439,9 +439,10 @@ def test_slow_chat_template_does_not_stall_health(tiny_llama_dir, tmp_path):
     model = tmp_path / "slow-template"
     shutil.copytree(tiny_llama_dir, model)
     cfg = json.loads((model / "tokenizer_config.json").read_text())
-    # ~900k loop iterations: seconds of rendering (the tokenizer may cut it off at its render time limit).
-    cfg["chat_template"] = ("{% for i in range(1000) %}{% for j in range(900) %}{% set x = i * j %}{% endfor %}"
-                            "{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    # ~900k loop iterations of a few operations each: seconds of rendering even on a fast CPU (a Xeon took 0.86 s
+    # for a bare `i * j`), and the tokenizer may cut it off at its render time limit.
+    cfg["chat_template"] = ("{% for i in range(1000) %}{% for j in range(900) %}{% set x = (i * j + i) % 7 + j // 3 %}"
+                            "{% endfor %}{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     llm = LLM(model=str(model), num_kv_blocks=32)
     with ServerThread(create_app(llm.engine, model_name="tiny")) as url:
