@@ -85,7 +85,7 @@ def test_every_set_this_cpu_runs_passes_the_kernel_tests(name):
 
 
 # Int4 and int8 products through the int16-activation kernels (int4 also through the int8-activation ones), for row
-# counts that take each path (one row, the quads' 2-4 rows, tiles, AMX from 32 rows where the CPU has it, the
+# counts that take each path (one row, the quads' 2-4 rows, tiles, AMX from 24 rows where the CPU has it, the
 # GEMM): their bytes, hashed.
 _BITS_SCRIPT = """
 import hashlib, torch

@@ -266,7 +266,7 @@ needs_amx = pytest.mark.skipif(ext is None or not ext.amx_available(),
 @pytest.mark.parametrize("fmt", [(4, 576, 32), (4, 1536, 32), (4, 256, 64), (4, 384, 128)], ids=_id)
 @pytest.mark.parametrize("N", [576, 333, 50])
 def test_amx_gives_the_vector_kernels_bits(fmt, N):
-    """From 32 rows an int4 product runs on AMX tiles (qlinear_amx.cpp), and must give what the vector kernels give,
+    """From 24 rows an int4 product runs on AMX tiles (qlinear_amx.cpp), and must give what the vector kernels give,
     bit for bit: a prompt's rows and its decode rows meet in the same KV cache. Odd row counts leave partial tiles
     of x and of weight rows (N = 333: a last quad of one row; 50: one partial tile per thread)."""
     bits, K, G = fmt
@@ -276,7 +276,7 @@ def test_amx_gives_the_vector_kernels_bits(fmt, N):
     try:
         for t in sorted({1, threads}):
             torch.set_num_threads(t)
-            for M in (32, 33, 47, 64, 100, 192):
+            for M in (24, 33, 47, 64, 100, 192):
                 x = torch.randn(M, K, generator=g) * 10.0 ** torch.randint(-2, 3, (M, 1), generator=g)
                 ext.amx_set_enabled(False)
                 vector = ext.qlinear(x, qw)

@@ -52,7 +52,7 @@ constexpr int64_t kAttnChunk = 64;
 constexpr int64_t kSplitRows = 16;
 // Rows from which the team, not thread 0 alone, rounds a product's input (qweight_prepare_rows): a prompt's
 // rounding (and, with AMX, its tile layout) was ~10-25% of a product done by one thread while the others waited.
-constexpr int64_t kPrepareTeamRows = 32;
+constexpr int64_t kPrepareTeamRows = 24;
 // Rows sharing their keys that attention takes chunk by chunk together (see build_visible).
 constexpr int64_t kRowBlock = 8;
 
