@@ -1234,10 +1234,9 @@ MatvecInput qweight_prepare_begin(const QWeight& w, const float* x, int64_t M) {
 void qweight_prepare_rows(const QWeight& w, const MatvecInput& in, int64_t m0, int64_t m1) {
 #if JISU_QLINEAR_VEC
   const int64_t K = w.K, G = w.group, nb = K / 32;
-  // The buffers are the preparing thread's scratch (qweight_prepare_begin), written here row by row.
-  if (in.xa && m1 == in.M) amx_pad_rows(in.M, K, const_cast<uint16_t*>(in.xa));
+  if (in.xa && m1 == in.M) amx_pad_rows(in.M, K, in.xa);
   if (m0 >= m1) return;
-  if (in.xs) group_sums(in.x + m0 * K, m1 - m0, K, G, const_cast<float*>(in.xs) + m0 * (K / G));
+  if (in.xs) group_sums(in.x + m0 * K, m1 - m0, K, G, in.xs + m0 * (K / G));
   if (!in.xd) return;
   Scratch& s = scratch();  // this thread's: a row with its outlier columns zeroed, a rounded row for AMX
   for (int64_t m = m0; m < m1; ++m) {
@@ -1251,15 +1250,15 @@ void qweight_prepare_rows(const QWeight& w, const MatvecInput& in, int64_t m0, i
       for (int64_t j = 0; j < w.outlier_cols.numel(); ++j) s.row[c[j]] = 0.f;
       xr = s.row.data();
     }
-    float* xd = const_cast<float*>(in.xd) + m * nb;
+    float* xd = in.xd + m * nb;
     if (in.xq8) {
-      quantize_act8(xr, 1, K, const_cast<int8_t*>(in.xq8) + m * K, xd);
+      quantize_act8(xr, 1, K, in.xq8 + m * K, xd);
     } else if (in.xa) {
       if (static_cast<int64_t>(s.row16.size()) < K) s.row16.resize(K);
       quantize_act16(xr, 1, K, s.row16.data(), xd);
-      amx_prepare_x_row(s.row16.data(), m, K, const_cast<uint16_t*>(in.xa));
+      amx_prepare_x_row(s.row16.data(), m, K, in.xa);
     } else {
-      quantize_act16(xr, 1, K, const_cast<int16_t*>(in.xq) + m * K, xd);
+      quantize_act16(xr, 1, K, in.xq + m * K, xd);
     }
   }
 #else

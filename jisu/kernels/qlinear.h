@@ -52,14 +52,15 @@ void qweight_matvec(const QWeight& w, const float* x, int64_t M, float* y);
 // 32-input block, group sums for the zero term; held in that thread's scratch until its next prepare), then
 // each of `parts` threads computes its share of the output rows (part = its index); the caller puts a barrier
 // between the two and after. The numbers are qweight_matvec's, bit for bit, whatever the split.
+// The buffers are the preparing thread's scratch: qweight_prepare_rows writes them, the products read them.
 struct MatvecInput {
   const float* x = nullptr;
   int64_t M = 0;
-  const int16_t* xq = nullptr;  // null: float32 (or int8) activations
-  const float* xd = nullptr;
-  const float* xs = nullptr;    // int4: per-group sums of x
-  const int8_t* xq8 = nullptr;  // int4 with act_bits 8: x rounded to int8 per 32-input block (scales in xd)
-  const uint16_t* xa = nullptr; // int4 on AMX: xq as the tiles' A operand (qlinear_amx.h), M rounded up to 16
+  int16_t* xq = nullptr;   // null: float32 (or int8) activations
+  float* xd = nullptr;
+  float* xs = nullptr;     // int4: per-group sums of x
+  int8_t* xq8 = nullptr;   // int4 with act_bits 8: x rounded to int8 per 32-input block (scales in xd)
+  uint16_t* xa = nullptr;  // int4 on AMX: x rounded as xq, in the tiles' A layout (qlinear_amx.h; rows padded)
 };
 MatvecInput qweight_prepare(const QWeight& w, const float* x, int64_t M);
 // The same preparation shared by a team (long prompts): one thread sizes the buffers (begin: nothing computed

@@ -81,39 +81,43 @@ inline uint16_t bf16_of(float v) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Lanes 0-15: bf16(w), 16-31: bf16(256 w), for the nibble values w.
-__m512i pair_table() {
-  alignas(64) uint16_t t[32];
-  for (int w = 0; w < 16; ++w) t[w] = bf16_of(static_cast<float>(w)), t[16 + w] = bf16_of(256.f * w);
-  return _mm512_load_si512(t);
-}
-
-// 16 weight rows from row nt (whole quads; quads past the matrix read as zeros) as B tiles: for block b and half h,
-// 16 tile rows j of 16 (256 w, w) bf16 pairs, one per weight row c, w = row c's input k_j(h) (the order of
-// amx_prepare_x: j < 8 input 8h + j, else 16 + 8h + j - 8). bx: nb * 2 tiles. Also the 16 rows' scales and zeros
-// per group as floats (sc, zr: ng x 16).
-JISU_AMX_TARGET void expand_weights(const Int4Quads& layout, int64_t quads, int64_t nt, int64_t nb, uint16_t* bx,
-                                    float* sc, float* zr) {
-  const uint8_t* q[4];
-  for (int i = 0; i < 4; ++i) q[i] = nt / 4 + i < quads ? layout.quad(nt + 4 * i) : nullptr;
-  const __m512i table = pair_table(), lo4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
-  // The 4 quads' block as 16 rows c of 16 bytes (byte 16c + jb) in two 128-byte halves. P_t's byte 16u + c is
-  // byte 8h + 4t + u of row c: the same index into either half, rows 0-7 from the first, 8-15 from the second.
+// The byte-permute indices and the pair table of expand_weights, made once per process.
+struct ExpandTables {
+  // The 4 quads' block as 16 rows c of 16 bytes (byte 16c + jb) in two 128-byte halves. pick[h][t]'s byte
+  // 16u + c selects byte 8h + 4t + u of row c: the same index into either half, rows 0-7 from the first, 8-15
+  // from the second.
   alignas(64) uint8_t pick[2][2][64];
-  for (int h = 0; h < 2; ++h)
-    for (int t = 0; t < 2; ++t)
-      for (int u = 0; u < 4; ++u)
-        for (int c = 0; c < 16; ++c) pick[h][t][16 * u + c] = static_cast<uint8_t>(16 * (c % 8) + 8 * h + 4 * t + u);
   // Tile row j from 4 rows' worth X (byte 16u + c: the nibble of row c for j = base + u): int16 lane 2c takes
   // X + 16 (the table's 256 w), lane 2c + 1 X (w); odd bytes zero.
   alignas(64) uint8_t spread[4][64];
-  for (int u = 0; u < 4; ++u)
-    for (int c = 0; c < 16; ++c) {
-      spread[u][4 * c] = static_cast<uint8_t>(16 * u + c);
-      spread[u][4 * c + 1] = 0;
-      spread[u][4 * c + 2] = static_cast<uint8_t>(64 + 16 * u + c);
-      spread[u][4 * c + 3] = 0;
-    }
+  // Lanes 0-15: bf16(w), 16-31: bf16(256 w), for the nibble values w.
+  alignas(64) uint16_t pairs[32];
+  ExpandTables() {
+    for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < 2; ++t)
+        for (int u = 0; u < 4; ++u)
+          for (int c = 0; c < 16; ++c) pick[h][t][16 * u + c] = static_cast<uint8_t>(16 * (c % 8) + 8 * h + 4 * t + u);
+    for (int u = 0; u < 4; ++u)
+      for (int c = 0; c < 16; ++c) {
+        spread[u][4 * c] = static_cast<uint8_t>(16 * u + c);
+        spread[u][4 * c + 1] = 0;
+        spread[u][4 * c + 2] = static_cast<uint8_t>(64 + 16 * u + c);
+        spread[u][4 * c + 3] = 0;
+      }
+    for (int w = 0; w < 16; ++w) pairs[w] = bf16_of(static_cast<float>(w)), pairs[16 + w] = bf16_of(256.f * w);
+  }
+};
+
+// 16 weight rows from row nt (whole quads; quads past the matrix read as zeros) as B tiles: for block b and half h,
+// 16 tile rows j of 16 (256 w, w) bf16 pairs, one per weight row c, w = row c's input k_j(h) (the order of
+// amx_prepare_x_row: j < 8 input 8h + j, else 16 + 8h + j - 8). bx: nb * 2 tiles. Also the 16 rows' scales and
+// zeros per group as floats (sc, zr: ng x 16).
+JISU_AMX_TARGET void expand_weights(const Int4Quads& layout, int64_t quads, int64_t nt, int64_t nb, uint16_t* bx,
+                                    float* sc, float* zr) {
+  static const ExpandTables tables;
+  const uint8_t* q[4];
+  for (int i = 0; i < 4; ++i) q[i] = nt / 4 + i < quads ? layout.quad(nt + 4 * i) : nullptr;
+  const __m512i table = _mm512_load_si512(tables.pairs), lo4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
   constexpr __mmask64 kRows8to15 = 0xFF00FF00FF00FF00ull, kEvenBytes = 0x5555555555555555ull;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t g = b / layout.nbg, i = b % layout.nbg;
@@ -123,7 +127,7 @@ JISU_AMX_TARGET void expand_weights(const Int4Quads& layout, int64_t quads, int6
     for (int h = 0; h < 2; ++h) {
       uint16_t* tile = bx + (2 * b + h) * kTileElems;
       for (int t = 0; t < 2; ++t) {
-        const __m512i idx = _mm512_load_si512(pick[h][t]);
+        const __m512i idx = _mm512_load_si512(tables.pick[h][t]);
         const __m512i p = _mm512_mask_blend_epi8(kRows8to15, _mm512_permutex2var_epi8(qv[0], idx, qv[1]),
                                                  _mm512_permutex2var_epi8(qv[2], idx, qv[3]));
         const __m512i lo = _mm512_and_si512(p, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4);
@@ -131,7 +135,7 @@ JISU_AMX_TARGET void expand_weights(const Int4Quads& layout, int64_t quads, int6
         for (int s = 0; s < 2; ++s) {
           const __m512i x16 = _mm512_or_si512(halves[s], bit4);
           for (int u = 0; u < 4; ++u) {
-            const __m512i ix = _mm512_maskz_permutex2var_epi8(kEvenBytes, x16, _mm512_load_si512(spread[u]), halves[s]);
+            const __m512i ix = _mm512_maskz_permutex2var_epi8(kEvenBytes, x16, _mm512_load_si512(tables.spread[u]), halves[s]);
             _mm512_store_si512(tile + (8 * s + 4 * t + u) * 32, _mm512_permutexvar_epi16(ix, table));
           }
         }
