@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -139,6 +140,37 @@ inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
 // 5.3 -> 4.9 (2 threads, alternating in one process, the same bits). Keeping the sums in registers without the
 // prefetch gave about half of that.
 
+// The K and V rows of the chunk a thread takes next, fetched into L2 a few lines at a time from inside this chunk's
+// arithmetic. One thread streams at most ~12 GB/s from memory whatever it prefetches (measured on the Xeon host),
+// so a chunk's first K pass is bound by reading and its other passes (scores of further heads, softmax, the V sums,
+// all from cache) left the stream idle: about 40% of a decode step's attention at a 4,096-token context. Spread
+// over those passes, the next chunk's reads overlap them.
+struct ChunkPrefetch {
+  const char* base[2] = {nullptr, nullptr};  // K, V cache of the layer
+  const int64_t* vis = nullptr;              // the next chunk's row offsets (elements)
+  int64_t n = 0, elem = 0, row_bytes = 0, per_call = 0;
+  int64_t j = 0, part = 0, line = 0;  // next row, K (0) or V (1), line within the row
+
+  // Lines left to fetch (the rest of row j's current part and every part after it).
+  bool done() const { return j >= n; }
+  // Fetches the next per_call lines.
+  inline void step() {
+    for (int64_t c = 0; c < per_call && j < n; ++c) {
+      const char* row = base[part] + vis[j] * elem;
+      const uintptr_t first = reinterpret_cast<uintptr_t>(row) >> 6;
+      const uintptr_t last = (reinterpret_cast<uintptr_t>(row) + row_bytes - 1) >> 6;
+      _mm_prefetch(reinterpret_cast<const char*>((first + line) << 6), _MM_HINT_T1);
+      if (first + ++line > last) {
+        line = 0;
+        if (++part == 2) part = 0, ++j;
+      }
+    }
+  }
+  void finish() {
+    while (!done()) step();
+  }
+};
+
 // The sums of 8 vectors' lanes, the sum of a_u in lane u; each lane's value depends on its own vector only.
 inline __m256 sum_lanes8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -152,11 +184,13 @@ inline __m256 sum_lanes8(const __m256* a) { return sum_lanes8(a[0], a[1], a[2], 
 // n rows k + vis[j], each row once and in order; vpre (optional): prefetch the vbytes of row vpre + vis[j] too.
 template <int NH, typename KV>
 inline void qk_rows(const float* q, int64_t h0, int64_t G, int64_t hd, const KV* k, const int64_t* vis,
-                    int64_t n, float scale, float* s, int64_t ld, const KV* vpre, int64_t vbytes) {
+                    int64_t n, float scale, float* s, int64_t ld, const KV* vpre, int64_t vbytes,
+                    ChunkPrefetch* next) {
   const __m256 sv = _mm256_set1_ps(scale);
   alignas(32) float out[8];
   for (int64_t j = 0; j < n; ++j) {
     const KV* row = k + vis[j];
+    if (next) next->step();
     if (vpre) {
       const char* vrow = reinterpret_cast<const char*>(vpre + vis[j]);
       for (int64_t b = 0; b < vbytes; b += 64) _mm_prefetch(vrow + b, _MM_HINT_T0);
@@ -173,24 +207,26 @@ inline void qk_rows(const float* q, int64_t h0, int64_t G, int64_t hd, const KV*
 }
 
 // Scores of all H q heads, in passes of at most 8 heads of near-equal size (a lone head's chain of FMAs would
-// wait on its own latency); the first pass prefetches the rows of v (null: none) at the same offsets.
+// wait on its own latency); the first pass prefetches the rows of v (null: none) at the same offsets, the later
+// ones (from cache) the next chunk (null: none).
 template <typename KV>
 inline void qk_all_heads(const float* q, int64_t H, int64_t G, int64_t hd, const KV* k, const int64_t* vis,
-                         int64_t n, float scale, float* s, int64_t ld, const KV* vpre) {
+                         int64_t n, float scale, float* s, int64_t ld, const KV* vpre, ChunkPrefetch* next) {
   const int64_t passes = (H + 7) / 8;
   const int64_t vbytes = (H / G) * hd * static_cast<int64_t>(sizeof(KV));
   for (int64_t p = 0, h0 = 0; p < passes; ++p) {
     const int64_t nh = (H - h0 + (passes - p) - 1) / (passes - p);
     const KV* pre = p == 0 ? vpre : nullptr;
+    ChunkPrefetch* nx = p == 0 ? nullptr : next;
     switch (nh) {
-      case 8: qk_rows<8, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      case 7: qk_rows<7, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      case 6: qk_rows<6, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      case 5: qk_rows<5, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      case 4: qk_rows<4, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      case 3: qk_rows<3, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      case 2: qk_rows<2, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
-      default: qk_rows<1, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes); break;
+      case 8: qk_rows<8, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      case 7: qk_rows<7, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      case 6: qk_rows<6, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      case 5: qk_rows<5, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      case 4: qk_rows<4, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      case 3: qk_rows<3, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      case 2: qk_rows<2, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
+      default: qk_rows<1, KV>(q, h0, G, hd, k, vis, n, scale, s, ld, pre, vbytes, nx); break;
     }
     h0 += nh;
   }
@@ -241,7 +277,7 @@ inline void qk_heads_cached(const float* q, int64_t hd, const KV* k, const int64
 // (with a run-time width GCC kept them on the stack, a store and a reload per FMA).
 template <int NH, int W, typename KV>
 inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int64_t* vis, int64_t n, int64_t c0,
-                              float* acc, int64_t acc_stride) {
+                              float* acc, int64_t acc_stride, ChunkPrefetch* next) {
   __m256 a[NH][W];
 #pragma GCC unroll 4
   for (int h = 0; h < NH; ++h)
@@ -249,6 +285,7 @@ inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int
     for (int u = 0; u < W; ++u) a[h][u] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const KV* x = v + vis[j] + c0;
+    if (next) next->step();
     __m256 pj[NH];
 #pragma GCC unroll 4
     for (int h = 0; h < NH; ++h) pj[h] = _mm256_broadcast_ss(p + h * ld + j);
@@ -267,13 +304,13 @@ inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int
 
 template <int NH, typename KV>
 inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis, int64_t n,
-                            float* acc, int64_t acc_stride) {
+                            float* acc, int64_t acc_stride, ChunkPrefetch* next) {
   for (int64_t c0 = 0; c0 < hd; c0 += 32) {
     switch (std::min<int64_t>(32, hd - c0) / 8) {
-      case 4: pv_columns_cached<NH, 4, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
-      case 3: pv_columns_cached<NH, 3, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
-      case 2: pv_columns_cached<NH, 2, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
-      default: pv_columns_cached<NH, 1, KV>(p, ld, v, vis, n, c0, acc, acc_stride); break;
+      case 4: pv_columns_cached<NH, 4, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+      case 3: pv_columns_cached<NH, 3, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+      case 2: pv_columns_cached<NH, 2, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+      default: pv_columns_cached<NH, 1, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
     }
   }
 }
@@ -281,11 +318,11 @@ inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v,
 // pv_heads_cached for a run-time number of heads (1-3).
 template <typename KV>
 inline void pv_heads_in_cache(int64_t nh, const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis,
-                              int64_t n, float* acc, int64_t acc_stride) {
+                              int64_t n, float* acc, int64_t acc_stride, ChunkPrefetch* next = nullptr) {
   switch (nh) {
-    case 3: pv_heads_cached<3, KV>(p, ld, hd, v, vis, n, acc, acc_stride); break;
-    case 2: pv_heads_cached<2, KV>(p, ld, hd, v, vis, n, acc, acc_stride); break;
-    default: pv_heads_cached<1, KV>(p, ld, hd, v, vis, n, acc, acc_stride); break;
+    case 3: pv_heads_cached<3, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
+    case 2: pv_heads_cached<2, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
+    default: pv_heads_cached<1, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
   }
 }
 
@@ -697,7 +734,7 @@ class FusedDecoder {
     AttnScratch& scr = attn_scratch();
     if (static_cast<int64_t>(scr.sc.size()) < H_ * kAttnChunk) scr.sc.resize(H_ * kAttnChunk);
     float* sc = scr.sc.data();
-    auto run = [&](int64_t t) {
+    auto run = [&](int64_t t, int64_t t_next) {
       const AttnTask& task = vis_w.tasks[t];
       const int64_t n = task.j1 - task.j0;
       const int64_t* vis = vis_w.slots.data() + task.d * ctx + task.j0;
@@ -708,7 +745,24 @@ class FusedDecoder {
         // A decode row streams its K rows once for every head (prefetching V); rows whose keys a neighbour has
         // just read take one kv head's q heads at a time (see the prompt rows' code above).
         const bool in_cache = vis_w.shares_keys[task.d];
-        if (!in_cache) qk_all_heads(q, H_, G, hd_, kc, vis, n, scale, sc, kAttnChunk, vc);
+        // A decode row followed by another decode row's chunk fetches that chunk during its passes from cache:
+        // the later score passes (one call a row each) and the V sums (one a row per group and column block).
+        ChunkPrefetch next;
+        ChunkPrefetch* pf = nullptr;
+        if (!in_cache && t_next >= 0 && !vis_w.shares_keys[vis_w.tasks[t_next].d]) {
+          const AttnTask& following = vis_w.tasks[t_next];
+          next.base[0] = reinterpret_cast<const char*>(kc);
+          next.base[1] = reinterpret_cast<const char*>(vc);
+          next.vis = vis_w.slots.data() + following.d * ctx + following.j0;
+          next.n = following.j1 - following.j0;
+          next.elem = static_cast<int64_t>(sizeof(KV));
+          next.row_bytes = KVH_ * hd_ * next.elem;
+          const int64_t calls = n * ((H_ + 7) / 8 - 1 + KVH_ * ((G + 2) / 3) * ((hd_ + 31) / 32));
+          const int64_t lines = next.n * 2 * ((next.row_bytes + 63) / 64 + 1);
+          next.per_call = calls > 0 ? std::max<int64_t>(1, (lines + calls - 1) / calls) : lines;
+          pf = &next;
+        }
+        if (!in_cache) qk_all_heads(q, H_, G, hd_, kc, vis, n, scale, sc, kAttnChunk, vc, pf);
         for (int64_t h0 = 0; h0 < H_;) {  // up to 3 q heads of one kv head at a time
           const int64_t nh = std::min<int64_t>(3, std::min(H_, (h0 / G + 1) * G) - h0), g = h0 / G;
           if (in_cache)
@@ -718,9 +772,10 @@ class FusedDecoder {
             softmax_exp(sc + h * kAttnChunk, n, part[h * stride + hd_], part[h * stride + hd_ + 1]);
           }
           pv_heads_in_cache(nh, sc + h0 * kAttnChunk, kAttnChunk, hd_, vc + g * hd_, vis, n, part + h0 * stride,
-                            stride);
+                            stride, pf);
           h0 += nh;
         }
+        if (pf) pf->finish();
         return;
       }
 #endif
@@ -743,7 +798,7 @@ class FusedDecoder {
         part[hd_ + 1] = sum;
       }
     };
-    for (int64_t i = t0; i < t1; ++i) run(vis_w.order[i]);
+    for (int64_t i = t0; i < t1; ++i) run(vis_w.order[i], i + 1 < t1 ? vis_w.order[i + 1] : -1);
   }
 
   // Merge the chunks of each (row, q head) for rows [d0, d1).
