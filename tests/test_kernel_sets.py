@@ -24,7 +24,7 @@ ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "av
 KERNEL_TESTS = ["tests/test_qlinear_kernels.py", "tests/test_fused_decode.py", "tests/test_prefill_attention.py",
                 "tests/test_rowwise_kernels.py"]
 # The kernel sources with code of their own per set (see the compile test below).
-SET_SPECIFIC_SOURCES = ("module.cpp", "qlinear.cpp", "qlinear_amx.cpp")
+SET_SPECIFIC_SOURCES = ("fused_decode.cpp", "module.cpp", "qlinear.cpp", "qlinear_amx.cpp")
 needs_toolchain = pytest.mark.skipif(cpu_linear_kernels() is None, reason="no C++ toolchain: nothing to build")
 
 
@@ -111,14 +111,56 @@ print(ext.instruction_set, h.hexdigest())
 """
 
 
+# One fused decoder step (a 300-token prompt's rows beside a decode row over 1,000 slots, so attention takes its
+# prompt-row and decode-row paths over several chunks) for each cache dtype: the output's bytes, hashed. The
+# avx512 set's V sums and softmax run 512 bits wide and must keep the avx2 set's bits.
+_ATTENTION_BITS_SCRIPT = """
+import hashlib, torch
+from jisu.kernels.build import cpu_linear_kernels
+ext = cpu_linear_kernels()
+g = torch.Generator().manual_seed(1)
+H, KVH, hd, hidden, inter, group = 6, 2, 64, 128, 256, 32
+def qw(n, k):
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, k // group, generator=g) * 0.05 + 1e-2).half()
+    zeros = (torch.rand(n, k // group, generator=g) * 0.1).half()
+    return ext.QWeight(4, q, scales, zeros, group, None)
+ones = torch.ones(hidden)
+dec = ext.FusedDecoder([ones], [qw((H + 2 * KVH) * hd, hidden)], [qw(hidden, H * hd)], [ones],
+                       [qw(2 * inter, hidden)], [qw(hidden, inter)], 1e-5, H, KVH, hd, inter, hd ** -0.5)
+# One step: a 300-token prompt (slots 0..299, causal) beside a decode row over 1,000 earlier slots (400..1399).
+prompt, past = 300, 1000
+D, ctx = prompt + 1, past + 1
+gather = torch.zeros(D, ctx, dtype=torch.long)
+mask = torch.zeros(D, ctx, dtype=torch.bool)
+for r in range(prompt):
+    gather[r, : r + 1] = torch.arange(r + 1)
+    mask[r, : r + 1] = True
+gather[prompt] = torch.arange(400, 400 + ctx)
+mask[prompt] = True
+slots = torch.cat([torch.arange(prompt), torch.tensor([400 + past])])
+angles = torch.rand(D, hd // 2, generator=g) * 6.28
+rot = torch.stack([angles.cos(), angles.sin()], -1).contiguous()
+x = torch.randn(D, hidden, generator=g)
+h = hashlib.sha256()
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    k = (torch.randn(2048, KVH, hd, generator=g) * 2).to(dtype)
+    v = torch.randn(2048, KVH, hd, generator=g).to(dtype)
+    out = dec.forward(x, [rot], [gather], [mask], slots, [k], [v])
+    h.update(out.numpy().tobytes())
+print(ext.instruction_set, h.hexdigest())
+"""
+
+
 @needs_toolchain
-def test_the_vector_sets_give_the_same_bits():
+@pytest.mark.parametrize("script", [_BITS_SCRIPT, _ATTENTION_BITS_SCRIPT], ids=["products", "fused-step"])
+def test_the_vector_sets_give_the_same_bits(script):
     vector_sets = [s for s in HERE_SETS if s != "portable"]
     if len(vector_sets) < 2:
         pytest.skip(f"this CPU runs one vector set ({vector_sets}): nothing to compare")
     digests = {}
     for name in vector_sets:
-        proc = _run_with_set(name, ["-c", _BITS_SCRIPT])
+        proc = _run_with_set(name, ["-c", script])
         assert proc.returncode == 0, proc.stderr[-3000:]
         got, digest = proc.stdout.split()
         assert got == name
