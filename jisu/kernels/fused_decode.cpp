@@ -176,25 +176,25 @@ struct ChunkPrefetch {
   const char* base[2] = {nullptr, nullptr};  // K, V cache of the layer
   const int64_t* vis = nullptr;              // the next chunk's row offsets (elements)
   int64_t n = 0, elem = 0, row_bytes = 0, per_call = 0;
-  int64_t j = 0, part = 0, line = 0;  // next row, K (0) or V (1), line within the row
+  int64_t j = 0, part = 0;       // the row and part (K 0, V 1) after the current one
+  uintptr_t line = 1, last = 0;  // the current part's next and last line (line > last: none left)
 
-  // Lines left to fetch (the rest of row j's current part and every part after it).
-  bool done() const { return j >= n; }
-  // Fetches the next per_call lines.
-  inline void step() {
-    for (int64_t c = 0; c < per_call && j < n; ++c) {
-      const char* row = base[part] + vis[j] * elem;
-      const uintptr_t first = reinterpret_cast<uintptr_t>(row) >> 6;
-      const uintptr_t last = (reinterpret_cast<uintptr_t>(row) + row_bytes - 1) >> 6;
-      _mm_prefetch(reinterpret_cast<const char*>((first + line) << 6), _MM_HINT_T1);
-      if (first + ++line > last) {
-        line = 0;
+  // Fetches the next per_call lines (inlined: it runs once a row in the inner loops; as a call it was 3% of a
+  // decode step).
+  __attribute__((always_inline)) inline void step() {
+    for (int64_t c = 0; c < per_call; ++c) {
+      if (line > last) {
+        if (j >= n) return;
+        const uintptr_t row = reinterpret_cast<uintptr_t>(base[part] + vis[j] * elem);
+        line = row >> 6;
+        last = (row + row_bytes - 1) >> 6;
         if (++part == 2) part = 0, ++j;
       }
+      _mm_prefetch(reinterpret_cast<const char*>(line++ << 6), _MM_HINT_T1);
     }
   }
   void finish() {
-    while (!done()) step();
+    while (j < n || line <= last) step();
   }
 };
 
