@@ -300,57 +300,27 @@ inline void qk_heads_cached(const float* q, int64_t hd, const KV* k, const int64
   }
 }
 
-// W (1-4) vectors of columns from c0: the width is a template argument so that the NH x W sums stay in registers
-// (with a run-time width GCC kept them on the stack, a store and a reload per FMA).
-template <int NH, int W, typename KV>
-inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int64_t* vis, int64_t n, int64_t c0,
-                              float* acc, int64_t acc_stride, ChunkPrefetch* next) {
-  __m256 a[NH][W];
-#pragma GCC unroll 4
-  for (int h = 0; h < NH; ++h)
-#pragma GCC unroll 4
-    for (int u = 0; u < W; ++u) a[h][u] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const KV* x = v + vis[j] + c0;
-    if (next) next->step();
-    __m256 pj[NH];
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; ++h) pj[h] = _mm256_broadcast_ss(p + h * ld + j);
-#pragma GCC unroll 4
-    for (int u = 0; u < W; ++u) {
-      const __m256 kv = load_kv8(x + 8 * u);
-#pragma GCC unroll 4
-      for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(pj[h], kv, a[h][u]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int h = 0; h < NH; ++h)
-#pragma GCC unroll 4
-    for (int u = 0; u < W; ++u) _mm256_storeu_ps(acc + h * acc_stride + c0 + 8 * u, a[h][u]);
-}
-
-template <int NH, typename KV>
-inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis, int64_t n,
-                            float* acc, int64_t acc_stride, ChunkPrefetch* next) {
-  for (int64_t c0 = 0; c0 < hd; c0 += 32) {
-    switch (std::min<int64_t>(32, hd - c0) / 8) {
-      case 4: pv_columns_cached<NH, 4, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-      case 3: pv_columns_cached<NH, 3, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-      case 2: pv_columns_cached<NH, 2, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-      default: pv_columns_cached<NH, 1, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-    }
-  }
-}
+// The vector widths the V sums come in: 8 lanes, and 16 in the avx512 set (each lane one column, its FMA chain over
+// the keys in order, so both widths give the same bits).
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int64_t kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V splat(const float* p) { return _mm256_broadcast_ss(p); }
+  template <typename KV>
+  static V load(const KV* p) { return load_kv8(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
 
 #if defined(__AVX512F__)
 #define JISU_ATTN_512 1
 // ---- the V sums 512 bits wide (the avx512 kernel set), the same bits ----
-// Each lane is one column, its FMA chain over the keys in order, as in the 256-bit code, so both widths give the
-// same bits. Measured on the Xeon host (in place, TSC cycles a thread spent in the V sums of a 4,096-token prefill):
-// 5.5G -> 4.4G; in isolation a chunk's sums (64 keys, 9 heads) took 3,440 -> 1,514. The scores stay 256 bits
-// wide: a 512-bit form (two keys a vector) was no faster, as its widening of float16 and its lane trees take the
-// same two ports as 512-bit FMAs; widening a chunk once to float32 for the rows that share it was slower still
-// (the float32 copy doubled the chunk's L2 traffic: 4,096-token prefill 464 -> 416 tok/s).
+// Measured on the Xeon host (in place, TSC cycles a thread spent in the V sums of a 4,096-token prefill): 5.5G ->
+// 4.4G; in isolation a chunk's sums (64 keys, 9 heads) took 3,440 -> 1,514. The scores stay 256 bits wide: a
+// 512-bit form (two keys a vector) was no faster, as its widening of float16 and its lane trees take the same two
+// ports as 512-bit FMAs; widening a chunk once to float32 for the rows that share it was slower still (the float32
+// copy doubled the chunk's L2 traffic: 4,096-token prefill 464 -> 416 tok/s).
 
 // 16 cache elements as float32 lanes (float16: exact; bfloat16: shifted into place).
 inline __m512 load_kv16(const float* p) { return _mm512_loadu_ps(p); }
@@ -362,73 +332,83 @@ template <typename KV>
 inline __m512 load_kv16(const KV* p) {
   return widen_kv16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), static_cast<KV*>(nullptr));
 }
-// pv_columns_cached with W (1-4) vectors of 16 columns.
-template <int NH, int W, typename KV>
-inline void pv_columns_cached512(const float* p, int64_t ld, const KV* v, const int64_t* vis, int64_t n, int64_t c0,
-                                 float* acc, int64_t acc_stride, ChunkPrefetch* next) {
-  __m512 a[NH][W];
-#pragma GCC unroll 4
-  for (int h = 0; h < NH; ++h)
-#pragma GCC unroll 4
-    for (int u = 0; u < W; ++u) a[h][u] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const KV* x = v + vis[j] + c0;
-    if (next) next->step();
-    __m512 pj[NH];
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; ++h) pj[h] = _mm512_set1_ps(p[h * ld + j]);
-#pragma GCC unroll 4
-    for (int u = 0; u < W; ++u) {
-      const __m512 kv = load_kv16(x + 16 * u);
-#pragma GCC unroll 4
-      for (int h = 0; h < NH; ++h) a[h][u] = _mm512_fmadd_ps(pj[h], kv, a[h][u]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int h = 0; h < NH; ++h)
-#pragma GCC unroll 4
-    for (int u = 0; u < W; ++u) _mm512_storeu_ps(acc + h * acc_stride + c0 + 16 * u, a[h][u]);
-}
-
-// pv_heads_cached for head_dim % 16 == 0.
-template <int NH, typename KV>
-inline void pv_heads_cached512(const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis, int64_t n,
-                               float* acc, int64_t acc_stride, ChunkPrefetch* next) {
-  for (int64_t c0 = 0; c0 < hd; c0 += 64) {
-    switch (std::min<int64_t>(64, hd - c0) / 16) {
-      case 4: pv_columns_cached512<NH, 4, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-      case 3: pv_columns_cached512<NH, 3, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-      case 2: pv_columns_cached512<NH, 2, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-      default: pv_columns_cached512<NH, 1, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
-    }
-  }
-}
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int64_t kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V splat(const float* p) { return _mm512_set1_ps(*p); }
+  template <typename KV>
+  static V load(const KV* p) { return load_kv16(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
 #else
 #define JISU_ATTN_512 0
 #endif
 
+// W (1-4) vectors of columns from c0: the width is a template argument so that the NH x W sums stay in registers
+// (with a run-time width GCC kept them on the stack, a store and a reload per FMA).
+template <class L, int NH, int W, typename KV>
+inline void pv_columns_cached(const float* p, int64_t ld, const KV* v, const int64_t* vis, int64_t n, int64_t c0,
+                              float* acc, int64_t acc_stride, ChunkPrefetch* next) {
+  typename L::V a[NH][W];
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 4
+    for (int u = 0; u < W; ++u) a[h][u] = L::zero();
+  for (int64_t j = 0; j < n; ++j) {
+    const KV* x = v + vis[j] + c0;
+    if (next) next->step();
+    typename L::V pj[NH];
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) pj[h] = L::splat(p + h * ld + j);
+#pragma GCC unroll 4
+    for (int u = 0; u < W; ++u) {
+      const typename L::V kv = L::load(x + L::kLanes * u);
+#pragma GCC unroll 4
+      for (int h = 0; h < NH; ++h) a[h][u] = L::fma(pj[h], kv, a[h][u]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 4
+    for (int u = 0; u < W; ++u) L::store(acc + h * acc_stride + c0 + L::kLanes * u, a[h][u]);
+}
+
+template <class L, int NH, typename KV>
+inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis, int64_t n,
+                            float* acc, int64_t acc_stride, ChunkPrefetch* next) {
+  constexpr int64_t kBlock = 4 * L::kLanes;
+  for (int64_t c0 = 0; c0 < hd; c0 += kBlock) {
+    switch (std::min<int64_t>(kBlock, hd - c0) / L::kLanes) {
+      case 4: pv_columns_cached<L, NH, 4, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+      case 3: pv_columns_cached<L, NH, 3, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+      case 2: pv_columns_cached<L, NH, 2, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+      default: pv_columns_cached<L, NH, 1, KV>(p, ld, v, vis, n, c0, acc, acc_stride, next); break;
+    }
+  }
+}
+
 // Columns one call of the V sums takes (pv_heads_in_cache), for counting its calls.
 inline int64_t pv_block_columns(int64_t hd) { return JISU_ATTN_512 && hd % 16 == 0 ? 64 : 32; }
 
-// pv_heads_cached for a run-time number of heads (1-3).
+// pv_heads_cached for a run-time number of heads (1-3), 16 lanes wide where the set has them and head_dim allows.
+template <class L, typename KV>
+inline void pv_heads_of_width(int64_t nh, const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis,
+                              int64_t n, float* acc, int64_t acc_stride, ChunkPrefetch* next) {
+  switch (nh) {
+    case 3: pv_heads_cached<L, 3, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
+    case 2: pv_heads_cached<L, 2, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
+    default: pv_heads_cached<L, 1, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
+  }
+}
 template <typename KV>
 inline void pv_heads_in_cache(int64_t nh, const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis,
                               int64_t n, float* acc, int64_t acc_stride, ChunkPrefetch* next = nullptr) {
 #if JISU_ATTN_512
-  if (hd % 16 == 0) {
-    switch (nh) {
-      case 3: pv_heads_cached512<3, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
-      case 2: pv_heads_cached512<2, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
-      default: pv_heads_cached512<1, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
-    }
-    return;
-  }
+  if (hd % 16 == 0) return pv_heads_of_width<Lanes16>(nh, p, ld, hd, v, vis, n, acc, acc_stride, next);
 #endif
-  switch (nh) {
-    case 3: pv_heads_cached<3, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
-    case 2: pv_heads_cached<2, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
-    default: pv_heads_cached<1, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
-  }
+  pv_heads_of_width<Lanes8>(nh, p, ld, hd, v, vis, n, acc, acc_stride, next);
 }
 
 // qk_heads_cached for a run-time number of heads (1-3).
