@@ -320,7 +320,7 @@ struct Lanes8 {
 // 4.4G; in isolation a chunk's sums (64 keys, 9 heads) took 3,440 -> 1,514. The scores stay 256 bits wide: a
 // 512-bit form (two keys a vector) was no faster, as its widening of float16 and its lane trees take the same two
 // ports as 512-bit FMAs; widening a chunk once to float32 for the rows that share it was slower still (the float32
-// copy doubled the chunk's L2 traffic: 4,096-token prefill 464 -> 416 tok/s).
+// copy doubled the chunk's L2 traffic: 4,096-token prefill 491 -> 363 tok/s, and 464 -> 416 widening K alone).
 
 // 16 cache elements as float32 lanes (float16: exact; bfloat16: shifted into place).
 inline __m512 load_kv16(const float* p) { return _mm512_loadu_ps(p); }
@@ -392,7 +392,7 @@ inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v,
 // Columns one call of the V sums takes (pv_heads_in_cache), for counting its calls.
 inline int64_t pv_block_columns(int64_t hd) { return JISU_ATTN_512 && hd % 16 == 0 ? 64 : 32; }
 
-// pv_heads_cached for a run-time number of heads (1-3), 16 lanes wide where the set has them and head_dim allows.
+// pv_heads_cached for a run-time number of heads (1-3).
 template <class L, typename KV>
 inline void pv_heads_of_width(int64_t nh, const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis,
                               int64_t n, float* acc, int64_t acc_stride, ChunkPrefetch* next) {
@@ -402,6 +402,7 @@ inline void pv_heads_of_width(int64_t nh, const float* p, int64_t ld, int64_t hd
     default: pv_heads_cached<L, 1, KV>(p, ld, hd, v, vis, n, acc, acc_stride, next); break;
   }
 }
+// The same, 16 lanes wide where the kernel set has them and head_dim allows.
 template <typename KV>
 inline void pv_heads_in_cache(int64_t nh, const float* p, int64_t ld, int64_t hd, const KV* v, const int64_t* vis,
                               int64_t n, float* acc, int64_t acc_stride, ChunkPrefetch* next = nullptr) {
