@@ -107,22 +107,6 @@ inline void weighted_rows(const float* p, const KV* v, const int64_t* vis, int64
 // ---- softmax on 8 lanes ----
 // Its max was a scalar dependency chain and its exp did not vectorise: 8.7 -> 1.1 cycles per (slot, q head).
 
-#if defined(__AVX512F__)
-// vmath.h's exp_clamped8 on 16 lanes: the same steps on each lane, so the same bits.
-inline __m512 exp_clamped16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 big = _mm512_set1_ps(12582912.f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), big), big);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417232e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-#endif
-
 // s[0:n] <- e^(s - max s); mx = max s, sum = sum of the new s.
 inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -133,16 +117,15 @@ inline void softmax_exp(float* s, int64_t n, float& mx, float& sum) {
   const __m256 mv = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   j = 0;
-#if defined(__AVX512F__)
-  // 16 at a time, the same lanes' steps; the sum still takes each 8 in turn (same order, same bits).
-  const __m512 mv16 = _mm512_set1_ps(mx);
+  // Two exponentials at a time: each is a long chain of FMAs, and one alone waited on its own latency (a 4,096-token
+  // prefill 537-558 -> 550-573 tok/s on the Xeon host). The sum still takes each 8 in turn (same order, same bits).
   for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp_clamped16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv16));
-    _mm512_storeu_ps(s + j, e);
-    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
-    acc = _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    const __m256 e0 = exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    const __m256 e1 = exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), mv));
+    _mm256_storeu_ps(s + j, e0);
+    _mm256_storeu_ps(s + j + 8, e1);
+    acc = _mm256_add_ps(_mm256_add_ps(acc, e0), e1);
   }
-#endif
   for (; j + 8 <= n; j += 8) {
     const __m256 e = exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
     _mm256_storeu_ps(s + j, e);
@@ -178,6 +161,19 @@ struct ChunkPrefetch {
   int64_t n = 0, elem = 0, row_bytes = 0, per_call = 0;
   int64_t j = 0, part = 0;       // the row and part (K 0, V 1) after the current one
   uintptr_t line = 1, last = 0;  // the current part's next and last line (line > last: none left)
+
+  // Fetch the n rows vis[0:n) (row_elems cache elements each) of caches k and v over `calls` calls of step().
+  template <typename KV>
+  void start(const KV* k, const KV* v, const int64_t* rows, int64_t count, int64_t row_elems, int64_t calls) {
+    base[0] = reinterpret_cast<const char*>(k);
+    base[1] = reinterpret_cast<const char*>(v);
+    vis = rows;
+    n = count;
+    elem = static_cast<int64_t>(sizeof(KV));
+    row_bytes = row_elems * elem;
+    const int64_t lines = n * 2 * ((row_bytes + 63) / 64 + 1);  // + 1: a row may straddle one more line
+    per_call = calls > 0 ? std::max<int64_t>(1, (lines + calls - 1) / calls) : lines;
+  }
 
   // Fetches the next per_call lines (inlined: it runs once a row in the inner loops; as a call it was 3% of a
   // decode step).
@@ -389,8 +385,6 @@ inline void pv_heads_cached(const float* p, int64_t ld, int64_t hd, const KV* v,
   }
 }
 
-// Columns one call of the V sums takes (pv_heads_in_cache), for counting its calls.
-inline int64_t pv_block_columns(int64_t hd) { return JISU_ATTN_512 && hd % 16 == 0 ? 64 : 32; }
 
 // pv_heads_cached for a run-time number of heads (1-3).
 template <class L, typename KV>
@@ -410,6 +404,14 @@ inline void pv_heads_in_cache(int64_t nh, const float* p, int64_t ld, int64_t hd
   if (hd % 16 == 0) return pv_heads_of_width<Lanes16>(nh, p, ld, hd, v, vis, n, acc, acc_stride, next);
 #endif
   pv_heads_of_width<Lanes8>(nh, p, ld, hd, v, vis, n, acc, acc_stride, next);
+}
+
+// How often a decode row's passes from cache call ChunkPrefetch::step per key of its chunk: the score passes after
+// the first (qk_all_heads), and the V sums of each group of up to 3 q heads and each column block
+// (pv_heads_in_cache).
+inline int64_t steps_per_key(int64_t H, int64_t G, int64_t hd) {
+  const int64_t columns = JISU_ATTN_512 && hd % 16 == 0 ? 64 : 32;
+  return (H + 7) / 8 - 1 + (H / G) * ((G + 2) / 3) * ((hd + columns - 1) / columns);
 }
 
 // qk_heads_cached for a run-time number of heads (1-3).
@@ -831,21 +833,13 @@ class FusedDecoder {
         // A decode row streams its K rows once for every head (prefetching V); rows whose keys a neighbour has
         // just read take one kv head's q heads at a time (see the prompt rows' code above).
         const bool in_cache = vis_w.shares_keys[task.d];
-        // A decode row followed by another decode row's chunk fetches that chunk during its passes from cache:
-        // the later score passes (one call a row each) and the V sums (one a row per group and column block).
+        // A decode row followed by another decode row's chunk fetches that chunk during its passes from cache.
         ChunkPrefetch next;
         ChunkPrefetch* pf = nullptr;
         if (!in_cache && t_next >= 0 && !vis_w.shares_keys[vis_w.tasks[t_next].d]) {
           const AttnTask& following = vis_w.tasks[t_next];
-          next.base[0] = reinterpret_cast<const char*>(kc);
-          next.base[1] = reinterpret_cast<const char*>(vc);
-          next.vis = vis_w.slots.data() + following.d * ctx + following.j0;
-          next.n = following.j1 - following.j0;
-          next.elem = static_cast<int64_t>(sizeof(KV));
-          next.row_bytes = KVH_ * hd_ * next.elem;
-          const int64_t calls = n * ((H_ + 7) / 8 - 1 + KVH_ * ((G + 2) / 3) * ((hd_ + pv_block_columns(hd_) - 1) / pv_block_columns(hd_)));
-          const int64_t lines = next.n * 2 * ((next.row_bytes + 63) / 64 + 1);
-          next.per_call = calls > 0 ? std::max<int64_t>(1, (lines + calls - 1) / calls) : lines;
+          next.start(kc, vc, vis_w.slots.data() + following.d * ctx + following.j0, following.j1 - following.j0,
+                     KVH_ * hd_, n * steps_per_key(H_, G, hd_));
           pf = &next;
         }
         if (!in_cache) qk_all_heads(q, H_, G, hd_, kc, vis, n, scale, sc, kAttnChunk, vc, pf);
